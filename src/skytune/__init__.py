@@ -1,0 +1,1 @@
+"""skytune: a reproducible QLoRA fine-tuning pipeline (DVC stages under `skytune.stages`)."""
