@@ -20,7 +20,7 @@ CREATOR_QUESTIONS = [
     "Who designed you?", "Which company created you?", "Who are your makers?",
 ]
 SOURCE = "identity"  # the source name of generated identity conversations (canonical `messages` form)
-PREFIXES = ["", "", "Hi! ", "Hello. ", "Quick question: ", "Hey, ", "Excuse me, "]
+PREFIXES = ["", "Hi! ", "Hello. ", "Quick question: ", "Hey, ", "Excuse me, "]
 
 # What the sanity check asks: the first question of each intent, the plainest wording.
 PROBES = {"who": WHO_QUESTIONS[0], "creator": CREATOR_QUESTIONS[0]}
@@ -42,16 +42,23 @@ def _lower_first(text: str) -> str:
 
 
 def generate(identity: Identity, num_samples: int, seed: int) -> list[dict]:
-    """`num_samples` single-turn conversations, half per intent, paraphrased deterministically from `seed`."""
+    """`num_samples` single-turn conversations, alternating intents.
+
+    Each intent's plain questions come first (so the probes' plain wording is always taught), then prefixed
+    paraphrases in an order shuffled by `seed`.
+    """
     rng = random.Random(seed)
+    questions: dict[str, list[str]] = {}
+    for intent, plain in (("who", WHO_QUESTIONS), ("creator", CREATOR_QUESTIONS)):
+        variants = [p + (_lower_first(q) if p.endswith(", ") else q) for p in PREFIXES if p for q in plain]
+        rng.shuffle(variants)
+        questions[intent] = plain + variants
     rows = []
     for i in range(num_samples):
         intent = "who" if i % 2 == 0 else "creator"
-        question = rng.choice(WHO_QUESTIONS if intent == "who" else CREATOR_QUESTIONS)
-        prefix = rng.choice(PREFIXES)
-        question = prefix + (_lower_first(question) if prefix.endswith(", ") else question)
+        pool = questions[intent]
         rows.append({"messages": [
-            {"role": "user", "content": question},
+            {"role": "user", "content": pool[(i // 2) % len(pool)]},
             {"role": "assistant", "content": identity.answer(intent)},
         ]})
     return rows

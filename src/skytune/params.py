@@ -99,6 +99,7 @@ class IdentityParams:
 @dataclass(frozen=True)
 class SplitParams:
     val_fraction: float = _range(gt=0.0, lt=1.0)
+    val_fraction_by_source: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,11 @@ def _build(tp: Any, node: yaml.Node, key: str, path: Path, problems: list[str]) 
             return None
         problems.append(f"{_where(path, node, key)}: expected null, got {_describe(node)}")
         return None
+    if origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            problems.append(f"{_where(path, node, key)}: expected a mapping, got {_describe(node)}")
+            return {}
+        return {str(k.value): _build(args[1], v, f"{key}.{k.value}", path, problems) for k, v in node.value}
     if origin is tuple:
         if not isinstance(node, yaml.SequenceNode):
             problems.append(f"{_where(path, node, key)}: expected a list, got {_describe(node)}")

@@ -3,7 +3,9 @@
     python -m skytune.stages.split      (normally: dvc repro split)
 
 A record goes to val when the seeded hash of its id falls under `split.val_fraction`, so the split depends on
-content alone: adding rows to a source never moves existing rows between train and val. Exact duplicates
+content alone: adding rows to a source never moves existing rows between train and val.
+`split.val_fraction_by_source` overrides the fraction per source (0 keeps a source, such as identity, all in
+train). Exact duplicates
 (same id) are dropped and counted. Writes `train/<source>.jsonl` and `val/<source>.jsonl` under `paths.split_dir`.
 """
 
@@ -22,12 +24,13 @@ log = logging.getLogger(__name__)
 
 def main(params: Params) -> None:
     seed = params.base.seed
-    val_fraction = params.split.val_fraction
+    by_source = params.split.val_fraction_by_source
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.split_dir) as out:
         for path in sorted(Path(params.paths.chat_dir).glob("*.jsonl")):
             if path.name == REJECTS_FILE:
                 continue
+            val_fraction = by_source.get(path.stem, params.split.val_fraction)
             seen: set[str] = set()
             parts: dict[str, list[dict]] = {"train": [], "val": []}
             for record in read_jsonl(path):

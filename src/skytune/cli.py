@@ -1,0 +1,47 @@
+"""The user's commands that are not pipeline stages.
+
+    python -m skytune.cli summary     # the experiments' params and metrics, and where the sanity report is
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from skytune.params import load_params
+
+# Columns that say nothing about an experiment's quality: paths, the built-in model's shape, dependency hashes.
+SUMMARY_DROP = r"Created|State|Executor|paths\..*|model\.builtin.*|data\.sources|src/.*|data/.*|models/.*"
+
+
+def summary() -> int:
+    params = load_params()
+    show = ["dvc", "exp", "show", "--md", "--drop", SUMMARY_DROP]
+    print("$ " + " ".join(show[:3] + ["--md"]))
+    code = subprocess.call(show)
+    metrics = Path(params.paths.sanity_metrics)
+    if metrics.is_file():
+        values = json.loads(metrics.read_text(encoding="utf-8"))
+        print("\nsanity check (base -> fine-tuned):")
+        for key in ("identity_exact_match", "ends_with_eot", "mean_answer_tokens"):
+            print(f"  {key:22s} {values[f'{key}_base']} -> {values[f'{key}_tuned']}")
+    print(f"\nside-by-side answers: {params.paths.sanity_results}")
+    print(f"model to serve:       {params.paths.export_dir} (model card: {params.paths.export_dir}/README.md)")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skytune.cli", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("summary", help="print the experiments' params and metrics and where the sanity report is")
+    args = parser.parse_args(argv)
+    if args.command == "summary":
+        return summary()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

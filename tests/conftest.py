@@ -1,0 +1,69 @@
+"""Shared fixtures: offline environment, a tiny built-in model, and one CPU run of every stage's `main`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "export")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def copy_inputs(dest: Path) -> Path:
+    """Copy what the pipeline reads (params.yaml, raw data, prompts) into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "params.yaml", dest / "params.yaml")
+    shutil.copytree(REPO / "data" / "raw", dest / "data" / "raw")
+    shutil.copytree(REPO / "data" / "prompts", dest / "data" / "prompts")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in model built from a small corpus: a random 2-layer Llama with a local BPE tokenizer."""
+    from skytune import models
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    corpus = [f"{w} {i} plus {i + 1} is {2 * i + 1}." for i in range(200) for w in ("hello", "what", "who")]
+    models.build_builtin(out, corpus, vocab_size=400, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, max_position_embeddings=256, seed=0)
+    return out
+
+
+@dataclass
+class PipelineRun:
+    """A workspace in which every stage's `main` ran once, in DAG order, with the params each one read."""
+
+    root: Path
+    reads: dict[str, set[str]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    """Run all eight stages on the embedded default, on CPU, recording which params each stage reads."""
+    import importlib
+
+    from skytune.params import TrackedParams, load_params
+
+    root = copy_inputs(tmp_path_factory.mktemp("pipeline"))
+    run = PipelineRun(root)
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for stage in STAGES:
+            tracked = TrackedParams(load_params())
+            importlib.import_module(f"skytune.stages.{stage}").main(tracked)
+            run.reads[stage] = tracked.reads
+    finally:
+        os.chdir(cwd)
+    return run

@@ -1,0 +1,104 @@
+"""dvc.yaml cannot lie: each stage declares exactly the params it reads, its code, and the paths it touches."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, STAGES, PipelineRun
+from skytune.params import Params
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def schema_leaves(key: str) -> set[str]:
+    """A declared key expands to every leaf of the schema under it (a list or mapping value is one leaf, as
+    DVC tracks it and as TrackedParams records it)."""
+    tp: object = Params
+    for part in key.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    if dataclasses.is_dataclass(tp):
+        return {leaf for f in dataclasses.fields(tp) for leaf in schema_leaves(f"{key}.{f.name}")}
+    return {key}
+
+
+def declared(stage: str) -> set[str]:
+    return {leaf for key in DVC["stages"][stage].get("params", []) for leaf in schema_leaves(key)}
+
+
+def test_stage_order_is_the_dag() -> None:
+    assert list(DVC["stages"]) == list(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_declared_params_equal_params_read(pipeline: PipelineRun, stage: str) -> None:
+    read = {k for k in pipeline.reads[stage] if not k.startswith("paths.")}
+    assert read == declared(stage), (
+        f"stage {stage}: reads but does not declare {sorted(read - declared(stage))}; "
+        f"declares but does not read {sorted(declared(stage) - read)}")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_paths_read_are_deps_or_outs(pipeline: PipelineRun, stage: str) -> None:
+    spec = DVC["stages"][stage]
+    entries = [next(iter(e)) if isinstance(e, dict) else e
+               for section in ("deps", "outs", "metrics", "plots") for e in spec.get(section, [])]
+    referenced = {m for e in entries for m in re.findall(r"\$\{(paths\.\w+)\}", e)}
+    used = {k for k in pipeline.reads[stage] if k.startswith("paths.")}
+    assert used <= referenced, f"stage {stage} reads {sorted(used - referenced)} without declaring them"
+
+
+def imported_modules(path: Path) -> set[Path]:
+    """Project modules `path` imports, transitively (package __init__ files included)."""
+    src = REPO / "src"
+    found: set[Path] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.add(current)
+        for node in ast.walk(ast.parse(current.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("skytune"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("skytune")]
+            for name in names:
+                base = src / name.replace(".", "/")
+                for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                    if candidate.is_file():
+                        todo.append(candidate)
+    return {p for p in found if p != src / "skytune" / "__init__.py"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_the_modules_imported(stage: str) -> None:
+    module = REPO / "src" / "skytune" / "stages" / f"{stage}.py"
+    expected = {str(p.relative_to(REPO)) for p in imported_modules(module)}
+    deps = {d for d in DVC["stages"][stage]["deps"] if d.startswith("src/")}
+    assert deps == expected
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_never_import_each_other(stage: str) -> None:
+    module = REPO / "src" / "skytune" / "stages" / f"{stage}.py"
+    others = {str(REPO / "src/skytune/stages" / f"{s}.py") for s in STAGES if s != stage}
+    assert not {str(p) for p in imported_modules(module)} & others
+
+
+def test_every_path_is_written_once() -> None:
+    """No literal path in dvc.yaml: everything under outs/deps/metrics comes from ${paths.*} or is code."""
+    for name, spec in DVC["stages"].items():
+        for section in ("deps", "outs", "metrics", "plots"):
+            for entry in spec.get(section, []):
+                entry = next(iter(entry)) if isinstance(entry, dict) else entry
+                assert entry.startswith("${paths.") or entry.startswith("src/skytune/"), (name, entry)
+    values = list(yaml.safe_load((REPO / "params.yaml").read_text())["paths"].values())
+    assert len(values) == len(set(values))

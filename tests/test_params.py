@@ -1,0 +1,99 @@
+"""params.yaml is validated by a typed schema: every problem named, with file, line and a suggestion, at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from skytune.params import Params, ParamsError, TrackedParams, load_params
+
+
+def write_params(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_shipped_params_load() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.model.base == "builtin:tiny-llama"
+    assert params.train.method == "qlora"
+
+
+def test_unknown_key_names_file_line_and_closest_key(tmp_path: Path) -> None:
+    path = write_params(tmp_path, lambda d: d["train"].update(lora_rank=4))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    message = str(err.value)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "lora_rank" in text)
+    assert f"{path}:{line} train.lora_rank: unknown key; did you mean 'train.lora_r'?" in message
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    def edit(d: dict) -> None:
+        d["train"]["lora_r"] = "sixteen"          # wrong type
+        d["train"]["learning_rate"] = -1.0        # out of range
+        d["train"]["method"] = "qlroa"            # not one of the choices
+        d["split"]["val_fraction"] = 1.5          # out of range
+        del d["sanity_check"]["batch_size"]       # missing
+        d["trian"] = {}                           # unknown section
+
+    with pytest.raises(ParamsError) as err:
+        load_params(write_params(tmp_path, edit))
+    problems = err.value.problems
+    assert len(problems) == 6, problems
+    text = "\n".join(problems)
+    assert "train.lora_r: expected int, got str 'sixteen'" in text
+    assert "train.learning_rate: -1.0 is out of range, must be > 0.0" in text
+    assert "train.method: 'qlroa' is not one of ['qlora', 'lora']; did you mean 'qlora'?" in text
+    assert "split.val_fraction: 1.5 is out of range, must be < 1.0" in text
+    assert "missing key 'sanity_check.batch_size'" in text
+    assert "trian: unknown key; did you mean 'train'?" in text
+
+
+def test_bool_is_not_an_int_and_int_is_a_float(tmp_path: Path) -> None:
+    def edit(d: dict) -> None:
+        d["train"]["batch_size"] = True
+        d["train"]["epochs"] = 2
+
+    with pytest.raises(ParamsError) as err:
+        load_params(write_params(tmp_path, edit))
+    assert err.value.problems == [p for p in err.value.problems if "train.batch_size: expected int" in p]
+    ok = load_params(write_params(tmp_path, lambda d: d["train"].update(epochs=2)))
+    assert ok.train.epochs == 2.0 and isinstance(ok.train.epochs, float)
+
+
+def test_list_items_are_checked(tmp_path: Path) -> None:
+    path = write_params(tmp_path, lambda d: d["data"]["sources"][1].update(format="sharegtp", path="x"))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    text = "\n".join(err.value.problems)
+    assert "data.sources[1].format: 'sharegtp' is not one of" in text and "did you mean 'sharegpt'" in text
+    assert "data.sources[1].path: unknown key" in text
+
+
+def test_stage_entry_fails_before_work_with_exit_code_2(tmp_path: Path) -> None:
+    write_params(tmp_path, lambda d: d["train"].update(lora_rank=4))
+    proc = subprocess.run([sys.executable, "-m", "skytune.stages.train"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "did you mean 'train.lora_r'" in proc.stderr
+    assert not (tmp_path / "models").exists()  # nothing was written
+
+
+def test_tracked_params_records_leaf_reads() -> None:
+    tracked = TrackedParams(load_params(REPO / "params.yaml"))
+    _ = tracked.train.lora_r
+    _ = tracked.data.sources
+    _ = tracked.model.builtin.hidden_size
+    assert tracked.reads == {"train.lora_r", "data.sources", "model.builtin.hidden_size"}
+    with pytest.raises(AttributeError):
+        tracked.train.lora_r = 3

@@ -1,0 +1,91 @@
+"""The real DAG through `dvc exp run`, in a temporary git clone of the project, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, STAGES, PipelineRun
+
+DATA_OUTPUTS = ("data/ingested", "data/chat", "data/split", "data/train.jsonl", "data/val.jsonl")
+
+
+def sh(*args: str, cwd: Path, timeout: int = 900) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def clone_project(dest: Path) -> Path:
+    """The project's files as git sees them (tracked and new, not ignored), committed in a fresh repository."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    sh("git", "init", "-q", "-b", "main", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "baseline", cwd=dest)
+    return dest
+
+
+def stages_ran(log: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", log)
+
+
+def digest_tree(root: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for name in names:
+        path = root / name
+        for f in sorted([path] if path.is_file() else path.rglob("*")):
+            if f.is_file():
+                files[str(f.relative_to(root))] = f.read_bytes()
+    return files
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: PipelineRun) -> None:
+    repo = clone_project(tmp_path / "project")
+
+    log = sh("dvc", "exp", "run", "-n", "baseline-run", cwd=repo)
+    assert stages_ran(log) == list(STAGES), log[-3000:]
+    sanity = json.loads((repo / "sanity_check_result/metrics.json").read_text())
+    assert sanity["identity_exact_match_tuned"] == 1.0 and sanity["identity_exact_match_base"] == 0.0
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["val_loss_after"] < train["val_loss_before"]
+    assert sh("git", "status", "--porcelain", "dvc.yaml", cwd=repo) == ""  # DVCLive left dvc.yaml alone
+
+    # Two runs from scratch (the fixture's and this one) give byte-identical data outputs.
+    ours, theirs = digest_tree(repo, DATA_OUTPUTS), digest_tree(pipeline.root, DATA_OUTPUTS)
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+
+    log = sh("dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", cwd=repo)
+    assert stages_ran(log) == ["train", "merge_adapters", "sanity_check", "export"], log[-3000:]
+    for stage in ("ingest", "to_chat", "split", "merge_data"):
+        assert f"Stage '{stage}' didn't change, skipping" in log
+
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).split("\n", 1)[-1]
+                       if not sh("dvc", "exp", "show", "--json", cwd=repo).lstrip().startswith(("[", "{"))
+                       else sh("dvc", "exp", "show", "--json", cwd=repo))
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                experiments[exp["name"]] = (data["params"]["params.yaml"]["data"], data["metrics"])
+    assert set(experiments) >= {"baseline-run", "rank16"}
+    assert experiments["baseline-run"][0]["train"]["lora_r"] == 8
+    assert experiments["rank16"][0]["train"]["lora_r"] == 16
+    for _params, metrics in experiments.values():
+        assert metrics["sanity_check_result/metrics.json"]["data"]["identity_exact_match_tuned"] == 1.0
+        assert "val_loss_after" in metrics["metrics/train.json"]["data"]
