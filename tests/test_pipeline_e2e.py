@@ -25,8 +25,9 @@ def sh(*args: str, cwd: Path, timeout: int = 900) -> str:
 
 
 def clone_project(dest: Path) -> Path:
-    """The project's files as git sees them (tracked and new, not ignored), committed in a fresh repository."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+    """The project's tracked files, as they are in the working tree, committed in a fresh repository
+    (untracked files are left out: they may be pipeline outputs of a run in the working tree)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
         if (REPO / name).is_file():

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from skytune.params import load_params
 
-# Columns that say nothing about an experiment's quality: paths, the built-in model's shape, dependency hashes.
-SUMMARY_DROP = r"Created|State|Executor|paths\..*|model\.builtin.*|data\.sources|src/.*|data/.*|models/.*"
+# The columns worth comparing experiments on (regexes for `dvc exp show --keep`); everything else is dropped.
+SUMMARY_KEEP = (r"Experiment|model\.base|train\.(method|lora_r|lora_alpha|learning_rate|epochs)|quantization"
+                r"|val_loss_before|val_loss_after|identity_exact_match_.*|ends_with_eot_.*|max_abs_logit_diff")
 
 
 def summary() -> int:
     params = load_params()
-    show = ["dvc", "exp", "show", "--md", "--drop", SUMMARY_DROP]
-    print("$ " + " ".join(show[:3] + ["--md"]))
+    show = ["dvc", "exp", "show", "--md", "--drop", ".*", "--keep", SUMMARY_KEEP]
+    print("$ dvc exp show --md   (selected columns; `dvc exp show` has them all)")
     code = subprocess.call(show)
     metrics = Path(params.paths.sanity_metrics)
     if metrics.is_file():

@@ -118,9 +118,8 @@ def main(params: Params) -> None:
     log.info("val loss after training: %.4f (before %.4f)", after, before)
     live.end()
 
-    columns = trainer.train_dataset.column_names
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    trained = sum(sum(m) for m in trainer.train_dataset["assistant_masks"]) if "assistant_masks" in columns else tokens
+    trained = sum(sum(label != -100 for label in row) for row in trainer.train_dataset["labels"])
     with atomic_dir(params.paths.adapter_dir) as out:
         trainer.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
