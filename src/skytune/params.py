@@ -45,7 +45,6 @@ class PathsParams:
     to_chat_metrics: str
     data_metrics: str
     adapter_dir: str
-    train_output_dir: str
     dvclive_dir: str
     train_metrics: str
     merged_dir: str
@@ -330,3 +329,18 @@ class TrackedParams:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(name)
+
+
+def to_dict(section: Any) -> dict[str, Any]:
+    """A params section as plain data (for JSON); read through a TrackedParams view, every key counts as read."""
+    if isinstance(section, TrackedParams):
+        return {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section._obj)}
+    return dataclasses.asdict(section)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, TrackedParams):
+        return to_dict(value)
+    if isinstance(value, tuple):
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return value

@@ -43,6 +43,7 @@ def _texts(rows: list[dict]) -> Iterator[str]:
 
 def main(params: Params) -> None:
     raw_dir = Path(params.paths.raw_dir)
+    on_invalid = params.data.on_invalid
     sources: dict[str, list[dict]] = {}
     rejects: list[dict] = []
     for source in params.data.sources:
@@ -52,7 +53,7 @@ def main(params: Params) -> None:
         rows = []
         for item in read_jsonl_source(path):
             if isinstance(item, Reject):
-                if params.data.on_invalid == "error":
+                if on_invalid == "error":
                     raise ValueError(f"{item.file}:{item.line}: {item.reason} (set data.on_invalid: skip to reject)")
                 rejects.append(item.as_dict(source.name))
             else:

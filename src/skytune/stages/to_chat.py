@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def main(params: Params) -> None:
     ingested = Path(params.paths.ingested_dir)
+    on_invalid, max_reject_fraction = params.data.on_invalid, params.data.max_reject_fraction
     formats = {s.name: s.format for s in params.data.sources} | {identity.SOURCE: "messages"}
     rejects = read_jsonl(ingested / REJECTS_FILE)  # rows ingest could not even parse stay counted here
     converted: dict[str, list[dict]] = {}
@@ -42,7 +43,7 @@ def main(params: Params) -> None:
                 messages = to_messages(item["row"], formats[name])
             except InvalidRecord as exc:
                 where = f"{item['file']}:{item['line']}"
-                if params.data.on_invalid == "error":
+                if on_invalid == "error":
                     raise ValueError(f"{where}: field {exc.field}: {exc.reason} "
                                      "(fix the row, or set data.on_invalid: skip to reject it)") from exc
                 rejects.append({"source": name, "file": item["file"], "line": item["line"],
@@ -51,9 +52,9 @@ def main(params: Params) -> None:
             records.append({"id": content_hash(messages), "source": name, "messages": messages})
         converted[name] = records
         rejected = len(rows) - len(records)
-        if rows and rejected / len(rows) > params.data.max_reject_fraction:
+        if rows and rejected / len(rows) > max_reject_fraction:
             raise ValueError(f"source {name}: {rejected} of {len(rows)} rows rejected, above "
-                             f"data.max_reject_fraction={params.data.max_reject_fraction}; see {REJECTS_FILE}")
+                             f"data.max_reject_fraction={max_reject_fraction}; see {REJECTS_FILE}")
         log.info("source %s: %d conversations, %d rejected", name, len(records), rejected)
 
     with atomic_dir(params.paths.chat_dir) as out:

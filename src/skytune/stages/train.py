@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 
 from skytune import chat_template, models, packaging
 from skytune.atomic import atomic_dir, read_jsonl, write_json
-from skytune.params import Params
+from skytune.params import Params, to_dict
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ def main(params: Params) -> None:
         target_modules=p.target_modules if isinstance(p.target_modules, str) else list(p.target_modules),
         task_type="CAUSAL_LM",
     )
-    output_dir = Path(params.paths.train_output_dir)
-    shutil.rmtree(output_dir, ignore_errors=True)
+    # The trainer's scratch directory: nothing in it outlives the stage (checkpoints are not kept yet).
+    Path(params.paths.adapter_dir).parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(prefix=".trainer-", dir=Path(params.paths.adapter_dir).parent)
+    output_dir = Path(scratch.name)
     config = SFTConfig(
         output_dir=str(output_dir),
         seed=seed,
@@ -125,11 +127,11 @@ def main(params: Params) -> None:
         tokenizer.save_pretrained(out)
         (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
             "base_model": asdict(base),
-            "train": asdict(params.train),
+            "train": to_dict(params.train),
             "seed": seed,
             "quantization": quantization,
         }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    shutil.rmtree(output_dir, ignore_errors=True)
+    scratch.cleanup()
     write_json(params.paths.train_metrics, {
         "val_loss_before": round(before, 6),
         "val_loss_after": round(after, 6),
