@@ -165,3 +165,17 @@ def test_without_the_workaround_gradients_are_wrong(tiny_model: Path) -> None:
     batch = _batch(models.load_tokenizer(tiny_model))
     grads, _ = _grads_after_eval_pass(quantized, batch)
     assert _max_rel_error(grads, _twin_grads(tiny_model, quantized, batch)) > 0.1
+
+
+def test_without_4bit_support_lora_runs_in_full_precision_and_says_so(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(models, "four_bit_supported", lambda: (False, "no kernels on this device"))
+    base = models.BaseModel("local", str(tiny_model), str(tiny_model), None)
+    with caplog.at_level("WARNING"):
+        model, ran = models.load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
+                                              dtype=torch.float32)
+    assert ran == "float32"
+    assert "4-bit QLoRA is not available here (no kernels on this device)" in caplog.text
+    import bitsandbytes as bnb
+
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

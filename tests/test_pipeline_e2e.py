@@ -17,11 +17,11 @@ from conftest import REPO, STAGES, PipelineRun
 DATA_OUTPUTS = ("data/ingested", "data/chat", "data/split", "data/train.jsonl", "data/val.jsonl")
 
 
-def sh(*args: str, cwd: Path, timeout: int = 900) -> str:
+def sh(*args: str, cwd: Path, timeout: int = 900, stdout_only: bool = False) -> str:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def clone_project(dest: Path) -> Path:
@@ -75,9 +75,7 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
     for stage in ("ingest", "to_chat", "split", "merge_data"):
         assert f"Stage '{stage}' didn't change, skipping" in log
 
-    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).split("\n", 1)[-1]
-                       if not sh("dvc", "exp", "show", "--json", cwd=repo).lstrip().startswith(("[", "{"))
-                       else sh("dvc", "exp", "show", "--json", cwd=repo))
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, stdout_only=True))
     experiments = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
@@ -90,3 +88,7 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
     for _params, metrics in experiments.values():
         assert metrics["sanity_check_result/metrics.json"]["data"]["identity_exact_match_tuned"] == 1.0
         assert "val_loss_after" in metrics["metrics/train.json"]["data"]
+
+    summary = sh(sys.executable, "-m", "skytune.cli", "summary", cwd=repo)  # what `make run` ends with
+    assert "rank16" in summary and "identity_exact_match   0.0 -> 1.0" in summary
+    assert "sanity_check_result/results.csv" in summary

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from skytune import identity, models
 from skytune.atomic import atomic_dir, write_jsonl
-from skytune.params import Params
+from skytune.params import Params, to_dict
 from skytune.records import REJECTS_FILE, RawRow, Reject, read_jsonl_source
 from skytune.stages import run_stage
 
@@ -80,20 +80,8 @@ def main(params: Params) -> None:
     with atomic_dir(params.paths.base_model_dir) as out:
         base = models.resolve_base(params.model.base, params.model.revision, Path(params.paths.base_model_dir))
         if base.kind == "builtin":
-            arch = params.model.builtin
             corpus = list(_texts([row["row"] for name in sorted(sources) for row in sources[name]]))
-            models.build_builtin(
-                out,
-                corpus,
-                vocab_size=arch.vocab_size,
-                hidden_size=arch.hidden_size,
-                intermediate_size=arch.intermediate_size,
-                num_layers=arch.num_layers,
-                num_heads=arch.num_heads,
-                num_kv_heads=arch.num_kv_heads,
-                max_position_embeddings=arch.max_position_embeddings,
-                seed=params.base.seed,
-            )
+            models.build_builtin(out, corpus, seed=params.base.seed, **to_dict(params.model.builtin))
         base.save(out)
         log.info("base model: %s", base)
 
