@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show clean
+.PHONY: run install install-test test show
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +43,3 @@ show:
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-clean:
-	rm -rf data/ingested data/chat data/split data/train.jsonl data/val.jsonl models metrics dvclive sanity_check_result

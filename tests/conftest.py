@@ -22,11 +22,15 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def copy_inputs(dest: Path) -> Path:
-    """Copy what the pipeline reads (params.yaml, raw data, prompts) into `dest`."""
+    """Copy what the pipeline reads (params.yaml, the raw data, the sanity prompts) into `dest`."""
+    from skytune.params import load_params
+
+    paths = load_params(REPO / "params.yaml").paths
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "params.yaml", dest / "params.yaml")
-    shutil.copytree(REPO / "data" / "raw", dest / "data" / "raw")
-    shutil.copytree(REPO / "data" / "prompts", dest / "data" / "prompts")
+    shutil.copytree(REPO / paths.raw_dir, dest / paths.raw_dir)
+    (dest / paths.sanity_prompts).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / paths.sanity_prompts, dest / paths.sanity_prompts)
     return dest
 
 

@@ -52,3 +52,63 @@ def test_invalid_rows_name_the_field(row: dict, fmt: str, field: str, reason: st
 def test_lone_surrogate_is_not_valid_utf8() -> None:
     with pytest.raises(InvalidRecord, match="not valid UTF-8"):
         validate([{"role": "user", "content": "bad \udcff"}, {"role": "assistant", "content": "x"}])
+
+
+def test_prompt_completion_text_or_messages() -> None:
+    from skytune.chat_format import converter
+
+    convert = converter("prompt_completion")
+    assert convert({"prompt": "q", "completion": "a"}) == [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "a"}]
+    msgs = convert({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                    "completion": [{"role": "assistant", "content": "a"}]})
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+
+
+def test_orca_summarization_and_columns() -> None:
+    from skytune.chat_format import converter
+
+    orca = converter("orca")({"system_prompt": "Be precise.", "question": "2+2?", "response": "4"})
+    assert [m["role"] for m in orca] == ["system", "user", "assistant"]
+    assert converter("orca")({"system_prompt": "", "question": "q", "response": "r"})[0]["role"] == "user"
+    summary = converter("summarization", instruction="Summarize:")({"dialogue": "A: hi\nB: yo", "summary": "Greetings."})
+    assert summary[0]["content"] == "Summarize:\n\nA: hi\nB: yo" and summary[1]["content"] == "Greetings."
+    cols = converter("columns", columns={"user": "Context", "assistant": "Response"})
+    assert cols({"Context": "I feel low.", "Response": "I hear you."})[1] == {"role": "assistant",
+                                                                             "content": "I hear you."}
+    with pytest.raises(ValueError, match="needs `instruction`"):
+        converter("summarization")
+
+
+def test_preference_has_its_own_shape() -> None:
+    from skytune.chat_format import to_preference
+
+    pref = to_preference({"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert pref == {"prompt": [{"role": "user", "content": "q"}],
+                    "chosen": [{"role": "assistant", "content": "good"}],
+                    "rejected": [{"role": "assistant", "content": "bad"}]}
+    silogen = to_preference({"prompt_messages": [{"role": "user", "content": "q"}],
+                             "chosen_messages": [{"role": "assistant", "content": "g"}],
+                             "rejected_messages": [{"role": "assistant", "content": "b"}]})
+    assert silogen["chosen"][0]["content"] == "g"
+    with pytest.raises(InvalidRecord, match="identical to the chosen"):
+        to_preference({"prompt": "q", "chosen": "same", "rejected": "same"})
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ([{"messages": []}], "messages"),
+    ([{"conversations": []}], "sharegpt"),
+    ([{"instruction": "", "input": "", "output": ""}], "alpaca"),
+    ([{"prompt": "", "completion": ""}], "prompt_completion"),
+    ([{"prompt": "", "chosen": "", "rejected": ""}], "preference"),
+    ([{"system_prompt": "", "question": "", "response": ""}], "orca"),
+    ([{"dialogue": "", "summary": ""}], "summarization"),
+    ([{"instruction": "", "output": ""}, {"conversations": []}], None),   # rows disagree
+    ([{"messages": [], "conversations": []}], None),                      # ambiguous
+    ([{"Context": "", "Response": ""}], None),                            # unknown: needs format: columns
+    ([], None),
+])
+def test_detect_format_only_when_unambiguous(rows: list[dict], expected: str | None) -> None:
+    from skytune.chat_format import detect_format
+
+    assert detect_format(rows) == expected

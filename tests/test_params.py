@@ -72,12 +72,19 @@ def test_bool_is_not_an_int_and_int_is_a_float(tmp_path: Path) -> None:
 
 
 def test_list_items_are_checked(tmp_path: Path) -> None:
-    path = write_params(tmp_path, lambda d: d["data"]["sources"][1].update(format="sharegtp", path="x"))
+    def edit(d: dict) -> None:
+        d["data"]["sources"][1].update(format="sharegtp", file="x")
+        d["data"]["sources"].append({"name": "both", "path": "a.jsonl", "hub": "org/ds", "format": "summarization"})
+        d["merge_data"]["mixture"]["alpaca_tasks"] = {"fraction": 0.5, "rows": 3}
+
     with pytest.raises(ParamsError) as err:
-        load_params(path)
+        load_params(write_params(tmp_path, edit))
     text = "\n".join(err.value.problems)
     assert "data.sources[1].format: 'sharegtp' is not one of" in text and "did you mean 'sharegpt'" in text
-    assert "data.sources[1].path: unknown key" in text
+    assert "data.sources[1].file: unknown key" in text
+    assert "data.sources[2]: give exactly one of `path`" in text
+    assert "data.sources[2]: format summarization needs `instruction`" in text
+    assert "merge_data.mixture.alpaca_tasks: give exactly one of `fraction` and `rows`" in text
 
 
 def test_stage_entry_fails_before_work_with_exit_code_2(tmp_path: Path) -> None:

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, STAGES, PipelineRun
+from skytune.params import load_params
 
-DATA_OUTPUTS = ("data/ingested", "data/chat", "data/split", "data/train.jsonl", "data/val.jsonl")
+PATHS = load_params(REPO / "params.yaml").paths
+DATA_OUTPUTS = tuple(getattr(PATHS, k) for k in ("ingested_dir", "chat_dir", "split_dir", "train_file", "val_file",
+                                                 "preference_dir"))
 
 
 def sh(*args: str, cwd: Path, timeout: int = 900, stdout_only: bool = False) -> str:
@@ -59,9 +62,9 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
 
     log = sh("dvc", "exp", "run", "-n", "baseline-run", cwd=repo)
     assert stages_ran(log) == list(STAGES), log[-3000:]
-    sanity = json.loads((repo / "sanity_check_result/metrics.json").read_text())
+    sanity = json.loads((repo / PATHS.sanity_metrics).read_text())
     assert sanity["identity_exact_match_tuned"] == 1.0 and sanity["identity_exact_match_base"] == 0.0
-    train = json.loads((repo / "metrics/train.json").read_text())
+    train = json.loads((repo / PATHS.train_metrics).read_text())
     assert train["val_loss_after"] < train["val_loss_before"]
     assert sh("git", "status", "--porcelain", "dvc.yaml", cwd=repo) == ""  # DVCLive left dvc.yaml alone
 
@@ -86,9 +89,9 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
     assert experiments["baseline-run"][0]["train"]["lora_r"] == 8
     assert experiments["rank16"][0]["train"]["lora_r"] == 16
     for _params, metrics in experiments.values():
-        assert metrics["sanity_check_result/metrics.json"]["data"]["identity_exact_match_tuned"] == 1.0
-        assert "val_loss_after" in metrics["metrics/train.json"]["data"]
+        assert metrics[PATHS.sanity_metrics]["data"]["identity_exact_match_tuned"] == 1.0
+        assert "val_loss_after" in metrics[PATHS.train_metrics]["data"]
 
     summary = sh(sys.executable, "-m", "skytune.cli", "summary", cwd=repo)  # what `make run` ends with
     assert "rank16" in summary and "identity_exact_match   0.0 -> 1.0" in summary
-    assert "sanity_check_result/results.csv" in summary
+    assert PATHS.sanity_results in summary

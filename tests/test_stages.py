@@ -41,8 +41,8 @@ def test_to_chat_writes_valid_canonical_records(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
     metrics = _json(p("to_chat_metrics"))
     assert metrics["rejected_total"] == 0
-    assert metrics["conversations"] == {"alpaca_tasks": 250, "identity": 120, "sharegpt_math": 150}
-    for name in metrics["conversations"]:
+    assert metrics["records"] == {"alpaca_tasks": 250, "identity": 120, "sharegpt_math": 150}
+    for name in metrics["records"]:
         for record in read_jsonl(p("chat_dir") / f"{name}.jsonl"):
             assert record["source"] == name
             validate(record["messages"])

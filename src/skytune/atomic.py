@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -66,18 +68,30 @@ def write_json(target: Path | str, data: Any) -> None:
         fh.write("\n")
 
 
+def dumps_line(record: dict[str, Any]) -> bytes:
+    """One JSONL line: keys sorted, UTF-8, so the bytes depend on content only. Values JSON cannot hold
+    (bytes, decimals from parquet) are written as strings."""
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE, default=str)
+
+
 def write_jsonl(target: Path | str, records: Iterable[dict[str, Any]]) -> int:
-    """Write one JSON object per line (keys sorted, so the bytes depend on content only); return the count."""
+    """Stream records to a JSONL file, atomically; return the count."""
     n = 0
-    with atomic_file(target) as fh:
+    with atomic_file(target, "wb") as fh:
         for record in records:
-            fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False))
-            fh.write("\n")
+            fh.write(dumps_line(record))
             n += 1
     return n
 
 
+def iter_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
+    """Stream a JSONL file written by this project (trusted: raw user files go through `sources`)."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                yield orjson.loads(line)
+
+
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    """Read a JSONL file written by this project (trusted: raw user files go through `records.read_source`)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """A whole JSONL file written by this project, for small files (metrics, prompts, val records)."""
+    return list(iter_jsonl(path))

@@ -1,5 +1,11 @@
 """Converters from common dataset formats to canonical chat messages, and the checks every record must pass.
 
+Formats: `messages` (OpenAI), `sharegpt` (conversations with from/value), `alpaca` (instruction/input/output),
+`prompt_completion`, `orca` (system_prompt/question/response), `summarization` (dialogue/summary plus an
+instruction), `columns` (an explicit mapping of columns to roles), and `preference` (prompt/chosen/rejected, kept
+in its own canonical shape for a later DPO stage). `detect_format` names the format of a sample of rows only when
+exactly one fits.
+
 A canonical message list is `[{"role": "system"|"user"|"assistant", "content": str}, ...]`: an optional system
 message first, then user and assistant turns alternating, ending with an assistant turn. Converters raise
 `InvalidRecord` with the field at fault; the caller decides (by `data.on_invalid`) whether that is an error or a
@@ -75,11 +81,103 @@ def from_messages(row: dict[str, Any]) -> Messages:
     return messages
 
 
-CONVERTERS: dict[str, Callable[[dict[str, Any]], Messages]] = {
-    "alpaca": from_alpaca,
-    "sharegpt": from_sharegpt,
-    "messages": from_messages,
+def _turns(row: dict[str, Any], key: str, role: str) -> Messages:
+    """A field that holds either plain text (one `role` turn) or a list of messages."""
+    value = row.get(key)
+    if isinstance(value, list):
+        return from_messages({"messages": value}) if value else []
+    return [{"role": role, "content": _text(row, key)}]
+
+
+def from_prompt_completion(row: dict[str, Any]) -> Messages:
+    """`{"prompt", "completion"}`, each text or a list of messages."""
+    return _turns(row, "prompt", "user") + _turns(row, "completion", "assistant")
+
+
+def from_orca(row: dict[str, Any]) -> Messages:
+    """`{"system_prompt"?, "question", "response"}` (OpenOrca)."""
+    system = _text(row, "system_prompt", required=False)
+    messages = [{"role": "user", "content": _text(row, "question")},
+                {"role": "assistant", "content": _text(row, "response")}]
+    return ([{"role": "system", "content": system}] if system.strip() else []) + messages
+
+
+def from_summarization(row: dict[str, Any], instruction: str) -> Messages:
+    """`{"dialogue", "summary"}` (samsum-like): the instruction and the dialogue as the user turn."""
+    return [{"role": "user", "content": f"{instruction}\n\n{_text(row, 'dialogue')}"},
+            {"role": "assistant", "content": _text(row, "summary")}]
+
+
+def from_columns(row: dict[str, Any], columns: dict[str, str]) -> Messages:
+    """An explicit mapping `{"system"?: col, "user": col, "assistant": col}` for any other single-turn table."""
+    messages = []
+    for role in ROLES:
+        if role in columns:
+            text = _text(row, columns[role], required=role != "system")
+            if role != "system" or text.strip():
+                messages.append({"role": role, "content": text})
+    return messages
+
+
+PREFERENCE_KEYS = (("prompt", "chosen", "rejected"), ("prompt_messages", "chosen_messages", "rejected_messages"))
+
+
+def to_preference(row: dict[str, Any]) -> dict[str, Messages]:
+    """`{"prompt", "chosen", "rejected"}` (text or messages; silogen's `*_messages` names too) -> the canonical
+    preference shape `{"prompt": [..., user], "chosen": [assistant...], "rejected": [assistant...]}`."""
+    keys = next((k for k in PREFERENCE_KEYS if k[0] in row), PREFERENCE_KEYS[0])
+    prompt = _turns(row, keys[0], "user")
+    validate(prompt + [{"role": "assistant", "content": "-"}])
+    out = {"prompt": prompt}
+    for name, key in zip(("chosen", "rejected"), keys[1:], strict=True):
+        answer = _turns(row, key, "assistant")
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            raise InvalidRecord(key, "must be assistant text or assistant messages")
+        validate(prompt + answer[:1])
+        out[name] = answer
+    if out["chosen"] == out["rejected"]:
+        raise InvalidRecord(keys[2], "identical to the chosen answer")
+    return out
+
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "orca", "summarization", "columns", "preference")
+
+# Which keys identify each format in auto-detection; `columns` and `summarization` options need params.
+_SIGNATURES: dict[str, tuple[frozenset[str], ...]] = {
+    "messages": (frozenset({"messages"}),),
+    "sharegpt": (frozenset({"conversations"}),),
+    "alpaca": (frozenset({"instruction", "output"}),),
+    "preference": tuple(frozenset(k) for k in PREFERENCE_KEYS),
+    "prompt_completion": (frozenset({"prompt", "completion"}),),
+    "orca": (frozenset({"question", "response"}),),
+    "summarization": (frozenset({"dialogue", "summary"}),),
 }
+
+
+def detect_format(rows: list[dict[str, Any]]) -> str | None:
+    """The one format whose keys every row has, or None when none or several fit (ask the user for `format:`)."""
+    if not rows:
+        return None
+    fits = [name for name, signatures in _SIGNATURES.items()
+            if all(any(sig <= row.keys() for sig in signatures) for row in rows)]
+    if "preference" in fits:  # prompt/chosen/rejected rows also carry "prompt"
+        fits = [f for f in fits if f != "prompt_completion"]
+    return fits[0] if len(fits) == 1 else None
+
+
+def converter(fmt: str, *, instruction: str | None = None,
+              columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], Messages]:
+    """The converter for `fmt`, with its options bound. (`preference` has its own shape: see `to_preference`.)"""
+    if fmt == "summarization":
+        if not instruction:
+            raise ValueError("format summarization needs `instruction` (the task put before each dialogue)")
+        return lambda row: from_summarization(row, instruction)
+    if fmt == "columns":
+        if not columns or "user" not in columns or "assistant" not in columns:
+            raise ValueError("format columns needs `columns` mapping at least user and assistant to column names")
+        return lambda row: from_columns(row, columns)
+    return {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages,
+            "prompt_completion": from_prompt_completion, "orca": from_orca}[fmt]
 
 
 def validate(messages: Messages) -> None:
@@ -106,7 +204,8 @@ def validate(messages: Messages) -> None:
 
 
 def to_messages(row: dict[str, Any], fmt: str) -> Messages:
-    """Convert one raw row in format `fmt` and validate it; raise InvalidRecord if it cannot be trained on."""
-    messages = CONVERTERS[fmt](row)
+    """Convert one raw row in format `fmt` (one without options) and validate it; raise InvalidRecord if it
+    cannot be trained on."""
+    messages = converter(fmt)(row)
     validate(messages)
     return messages

@@ -152,7 +152,8 @@ def load_tokenizer(source: str | Path, revision: str | None = None) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
     if tokenizer.chat_template is None:
-        raise ValueError(f"{source}: the tokenizer has no chat template")
+        raise ValueError(f"{source}: the tokenizer has no chat template. Use a chat/instruct checkpoint (one whose "
+                         "tokenizer_config.json carries a chat_template), or the built-in model")
     chat_template.ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -222,7 +223,15 @@ def load_for_training(
             ran = quant_type
         else:
             log.warning("4-bit QLoRA is not available here (%s): training plain LoRA in %s instead", why, ran)
-    model = AutoModelForCausalLM.from_pretrained(base.ref, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.ref, **kwargs)
+    except (RuntimeError, ImportError) as exc:  # bitsandbytes present but without kernels for this device
+        if "quantization_config" not in kwargs:
+            raise
+        del kwargs["quantization_config"]
+        ran = str(dtype).removeprefix("torch.")
+        log.warning("4-bit QLoRA failed to load here (%s): training plain LoRA in %s instead", exc, ran)
+        model = AutoModelForCausalLM.from_pretrained(base.ref, **kwargs)
     if ran in ("nf4", "fp4") and not torch.cuda.is_available():
         n = disable_cpu_inference_repack(model)
         log.info("4-bit on CPU: disabled the AVX512-BF16 inference repack on %d layers (bitsandbytes bug)", n)

@@ -5,6 +5,8 @@
 missing key), each with the file and line, before any stage does heavy work.
 
 Defaults are not written here: params.yaml is the single source of truth, so every key must be present there.
+The one exception is the optional keys of a list item (a data source), which default to None.
+A dataclass may define `_problems()` for checks across its keys (say, exactly one of `path` and `hub`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class PathsParams:
     val_file: str
     to_chat_metrics: str
     data_metrics: str
+    length_plot: str
+    preference_dir: str
     adapter_dir: str
     dvclive_dir: str
     train_metrics: str
@@ -73,11 +77,36 @@ class ModelParams:
     builtin: BuiltinModelParams
 
 
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "orca", "summarization", "columns",
+                 "preference"]
+
+
 @dataclass(frozen=True)
 class SourceParams:
+    """One raw source: a local file or glob under `paths.raw_dir` (`path`), or a hub dataset (`hub`)."""
+
     name: str
-    file: str
-    format: Literal["alpaca", "sharegpt", "messages"]
+    format: Format
+    path: str | None = None
+    hub: str | None = None
+    config: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    max_samples: int | None = field(default=None, metadata={"ge": 1})
+    instruction: str | None = None
+    columns: dict[str, str] | None = None
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if (self.path is None) == (self.hub is None):
+            problems.append("give exactly one of `path` (a file or glob under paths.raw_dir) and `hub`")
+        if self.hub is None and (self.config or self.split or self.revision):
+            problems.append("`config`, `split` and `revision` are for hub sources only")
+        if self.format == "summarization" and not self.instruction:
+            problems.append("format summarization needs `instruction`")
+        if self.format == "columns" and not (self.columns and {"user", "assistant"} <= self.columns.keys()):
+            problems.append("format columns needs `columns` with at least `user` and `assistant`")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,7 @@ class DataParams:
     sources: tuple[SourceParams, ...]
     on_invalid: Literal["error", "skip"]
     max_reject_fraction: float = _range(ge=0.0, le=1.0)
+    length_policy: Literal["drop", "truncate"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +129,22 @@ class IdentityParams:
 class SplitParams:
     val_fraction: float = _range(gt=0.0, lt=1.0)
     val_fraction_by_source: dict[str, float]
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """How much of a source's train rows the mixture takes: a `fraction` (above 1 repeats rows) or `rows`."""
+
+    fraction: float | None = field(default=None, metadata={"gt": 0.0})
+    rows: int | None = field(default=None, metadata={"ge": 0})
+
+    def _problems(self) -> list[str]:
+        return [] if (self.fraction is None) != (self.rows is None) else ["give exactly one of `fraction` and `rows`"]
+
+
+@dataclass(frozen=True)
+class MergeDataParams:
+    mixture: dict[str, MixParams]
 
 
 @dataclass(frozen=True)
@@ -143,6 +189,7 @@ class Params:
     data: DataParams
     identity: IdentityParams
     split: SplitParams
+    merge_data: MergeDataParams
     train: TrainParams
     merge_adapters: MergeAdaptersParams
     sanity_check: SanityCheckParams
@@ -248,13 +295,19 @@ def _build_dataclass(tp: Any, node: yaml.Node, key: str, path: Path, problems: l
         value = _build(hints[name], value_node, full, path, problems)
         _check_range(fields[name], value, value_node, full, path, problems)
         values[name] = value
-    for name in fields:
-        if name not in seen:
+    for name, f in fields.items():
+        if name not in seen and f.default is dataclasses.MISSING:
             full = f"{key}.{name}" if key else name
             problems.append(f"{_where(path, node, full)}: missing key '{full}'")
-    if len(values) != len(fields):
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+    if not required <= values.keys():
         return None
-    return tp(**values)
+    obj = tp(**values)
+    check = getattr(obj, "_problems", None)
+    if check is not None:
+        problems.extend(f"{_where(path, node, key)}: {p}" for p in check())
+    return obj
+
 
 
 def _build_scalar(tp: type, node: yaml.Node, key: str, path: Path, problems: list[str]) -> Any:

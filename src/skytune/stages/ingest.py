@@ -1,87 +1,110 @@
-"""ingest: resolve the base model and read every raw source, with the provenance of each row.
+"""ingest: resolve the base model and read every raw source, streaming, with the provenance of each row.
 
     python -m skytune.stages.ingest      (normally: dvc repro ingest)
 
-Writes `paths.base_model_dir` (the base-model manifest; for the built-in model also its weights and tokenizer,
-a few MB) and one JSONL per source under `paths.ingested_dir`, each line `{"file", "line", "row"}`. Lines that
-are not JSON objects go to `rejects.jsonl` there and are counted; `data.on_invalid: error` stops instead.
-Identity conversations generated from the `identity` params are one more source.
+Sources (`data.sources` in params.yaml) are local files or globs under `paths.raw_dir` (jsonl, json, parquet,
+csv; globs always sorted) or hub datasets (`hub`, `config`, `split`, `revision`: the commit it resolves to is
+recorded). `max_samples` keeps a seeded subsample. Writes one JSONL per source under `paths.ingested_dir`, each
+line `{"file", "line", "row"}`; rows that cannot be read (bad JSON, bad UTF-8, ragged CSV) go to `rejects.jsonl`
+there and are counted in `summary.json` (`data.on_invalid: error` stops at the first one instead). Identity
+conversations generated from the `identity` params are one more source.
+
+Also writes `paths.base_model_dir`: the base-model manifest (a hub id resolved to its commit) or, for the built-in
+model, the model itself, its tokenizer trained on the sources' text.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
-from skytune import identity, models
-from skytune.atomic import atomic_dir, write_jsonl
-from skytune.params import Params, to_dict
-from skytune.records import REJECTS_FILE, RawRow, Reject, read_jsonl_source
+from skytune import identity, models, sources
+from skytune.atomic import atomic_dir, iter_jsonl, write_jsonl
+from skytune.params import Params, SourceParams, to_dict
+from skytune.records import REJECTS_FILE
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
+CORPUS_ROWS = 20_000  # rows per source the built-in tokenizer is trained on: plenty for a 1k vocabulary
 
 
-def _texts(rows: list[dict]) -> Iterator[str]:
-    """Every string in the rows, in order: the corpus the built-in tokenizer is trained on."""
-    for row in rows:
-        stack = [row]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, str):
-                yield value
-            elif isinstance(value, dict):
-                stack.extend(reversed([value[k] for k in sorted(value)]))
-            elif isinstance(value, list):
-                stack.extend(reversed(value))
+def _texts(value: object) -> Iterator[str]:
+    """Every string in a row, in a fixed order."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k in sorted(value):
+            yield from _texts(value[k])
+    elif isinstance(value, list):
+        for v in value:
+            yield from _texts(v)
+
+
+def _rows(source: SourceParams, raw_dir: Path) -> tuple[Iterator[sources.RawRow | sources.Reject], str | None]:
+    if source.hub is not None:
+        commit, rows = sources.read_hub(source.hub, config=source.config, split=source.split or "train",
+                                        revision=source.revision)
+        return rows, commit
+    files = sources.expand(raw_dir, source.path, source.name)
+    return itertools.chain.from_iterable(sources.read_file(f) for f in files), None
 
 
 def main(params: Params) -> None:
     raw_dir = Path(params.paths.raw_dir)
     on_invalid = params.data.on_invalid
-    sources: dict[str, list[dict]] = {}
+    seed = params.base.seed
+    names = [s.name for s in params.data.sources] + ([identity.SOURCE] if params.identity.enabled else [])
+    if len(set(names)) != len(names):
+        raise ValueError(f"params.yaml data.sources: source names must be unique and not {identity.SOURCE!r} "
+                         f"while identity is enabled; got {names}")
+    summary: dict[str, dict] = {}
     rejects: list[dict] = []
-    for source in params.data.sources:
-        path = raw_dir / source.file
-        if not path.is_file():
-            raise FileNotFoundError(f"params.yaml data.sources[{source.name}].file: {path} does not exist")
-        rows = []
-        for item in read_jsonl_source(path):
-            if isinstance(item, Reject):
-                if on_invalid == "error":
-                    raise ValueError(f"{item.file}:{item.line}: {item.reason} (set data.on_invalid: skip to reject)")
-                rejects.append(item.as_dict(source.name))
-            else:
-                rows.append(asdict(item))
-        if source.name in sources or source.name == identity.SOURCE:
-            raise ValueError(f"params.yaml data.sources: the name {source.name!r} is used twice or reserved")
-        sources[source.name] = rows
-        log.info("source %s: %d rows from %s", source.name, len(rows), path)
+    out_dir = Path(params.paths.ingested_dir)
+    with atomic_dir(out_dir) as out:
+        for source in params.data.sources:
+            rows, commit = _rows(source, raw_dir)
+            counts = {"rows": 0, "rejected": 0}
 
-    if params.identity.enabled:
-        who = identity.Identity(params.identity.name, params.identity.creator)
-        generated = identity.generate(who, params.identity.num_samples, params.base.seed)
-        sources[identity.SOURCE] = [asdict(RawRow("<identity>", i + 1, row)) for i, row in enumerate(generated)]
+            def accepted(items=sources.subsample(rows, source.max_samples, seed), name=source.name,
+                         counts=counts) -> Iterator[dict]:
+                for item in items:
+                    if isinstance(item, sources.Reject):
+                        if on_invalid == "error":
+                            raise ValueError(f"{item.file}:{item.line}: {item.reason} "
+                                             "(fix the row, or set data.on_invalid: skip to reject it)")
+                        rejects.append(item.as_dict(name))
+                        counts["rejected"] += 1
+                        continue
+                    counts["rows"] += 1
+                    yield {"file": item.file, "line": item.line, "row": item.row}
 
-    with atomic_dir(params.paths.ingested_dir) as out:
-        for name in sorted(sources):
-            write_jsonl(out / f"{name}.jsonl", sources[name])
+            write_jsonl(out / f"{source.name}.jsonl", accepted())
+            if counts["rows"] == 0 and counts["rejected"] == 0:
+                raise sources.SourceError(f"source {source.name!r}: {source.path or source.hub} has no rows; "
+                                          "fix the file or remove the source from params.yaml")
+            summary[source.name] = counts | ({"hub": source.hub, "revision": commit} if commit else {})
+            log.info("source %s: %d rows, %d rejected%s", source.name, counts["rows"], counts["rejected"],
+                     f" (hub commit {commit})" if commit else "")
+        if params.identity.enabled:
+            who = identity.Identity(params.identity.name, params.identity.creator)
+            generated = identity.generate(who, params.identity.num_samples, seed)
+            write_jsonl(out / f"{identity.SOURCE}.jsonl",
+                        ({"file": "<identity>", "line": i, "row": row} for i, row in enumerate(generated, 1)))
+            summary[identity.SOURCE] = {"rows": len(generated), "rejected": 0}
         write_jsonl(out / REJECTS_FILE, rejects)
-        (out / "summary.json").write_text(json.dumps({
-            "rows": {name: len(rows) for name, rows in sorted(sources.items())},
-            "rejects": dict(sorted(Counter(r["source"] for r in rejects).items())),
-        }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     with atomic_dir(params.paths.base_model_dir) as out:
         base = models.resolve_base(params.model.base, params.model.revision, Path(params.paths.base_model_dir))
         if base.kind == "builtin":
-            corpus = list(_texts([row["row"] for name in sorted(sources) for row in sources[name]]))
-            models.build_builtin(out, corpus, seed=params.base.seed, **to_dict(params.model.builtin))
+            corpus = [text for name in sorted(summary)
+                      for item in itertools.islice(iter_jsonl(out_dir / f"{name}.jsonl"), CORPUS_ROWS)
+                      for text in _texts(item["row"])]
+            models.build_builtin(out, corpus, seed=seed, **to_dict(params.model.builtin))
         base.save(out)
         log.info("base model: %s", base)
 

@@ -28,7 +28,7 @@ def main(params: Params) -> None:
 
     base = models.BaseModel.load(params.paths.base_model_dir)
     tokenizer = models.load_tokenizer(params.paths.adapter_dir)
-    dtype = models.compute_dtype("auto")
+    dtype = models.compute_dtype(params.train.compute_dtype)  # the dtype training computed in
     model = models.load_full_precision(base.ref, base.revision, dtype)
     model = PeftModel.from_pretrained(model, params.paths.adapter_dir)
     model.eval()

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def _answers(source: str, revision: str | None, prompts: list[str], params: Params) -> list[Generation]:
     tokenizer = models.load_tokenizer(source, revision)
-    model = models.load_full_precision(source, revision, models.compute_dtype("auto"))
+    model = models.load_full_precision(source, revision, models.compute_dtype(params.train.compute_dtype))
     stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
     rendered = [chat_template.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return generate_greedy(model, tokenizer, rendered, stop_tokens=stops,

@@ -1,22 +1,26 @@
-"""split: deterministic train/val split of every source by content hash.
+"""split: deterministic train/val split of every source, with dedup and a leakage check.
 
     python -m skytune.stages.split      (normally: dvc repro split)
 
-A record goes to val when the seeded hash of its id falls under `split.val_fraction`, so the split depends on
-content alone: adding rows to a source never moves existing rows between train and val.
-`split.val_fraction_by_source` overrides the fraction per source (0 keeps a source, such as identity, all in
-train). Exact duplicates
-(same id) are dropped and counted. Writes `train/<source>.jsonl` and `val/<source>.jsonl` under `paths.split_dir`.
+A record goes to val when the seeded hash of its normalized prompt falls under the source's val fraction
+(`split.val_fraction`, or `split.val_fraction_by_source`; 0 keeps a source such as identity all in train). So the
+split depends on content alone: adding rows never moves existing rows, and records that ask the same thing land
+on the same side. Exact duplicates (same id) and normalized-text duplicates (same text up to case, punctuation,
+whitespace and Unicode form) are dropped and counted. The stage fails if a val prompt also appears in train
+(possible only across sources with different val fractions). Writes `train/<source>.jsonl` and
+`val/<source>.jsonl` under `paths.split_dir`, and counts in `summary.json` there.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from skytune.atomic import atomic_dir, read_jsonl, write_json, write_jsonl
+from skytune.atomic import atomic_dir, iter_jsonl, write_json, write_jsonl
 from skytune.params import Params
-from skytune.records import REJECTS_FILE, is_val
+from skytune.records import REJECTS_FILE, is_val, normalized_key, prompt_key
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -24,26 +28,50 @@ log = logging.getLogger(__name__)
 
 def main(params: Params) -> None:
     seed = params.base.seed
-    by_source = params.split.val_fraction_by_source
+    default_fraction, by_source = params.split.val_fraction, params.split.val_fraction_by_source
+    seen_ids: set[str] = set()
+    seen_text: set[int] = set()
+    prompts: dict[str, dict[int, str]] = {"train": {}, "val": {}}  # prompt key -> the source it came from
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.split_dir) as out:
         for path in sorted(Path(params.paths.chat_dir).glob("*.jsonl")):
             if path.name == REJECTS_FILE:
                 continue
-            val_fraction = by_source.get(path.stem, params.split.val_fraction)
-            seen: set[str] = set()
-            parts: dict[str, list[dict]] = {"train": [], "val": []}
-            for record in read_jsonl(path):
-                if record["id"] in seen:
-                    continue
-                seen.add(record["id"])
-                parts["val" if is_val(record["id"], val_fraction, seed) else "train"].append(record)
-            for part, records in parts.items():
-                write_jsonl(out / part / path.name, records)
-            total = sum(1 for _ in open(path, encoding="utf-8"))
-            counts[path.stem] = {"train": len(parts["train"]), "val": len(parts["val"]),
-                                 "duplicates": total - len(seen)}
-            log.info("source %s: %s", path.stem, counts[path.stem])
+            source = path.stem
+            fraction = by_source.get(source, default_fraction)
+            tally = {"train": 0, "val": 0, "exact_duplicates": 0, "normalized_duplicates": 0}
+            val: list[dict[str, Any]] = []
+
+            def train_records(path=path, source=source, fraction=fraction, tally=tally,
+                              val=val) -> Iterator[dict[str, Any]]:
+                for record in iter_jsonl(path):
+                    if record["id"] in seen_ids:
+                        tally["exact_duplicates"] += 1
+                        continue
+                    seen_ids.add(record["id"])
+                    text = normalized_key(record)
+                    if text in seen_text:
+                        tally["normalized_duplicates"] += 1
+                        continue
+                    seen_text.add(text)
+                    key = prompt_key(record)
+                    side = "val" if is_val(key, fraction, seed) else "train"
+                    prompts[side].setdefault(key, source)
+                    tally[side] += 1
+                    if side == "val":
+                        val.append(record)  # val is the small side; train streams straight to disk
+                    else:
+                        yield record
+
+            write_jsonl(out / "train" / path.name, train_records())
+            write_jsonl(out / "val" / path.name, val)
+            counts[source] = tally
+            log.info("source %s: %s", source, tally)
+        leaked = prompts["train"].keys() & prompts["val"].keys()
+        if leaked:
+            pairs = sorted({(prompts["val"][k], prompts["train"][k]) for k in leaked})
+            raise ValueError(f"{len(leaked)} val prompts also appear in train (val source, train source: {pairs}); "
+                             "give these sources the same split.val_fraction_by_source, or dedup them")
         write_json(out / "summary.json", counts)
 
 

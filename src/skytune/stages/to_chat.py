@@ -1,69 +1,110 @@
-"""to_chat: convert every ingested row to a canonical, validated conversation.
+"""to_chat: convert every ingested row to a canonical, validated record, streaming.
 
     python -m skytune.stages.to_chat      (normally: dvc repro to_chat)
 
-Writes one JSONL per source under `paths.chat_dir`, each line `{"id", "source", "messages"}` (id = content hash),
-and `rejects.jsonl` there with source, file, line, field and reason for each row that could not be converted.
-Counts per source and per reject reason go to `paths.to_chat_metrics`. With `data.on_invalid: error` the first
-invalid row stops the stage; with `skip` the stage fails only if more than `data.max_reject_fraction` of a
-source is rejected.
+Each source's `format` (see `skytune.chat_format`; `auto` only when the first rows fit exactly one format)
+turns its rows into `{"id", "source", "messages"}` conversations, or `{"id", "source", "prompt", "chosen",
+"rejected"}` for preference data. Writes one JSONL per source under `paths.chat_dir` and `rejects.jsonl` there
+(source, file, line, field, reason; ingest's unreadable rows included), with counts per source and per reason in
+`paths.to_chat_metrics`. `data.on_invalid: error` stops at the first invalid row; with `skip`, a source fails
+when more than `data.max_reject_fraction` of its rows is rejected.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from skytune.atomic import atomic_dir, read_jsonl, write_json, write_jsonl
-from skytune.chat_format import InvalidRecord, to_messages
-from skytune.params import Params
-from skytune import identity
+from skytune import chat_format, identity
+from skytune.atomic import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
+from skytune.params import Params, SourceParams
 from skytune.records import REJECTS_FILE, content_hash
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
+DETECT_ROWS = 100  # rows auto-detection looks at; every one of them must fit the same single format
+
+
+def _resolve_format(source: SourceParams, path: Path) -> str:
+    if source.format != "auto":
+        return source.format
+    sample = [item["row"] for item in itertools.islice(iter_jsonl(path), DETECT_ROWS)]
+    detected = chat_format.detect_format(sample)
+    if detected is None:
+        raise ValueError(f"params.yaml data.sources[{source.name}]: format auto cannot tell the format of "
+                         f"{path} (keys of its first row: {sorted(sample[0]) if sample else 'no rows'}); set "
+                         f"format: to one of {', '.join(chat_format.FORMATS)}")
+    log.info("source %s: detected format %s", source.name, detected)
+    return detected
+
+
+def _converter(fmt: str, source: SourceParams | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    if fmt == "preference":
+        return chat_format.to_preference
+
+    convert = chat_format.converter(fmt, instruction=source.instruction if source else None,
+                                    columns=source.columns if source else None)
+
+    def sft(row: dict[str, Any]) -> dict[str, Any]:
+        messages = convert(row)
+        chat_format.validate(messages)
+        return {"messages": messages}
+
+    return sft
 
 
 def main(params: Params) -> None:
     ingested = Path(params.paths.ingested_dir)
     on_invalid, max_reject_fraction = params.data.on_invalid, params.data.max_reject_fraction
-    formats = {s.name: s.format for s in params.data.sources} | {identity.SOURCE: "messages"}
-    rejects = read_jsonl(ingested / REJECTS_FILE)  # rows ingest could not even parse stay counted here
-    converted: dict[str, list[dict]] = {}
-    for path in sorted(ingested.glob("*.jsonl")):
-        name = path.stem
-        if name not in formats:
-            continue  # rejects.jsonl
-        records = []
-        rows = read_jsonl(path)
-        for item in rows:
-            try:
-                messages = to_messages(item["row"], formats[name])
-            except InvalidRecord as exc:
-                where = f"{item['file']}:{item['line']}"
-                if on_invalid == "error":
-                    raise ValueError(f"{where}: field {exc.field}: {exc.reason} "
-                                     "(fix the row, or set data.on_invalid: skip to reject it)") from exc
-                rejects.append({"source": name, "file": item["file"], "line": item["line"],
-                                "field": exc.field, "reason": exc.reason})
-                continue
-            records.append({"id": content_hash(messages), "source": name, "messages": messages})
-        converted[name] = records
-        rejected = len(rows) - len(records)
-        if rows and rejected / len(rows) > max_reject_fraction:
-            raise ValueError(f"source {name}: {rejected} of {len(rows)} rows rejected, above "
-                             f"data.max_reject_fraction={max_reject_fraction}; see {REJECTS_FILE}")
-        log.info("source %s: %d conversations, %d rejected", name, len(records), rejected)
-
+    specs: dict[str, SourceParams | None] = {s.name: s for s in params.data.sources}
+    if (ingested / f"{identity.SOURCE}.jsonl").is_file():
+        specs[identity.SOURCE] = None  # generated by ingest in `messages` form
+    rejects = read_jsonl(ingested / REJECTS_FILE)  # rows ingest could not even read stay counted here
+    counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.chat_dir) as out:
-        for name, records in sorted(converted.items()):
-            write_jsonl(out / f"{name}.jsonl", records)
+        for name in sorted(specs):
+            path = ingested / f"{name}.jsonl"
+            spec = specs[name]
+            fmt = "messages" if spec is None else _resolve_format(spec, path)
+            convert = _converter(fmt, spec)
+            tally = {"rows": 0, "records": 0, "rejected": 0}
+
+            def records(convert=convert, name=name, tally=tally) -> Iterator[dict[str, Any]]:
+                for item in iter_jsonl(path):
+                    tally["rows"] += 1
+                    try:
+                        record = convert(item["row"])
+                    except chat_format.InvalidRecord as exc:
+                        where = f"{item['file']}:{item['line']}"
+                        if on_invalid == "error":
+                            raise ValueError(f"{where}: field {exc.field}: {exc.reason} "
+                                             "(fix the row, or set data.on_invalid: skip to reject it)") from exc
+                        rejects.append({"source": name, "file": item["file"], "line": item["line"],
+                                        "field": exc.field, "reason": exc.reason})
+                        tally["rejected"] += 1
+                        continue
+                    tally["records"] += 1
+                    yield {"id": content_hash(record), "source": name, **record}
+
+            write_jsonl(out / f"{name}.jsonl", records())
+            counts[name] = tally
+            if tally["rows"] and tally["rejected"] / tally["rows"] > max_reject_fraction:
+                mine = [r for r in rejects if r["source"] == name]
+                top = Counter(f"{r['field']}: {r['reason']}"[:120] for r in mine).most_common(5)
+                raise ValueError(
+                    f"source {name}: {tally['rejected']} of {tally['rows']} rows rejected, above "
+                    f"data.max_reject_fraction={max_reject_fraction}. First: {mine[0]['file']}:{mine[0]['line']}; "
+                    f"most common reasons: {top}. Fix the source or its format:, or raise the threshold.")
+            log.info("source %s (%s): %d records, %d rejected", name, fmt, tally["records"], tally["rejected"])
         write_jsonl(out / REJECTS_FILE, rejects)
-    reasons = Counter(f"{r['source']}: {r['field']}: {r['reason']}" for r in rejects)
+    reasons = Counter(f"{r['source']}: {r['field']}: {r['reason']}"[:200] for r in rejects)
     write_json(params.paths.to_chat_metrics, {
-        "conversations": {name: len(records) for name, records in sorted(converted.items())},
+        "records": {name: c["records"] for name, c in counts.items()},
         "rejected": dict(sorted(Counter(r["source"] for r in rejects).items())),
         "rejected_total": len(rejects),
         "reject_reasons": dict(sorted(reasons.items())),

@@ -1,0 +1,129 @@
+"""The bad-input corpus (tests/assets/bad_inputs): every bad row is a clear error naming file, line and field,
+or a counted reject, and no valid row is lost on the way from ingest to merge_data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from skytune.atomic import read_jsonl
+from skytune.params import load_params
+from skytune.sources import SourceError
+from skytune.stages import ingest, merge_data, split, to_chat
+
+ASSETS = REPO / "tests" / "assets" / "bad_inputs"
+TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
+        "num_kv_heads": 1, "max_position_embeddings": 512}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Path]:
+    shutil.copytree(ASSETS, tmp_path / "data" / "raw")
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(cwd)
+
+
+def configure(root: Path, sources: list[dict], **data: object) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update({"sources": sources, "on_invalid": "skip", "max_reject_fraction": 1.0} | data)
+    params["identity"]["enabled"] = False
+    params["model"]["builtin"] = TINY
+    params["merge_data"]["mixture"] = {}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run(*stages) -> None:
+    for stage in stages:
+        stage.main(load_params())
+
+
+def huge_record(root: Path) -> None:
+    """A 10 MB record (valid JSON, valid conversation) beside a valid small one: made here, not committed."""
+    rows = [{"instruction": "Say 50.", "input": "", "output": "50."},
+            {"instruction": "Repeat: " + "word " * 2_000_000, "input": "", "output": "done"}]
+    (root / "data" / "raw" / "huge.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+SOURCES = [
+    {"name": "truncated", "path": "truncated_line.jsonl", "format": "alpaca"},
+    {"name": "wrong_types", "path": "wrong_types.jsonl", "format": "alpaca"},
+    {"name": "csv", "path": "missing_columns.csv", "format": "alpaca"},
+    {"name": "latin1", "path": "non_utf8.jsonl", "format": "alpaca"},
+    {"name": "roles", "path": "roles_out_of_order.jsonl", "format": "messages"},
+    {"name": "huge", "path": "huge.jsonl", "format": "alpaca"},
+]
+VALID_PROMPTS = {"Say 1.", "Say 3.", "Say 10.", "Say 13.", "Say 20.", "Say 23.", "Say 30.", "Say 32.", "Hi 40",
+                 "Hi 44", "Say 50."}
+
+
+def test_every_bad_row_is_counted_with_file_line_and_field_and_no_valid_row_is_lost(workspace: Path) -> None:
+    huge_record(workspace)
+    configure(workspace, SOURCES)
+    run(ingest, to_chat, split, merge_data)
+
+    rejects = {(Path(r["file"]).name, r["line"], r["field"], r["reason"].split(":")[0].split(" (")[0])
+               for r in read_jsonl(workspace / "data/chat/rejects.jsonl")}
+    assert rejects == {
+        ("truncated_line.jsonl", 2, "<line>", "not valid JSON"),
+        ("wrong_types.jsonl", 2, "instruction", "expected a string, got list"),
+        ("wrong_types.jsonl", 3, "output", "expected a string, got int"),
+        ("missing_columns.csv", 3, "<row>", "expected 2 columns"),
+        ("missing_columns.csv", 4, "<row>", "expected 2 columns"),
+        ("non_utf8.jsonl", 2, "<line>", "not valid UTF-8 at byte 20"),
+        ("roles_out_of_order.jsonl", 2, "messages[0].role", "expected user, got assistant"),
+        ("roles_out_of_order.jsonl", 3, "messages[1].role", "expected assistant, got user"),
+        ("roles_out_of_order.jsonl", 4, "messages", "the last turn must be from the assistant"),
+    }
+    metrics = json.loads((workspace / "metrics/to_chat.json").read_text())
+    assert metrics["rejected_total"] == 9
+    assert metrics["rejected"] == {"csv": 2, "latin1": 1, "roles": 3, "truncated": 1, "wrong_types": 2}
+
+    data = json.loads((workspace / "metrics/merge_data.json").read_text())
+    dropped = sum(s.get("dropped_too_long", 0) for part in ("train", "val") for s in data[part]["sources"].values())
+    assert dropped == 1  # the 10 MB record: valid, but longer than train.max_length
+    kept = [r for f in ("data/train.jsonl", "data/val.jsonl") for r in read_jsonl(workspace / f)]
+    assert {r["messages"][0]["content"] for r in kept} == VALID_PROMPTS
+
+
+def test_on_invalid_error_stops_at_the_first_bad_row_naming_it(workspace: Path) -> None:
+    configure(workspace, SOURCES[1:2], on_invalid="error")
+    run(ingest)
+    with pytest.raises(ValueError, match=r"wrong_types.jsonl:2: field instruction: expected a string, got list"):
+        run(to_chat)
+    configure(workspace, SOURCES[:1], on_invalid="error")
+    with pytest.raises(ValueError, match=r"truncated_line.jsonl:2: not valid JSON"):
+        run(ingest)
+
+
+def test_an_empty_file_is_a_clear_error(workspace: Path) -> None:
+    configure(workspace, [{"name": "empty", "path": "empty.jsonl", "format": "alpaca"}])
+    with pytest.raises(SourceError, match="source 'empty': empty.jsonl has no rows"):
+        run(ingest)
+
+
+def test_a_parquet_file_with_an_unexpected_schema(workspace: Path) -> None:
+    configure(workspace, [{"name": "pq", "path": "unexpected_schema.parquet", "format": "auto"}])
+    run(ingest)
+    with pytest.raises(ValueError, match=r"format auto cannot tell .*\['bar', 'foo'\].*set format:"):
+        run(to_chat)
+    configure(workspace, [{"name": "pq", "path": "unexpected_schema.parquet", "format": "alpaca"}],
+              max_reject_fraction=0.1)
+    run(ingest)
+    with pytest.raises(ValueError, match=r"source pq: 3 of 3 rows rejected.*unexpected_schema.parquet:1.*"
+                                         r"instruction: missing"):
+        run(to_chat)
+
+
+def test_a_missing_file_names_the_source(workspace: Path) -> None:
+    configure(workspace, [{"name": "gone", "path": "nothing_*.jsonl", "format": "alpaca"}])
+    with pytest.raises(SourceError, match=r"source 'gone': no file matches .*nothing_\*\.jsonl"):
+        run(ingest)

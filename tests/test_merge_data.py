@@ -1,0 +1,102 @@
+"""merge_data: weighted mixtures, token-aware length policies, stats and the length plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_inputs
+from skytune import models
+from skytune.atomic import read_jsonl
+from skytune.params import load_params
+from skytune.stages import ingest, merge_data, split, to_chat
+
+TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
+        "num_kv_heads": 1, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def split_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_inputs(tmp_path_factory.mktemp("merge"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["builtin"] = TINY
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for stage in (ingest, to_chat, split):
+            stage.main(load_params())
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def run_merge(root: Path, **overrides: object) -> tuple[list[dict], dict]:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["builtin"] = TINY
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        merge_data.main(load_params())
+    finally:
+        os.chdir(cwd)
+    return read_jsonl(root / "data/train.jsonl"), json.loads((root / "metrics/merge_data.json").read_text())
+
+
+def split_rows(root: Path, source: str) -> int:
+    return len(read_jsonl(root / "data/split/train" / f"{source}.jsonl"))
+
+
+def test_mixture_fraction_rows_and_upsampling(split_workspace: Path) -> None:
+    root = split_workspace
+    n_alpaca, n_identity, n_math = (split_rows(root, s) for s in ("alpaca_tasks", "identity", "sharegpt_math"))
+    mixture = {"alpaca_tasks": {"fraction": 0.5}, "identity": {"fraction": 2.0}, "sharegpt_math": {"rows": 10}}
+    train, metrics = run_merge(root, **{"merge_data.mixture": mixture})
+    counts = Counter(r["source"] for r in train)
+    assert counts == {"alpaca_tasks": round(0.5 * n_alpaca), "identity": 2 * n_identity, "sharegpt_math": 10}
+    ids = Counter(r["id"] for r in train if r["source"] == "identity")
+    assert set(ids.values()) == {2}  # every identity record exactly twice
+    assert metrics["train"]["sources"]["sharegpt_math"]["rows"] == 10
+    assert len(read_jsonl(root / "data/val.jsonl")) == sum(
+        len(read_jsonl(p)) for p in sorted((root / "data/split/val").glob("*.jsonl")))  # val untouched
+    again, _ = run_merge(root, **{"merge_data.mixture": mixture})
+    assert again == train  # seeded: the same selection and order
+    other, _ = run_merge(root, **{"merge_data.mixture": mixture, "base.seed": 7})
+    assert [r["id"] for r in other] != [r["id"] for r in train]
+    with pytest.raises(ValueError, match="unknown sources \\['nope'\\]"):
+        run_merge(root, **{"merge_data.mixture": {"nope": {"rows": 1}}})
+
+
+def test_lengths_are_counted_with_the_model_tokenizer_and_policies_apply(split_workspace: Path) -> None:
+    root = split_workspace
+    tokenizer = models.load_tokenizer(root / "models/base")
+    lengths = merge_data.Lengths(tokenizer)
+    full, metrics = run_merge(root, **{"merge_data.mixture": {}})
+    tokens = sum(lengths([r["messages"]])[0] for r in full)
+    assert tokens == sum(s["tokens"] for s in metrics["train"]["sources"].values())
+    limit = sorted(lengths([r["messages"]])[0] for r in full)[len(full) // 2]  # the median length
+
+    dropped, m_drop = run_merge(root, **{"merge_data.mixture": {}, "train.max_length": limit,
+                                         "data.length_policy": "drop"})
+    assert all(lengths([r["messages"]])[0] <= limit for r in dropped)
+    n_dropped = sum(s.get("dropped_too_long", 0) for s in m_drop["train"]["sources"].values())
+    assert n_dropped > 0 and len(dropped) + n_dropped == len(full)
+
+    cut, m_cut = run_merge(root, **{"merge_data.mixture": {}, "train.max_length": limit,
+                                    "data.length_policy": "truncate"})
+    n_cut = sum(s.get("truncated", 0) for s in m_cut["train"]["sources"].values())
+    assert n_cut > 0 and len(cut) > len(dropped)
+    for record in cut:
+        assert lengths([record["messages"]])[0] <= limit
+        assert record["messages"][-1]["role"] == "assistant"
+    histogram = (root / "metrics/train_lengths.csv").read_text().splitlines()
+    assert histogram[0] == "tokens,records" and sum(int(r.split(",")[1]) for r in histogram[1:]) == len(cut)
