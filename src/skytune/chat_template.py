@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+
 log = logging.getLogger(__name__)
 
 # ChatML with `{% generation %}` markers around each assistant reply *and* its end-of-turn token, so that
@@ -73,3 +74,51 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class Renderer:
+    """Renders conversations with a tokenizer's chat template, fast and exactly.
+
+    Rendering with jinja costs ~30 us a conversation. Most templates write each message's content verbatim between
+    fixed pieces that depend only on the sequence of roles, so the pieces are rendered once per role sequence
+    (with sentinels in place of contents) and filled in by string joins. The shortcut is checked against jinja on
+    the first `verify` conversations of every role sequence and on every `audit`-th one after; a template that
+    transforms contents (trims them, branches on them) fails the check and is rendered with jinja from then on.
+    """
+
+    def __init__(self, tokenizer: Any, verify: int = 16, audit: int = 997) -> None:
+        self.tokenizer = tokenizer
+        self.verify, self.audit = verify, audit
+        self.pieces: dict[tuple[str, ...], list[str] | None] = {}
+        self.seen: dict[tuple[str, ...], int] = {}
+
+    def jinja(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def _pieces(self, roles: tuple[str, ...]) -> list[str] | None:
+        marks = [f"\x02{i}\x03" for i in range(len(roles))]
+        text = self.jinja([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)])
+        pieces = []
+        for mark in marks:
+            head, found, text = text.partition(mark)
+            if not found or any(m in head for m in marks):
+                return None
+            pieces.append(head)
+        return pieces + [text]
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        roles = tuple(m["role"] for m in messages)
+        if roles not in self.pieces:
+            self.pieces[roles] = self._pieces(roles)
+        pieces = self.pieces[roles]
+        if pieces is None:
+            return self.jinja(messages)
+        text = pieces[0] + "".join(m["content"] + p for m, p in zip(messages, pieces[1:], strict=True))
+        count = self.seen[roles] = self.seen.get(roles, 0) + 1
+        if count <= self.verify or count % self.audit == 0:
+            exact = self.jinja(messages)
+            if exact != text:
+                log.info("chat template transforms contents for roles %s: rendering with jinja", roles)
+                self.pieces[roles] = None
+                return exact
+        return text

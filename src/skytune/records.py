@@ -14,8 +14,10 @@ from typing import Any
 
 REJECTS_FILE = "rejects.jsonl"  # inside a stage's output directory: every row it could not use, and why
 
-_SPACE = re.compile(r"\s+")
-_PUNCT = re.compile(r"[^\w\s]")
+_NOT_WORD = re.compile(r"[^\w\s]+")
+# ASCII text (most of it) takes a C-speed path: delete punctuation with a table, collapse spaces with split.
+_ASCII_PUNCT = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if not (c.isalnum() or c == "_"
+                                                                                      or c.isspace())))
 
 
 def content_hash(messages: Any) -> str:
@@ -30,25 +32,34 @@ def _key(text: str) -> int:
 
 def normalize(text: str) -> str:
     """Text as a reader compares it: Unicode NFKC, case-folded, punctuation dropped, whitespace collapsed."""
-    return _SPACE.sub(" ", _PUNCT.sub("", unicodedata.normalize("NFKC", text).casefold())).strip()
+    if text.isascii():
+        return " ".join(text.lower().translate(_ASCII_PUNCT).split())
+    return " ".join(_NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold()).split())
 
 
-def prompt_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    """What the model is asked: the preference prompt, or every turn before the last assistant turn."""
-    return record["prompt"] if "prompt" in record else record["messages"][:-1]
+def _turns(record: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt turns, answer turns) of a conversation or a preference pair."""
+    if "prompt" in record:
+        return record["prompt"], [{"role": "chosen", "content": json.dumps(record["chosen"])},
+                                  {"role": "rejected", "content": json.dumps(record["rejected"])}]
+    return record["messages"][:-1], record["messages"][-1:]
+
+
+def dedup_keys(record: dict[str, Any]) -> tuple[int, int]:
+    """(prompt key, normalized key): 64-bit keys of the normalized prompt (records that ask the same thing share
+    it) and of the whole normalized record (near-identical duplicates share it). Normalizes each text once."""
+    prompt, answer = _turns(record)
+    head = "\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in prompt)
+    tail = "\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in answer)
+    return _key(head), _key(head + "\x1d" + tail)
 
 
 def prompt_key(record: dict[str, Any]) -> int:
-    """A 64-bit key of the normalized prompt: records that ask the same thing share it."""
-    return _key("\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in prompt_messages(record)))
+    return dedup_keys(record)[0]
 
 
 def normalized_key(record: dict[str, Any]) -> int:
-    """A 64-bit key of the whole normalized record: near-identical duplicates share it."""
-    turns = record["messages"] if "messages" in record else (
-        record["prompt"] + [{"role": "chosen", "content": json.dumps(record["chosen"])},
-                            {"role": "rejected", "content": json.dumps(record["rejected"])}])
-    return _key("\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in turns))
+    return dedup_keys(record)[1]
 
 
 def is_val(key: int, val_fraction: float, seed: int) -> bool:

@@ -9,8 +9,12 @@ Records are then ordered by a seeded hash of their content, so the bytes of `pat
 
 Lengths are measured with the base model's own tokenizer and chat template: a conversation longer than
 `train.max_length` tokens is dropped or, with `data.length_policy: truncate`, cut after the last assistant turn
-that fits (dropped if none does); both are counted. Preference records go to `paths.preference_dir`.
-Per-source rows, turns and tokens go to `paths.data_metrics`; a histogram of train lengths to `paths.length_plot`.
+that fits (dropped if none does); both are counted. A token never covers less than one byte of the rendered
+text, so a conversation of at most `max_length` bytes fits without tokenizing it; only longer ones are counted
+exactly. Token statistics (per-source `tokens`, the histogram in `paths.length_plot`) are exact up to
+TOKEN_SAMPLE conversations and estimated beyond from an exact count of a seeded sample that size (tokens per byte
+times bytes), which `tokens_exact` says. Preference records go to `paths.preference_dir`.
+Per-source rows, turns, bytes and tokens go to `paths.data_metrics`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1024  # records tokenized together: the fast tokenizer works on whole batches
 HISTOGRAM_BINS = 16
+TOKEN_SAMPLE = 50_000  # conversations counted exactly for the statistics (all of them below this)
 
 
 def _index(files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -78,16 +83,18 @@ def _selection(ids: np.ndarray, take: int, seed: int, source: str) -> tuple[np.n
 
 
 class Lengths:
-    """Token counts of conversations rendered with the model's chat template, in batches."""
+    """Exact token counts of conversations rendered with the model's chat template, in batches."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+        self.render = chat_template.Renderer(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self.count = lambda texts: [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        else:  # a slow (Python) tokenizer
+            self.count = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> list[int]:
-        if not conversations:
-            return []
-        texts = self.tokenizer.apply_chat_template(conversations, tokenize=False)
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return self.count([self.render(c) for c in conversations]) if conversations else []
 
 
 def _truncate(messages: list[dict[str, str]], lengths: Lengths, max_length: int) -> list[dict[str, str]] | None:
@@ -97,6 +104,15 @@ def _truncate(messages: list[dict[str, str]], lengths: Lengths, max_length: int)
         if lengths([messages[:end]])[0] <= max_length:
             return messages[:end]
     return None
+
+
+def _token_stats(counts: Counter[str]) -> dict[str, Any]:
+    """Per-source counts, with `tokens` exact when every row was counted, else bytes x sampled tokens per byte."""
+    exact = counts["sampled_rows"] == counts["rows"]
+    per_byte = counts["sampled_tokens"] / counts["sampled_bytes"] if counts["sampled_bytes"] else 0.0
+    out = {k: v for k, v in counts.items() if not k.startswith("sampled_")}
+    return dict(sorted((out | {"tokens": counts["sampled_tokens"] if exact else round(counts["bytes"] * per_byte),
+                               "tokens_exact": exact, "tokens_sample_rows": counts["sampled_rows"]}).items()))
 
 
 def main(params: Params) -> None:
@@ -130,27 +146,42 @@ def main(params: Params) -> None:
         stats: dict[str, Counter[str]] = defaultdict(Counter)
         handles = [open(p, "rb") for p in files]  # noqa: SIM115 - closed below, many at once
 
-        def records(chosen=chosen, handles=handles, stats=stats, part=part) -> Iterator[dict[str, Any]]:
+        sample_every = max(1, math.ceil(len(chosen) / TOKEN_SAMPLE))
+
+        def records(chosen=chosen, handles=handles, stats=stats, part=part,
+                    sample_every=sample_every) -> Iterator[dict[str, Any]]:
             for start in range(0, len(chosen), BATCH):
                 batch = []
-                for _key, number, offset, _copy in chosen[start:start + BATCH]:
+                for key, number, offset, _copy in chosen[start:start + BATCH]:
                     handles[number].seek(offset)
-                    batch.append(orjson.loads(handles[number].readline()))
-                for record, n_tokens in zip(batch, lengths([r["messages"] for r in batch]), strict=True):
+                    batch.append((key, orjson.loads(handles[number].readline())))
+                texts = [lengths.render(r["messages"]) for _, r in batch]
+                sizes = [len(t.encode("utf-8")) for t in texts]
+                # Tokens never outnumber bytes: count only what may be too long, and the statistics' sample.
+                todo = [i for i, (key, _) in enumerate(batch) if sizes[i] > max_length or key % sample_every == 0]
+                counted = dict(zip(todo, lengths.count([texts[i] for i in todo]), strict=True))
+                for i, (key, record) in enumerate(batch):
                     source = stats[record["source"]]
-                    if n_tokens > max_length:
+                    n_tokens = counted.get(i)
+                    size = sizes[i]
+                    if n_tokens is not None and n_tokens > max_length:
                         cut = _truncate(record["messages"], lengths, max_length) if policy == "truncate" else None
                         if cut is None:
                             source["dropped_too_long"] += 1
                             continue
                         source["truncated"] += 1
                         record = record | {"messages": cut}
-                        n_tokens = lengths([cut])[0]
+                        size = len(lengths.render(cut).encode("utf-8"))
+                        n_tokens = lengths([cut])[0] if key % sample_every == 0 else None
                     source["rows"] += 1
                     source["turns"] += len(record["messages"])
-                    source["tokens"] += n_tokens
-                    if part == "train":
-                        histogram[min(n_tokens * HISTOGRAM_BINS // max_length, HISTOGRAM_BINS - 1)] += 1
+                    source["bytes"] += size
+                    if key % sample_every == 0 and n_tokens is not None:
+                        source["sampled_rows"] += 1
+                        source["sampled_bytes"] += size
+                        source["sampled_tokens"] += n_tokens
+                        if part == "train":
+                            histogram[min(n_tokens * HISTOGRAM_BINS // max_length, HISTOGRAM_BINS - 1)] += 1
                     yield record
 
         try:
@@ -158,7 +189,7 @@ def main(params: Params) -> None:
         finally:
             for handle in handles:
                 handle.close()
-        metrics[part] = {"rows": written, "sources": {k: dict(sorted(v.items())) for k, v in sorted(stats.items())},
+        metrics[part] = {"rows": written, "sources": {k: _token_stats(v) for k, v in sorted(stats.items())},
                          "preference_rows": len(preference)}
         log.info("%s: %d records -> %s", part, written, target)
 

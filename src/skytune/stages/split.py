@@ -20,7 +20,7 @@ from typing import Any
 
 from skytune.atomic import atomic_dir, iter_jsonl, write_json, write_jsonl
 from skytune.params import Params
-from skytune.records import REJECTS_FILE, is_val, normalized_key, prompt_key
+from skytune.records import REJECTS_FILE, dedup_keys, is_val
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,11 @@ def main(params: Params) -> None:
                         tally["exact_duplicates"] += 1
                         continue
                     seen_ids.add(record["id"])
-                    text = normalized_key(record)
+                    key, text = dedup_keys(record)
                     if text in seen_text:
                         tally["normalized_duplicates"] += 1
                         continue
                     seen_text.add(text)
-                    key = prompt_key(record)
                     side = "val" if is_val(key, fraction, seed) else "train"
                     prompts[side].setdefault(key, source)
                     tally[side] += 1
