@@ -12,6 +12,8 @@ import re
 import unicodedata
 from typing import Any
 
+import orjson
+
 REJECTS_FILE = "rejects.jsonl"  # inside a stage's output directory: every row it could not use, and why
 
 _NOT_WORD = re.compile(r"[^\w\s]+")
@@ -22,8 +24,7 @@ _ASCII_PUNCT = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if 
 
 def content_hash(messages: Any) -> str:
     """A stable hash of content (roles and texts only), used as a record's id."""
-    canonical = json.dumps(messages, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(orjson.dumps(messages, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 def _key(text: str) -> int:

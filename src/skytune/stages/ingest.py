@@ -23,13 +23,14 @@ from pathlib import Path
 
 from skytune import identity, models, sources
 from skytune.atomic import atomic_dir, iter_jsonl, write_jsonl
+from skytune.parallel import map_in_processes
 from skytune.params import Params, SourceParams, to_dict
 from skytune.records import REJECTS_FILE
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
-CORPUS_ROWS = 20_000  # rows per source the built-in tokenizer is trained on: plenty for a 1k vocabulary
+CORPUS_ROWS = 5_000  # rows per source the built-in tokenizer is trained on: plenty for a 1k vocabulary
 
 
 def _texts(value: object) -> Iterator[str]:
@@ -53,6 +54,36 @@ def _rows(source: SourceParams, raw_dir: Path) -> tuple[Iterator[sources.RawRow 
     return itertools.chain.from_iterable(sources.read_file(f) for f in files), None
 
 
+def _ingest_source(job: tuple[SourceParams, Path, Path, str, int]) -> tuple[str, dict, list[dict]]:
+    """Stream one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
+    source, raw_dir, out, on_invalid, seed = job
+    rows, commit = _rows(source, raw_dir)
+    counts: dict[str, object] = {"rows": 0, "rejected": 0}
+    rejects: list[dict] = []
+
+    def accepted() -> Iterator[dict]:
+        for item in sources.subsample(rows, source.max_samples, seed):
+            if isinstance(item, sources.Reject):
+                if on_invalid == "error":
+                    raise ValueError(f"{item.file}:{item.line}: {item.reason} "
+                                     "(fix the row, or set data.on_invalid: skip to reject it)")
+                rejects.append(item.as_dict(source.name))
+                counts["rejected"] += 1
+                continue
+            counts["rows"] += 1
+            yield {"file": item.file, "line": item.line, "row": item.row}
+
+    write_jsonl(out / f"{source.name}.jsonl", accepted())
+    if counts["rows"] == 0 and counts["rejected"] == 0:
+        raise sources.SourceError(f"source {source.name!r}: {source.path or source.hub} has no rows; "
+                                  "fix the file or remove the source from params.yaml")
+    if commit:
+        counts |= {"hub": source.hub, "revision": commit}
+    log.info("source %s: %d rows, %d rejected%s", source.name, counts["rows"], counts["rejected"],
+             f" (hub commit {commit})" if commit else "")
+    return source.name, counts, rejects
+
+
 def main(params: Params) -> None:
     raw_dir = Path(params.paths.raw_dir)
     on_invalid = params.data.on_invalid
@@ -65,30 +96,10 @@ def main(params: Params) -> None:
     rejects: list[dict] = []
     out_dir = Path(params.paths.ingested_dir)
     with atomic_dir(out_dir) as out:
-        for source in params.data.sources:
-            rows, commit = _rows(source, raw_dir)
-            counts = {"rows": 0, "rejected": 0}
-
-            def accepted(items=sources.subsample(rows, source.max_samples, seed), name=source.name,
-                         counts=counts) -> Iterator[dict]:
-                for item in items:
-                    if isinstance(item, sources.Reject):
-                        if on_invalid == "error":
-                            raise ValueError(f"{item.file}:{item.line}: {item.reason} "
-                                             "(fix the row, or set data.on_invalid: skip to reject it)")
-                        rejects.append(item.as_dict(name))
-                        counts["rejected"] += 1
-                        continue
-                    counts["rows"] += 1
-                    yield {"file": item.file, "line": item.line, "row": item.row}
-
-            write_jsonl(out / f"{source.name}.jsonl", accepted())
-            if counts["rows"] == 0 and counts["rejected"] == 0:
-                raise sources.SourceError(f"source {source.name!r}: {source.path or source.hub} has no rows; "
-                                          "fix the file or remove the source from params.yaml")
-            summary[source.name] = counts | ({"hub": source.hub, "revision": commit} if commit else {})
-            log.info("source %s: %d rows, %d rejected%s", source.name, counts["rows"], counts["rejected"],
-                     f" (hub commit {commit})" if commit else "")
+        jobs = [(source, raw_dir, out, on_invalid, seed) for source in params.data.sources]
+        for name, counts, source_rejects in map_in_processes(_ingest_source, jobs):
+            summary[name] = counts
+            rejects += source_rejects
         if params.identity.enabled:
             who = identity.Identity(params.identity.name, params.identity.creator)
             generated = identity.generate(who, params.identity.num_samples, seed)

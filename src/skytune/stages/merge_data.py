@@ -45,7 +45,8 @@ TOKEN_SAMPLE = 50_000  # conversations counted exactly for the statistics (all o
 
 def _index(files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Byte offsets and ids of every conversation per source (small: two integers a record), and the
-    preference records, which are few and kept whole."""
+    preference records, which are few and kept whole. Lines are written with sorted keys, so a conversation
+    starts with its id (`{"id":"<16 hex>",...`) and needs no parsing here."""
     preference: list[dict[str, Any]] = []
     index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for path in files:
@@ -53,12 +54,11 @@ def _index(files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, tuple[np.
         with open(path, "rb") as fh:
             offset = 0
             for line in fh:
-                record = orjson.loads(line)
-                if "messages" in record:
+                if line.startswith(b'{"id":"'):
                     offsets.append(offset)
-                    ids.append(int(record["id"], 16))
+                    ids.append(int(line[7:23], 16))
                 else:
-                    preference.append(record)
+                    preference.append(orjson.loads(line))
                 offset += len(line)
         index[path.stem] = (np.array(offsets, dtype=np.int64), np.array(ids, dtype=np.uint64))
     return preference, index

@@ -6,19 +6,24 @@ A record goes to val when the seeded hash of its normalized prompt falls under t
 (`split.val_fraction`, or `split.val_fraction_by_source`; 0 keeps a source such as identity all in train). So the
 split depends on content alone: adding rows never moves existing rows, and records that ask the same thing land
 on the same side. Exact duplicates (same id) and normalized-text duplicates (same text up to case, punctuation,
-whitespace and Unicode form) are dropped and counted. The stage fails if a val prompt also appears in train
-(possible only across sources with different val fractions). Writes `train/<source>.jsonl` and
-`val/<source>.jsonl` under `paths.split_dir`, and counts in `summary.json` there.
+whitespace and Unicode form) are dropped and counted, in sorted source order. The stage fails if a val prompt
+also appears in train (possible only across sources with different val fractions). Writes
+`train/<source>.jsonl` and `val/<source>.jsonl` under `paths.split_dir`, and counts in `summary.json` there.
+
+The keys are computed per source in worker processes; the dedup and the writing (raw lines, unparsed) follow in
+source order, so the result does not depend on scheduling.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from skytune.atomic import atomic_dir, iter_jsonl, write_json, write_jsonl
+import numpy as np
+import orjson
+
+from skytune.atomic import atomic_dir, atomic_file, write_json
+from skytune.parallel import map_in_processes
 from skytune.params import Params
 from skytune.records import REJECTS_FILE, dedup_keys, is_val
 from skytune.stages import run_stage
@@ -26,44 +31,50 @@ from skytune.stages import run_stage
 log = logging.getLogger(__name__)
 
 
+def _keys(job: tuple[Path, float, int]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Per record of one chat file: its id, normalized key, prompt key, and whether its prompt goes to val."""
+    path, fraction, seed = job
+    ids, texts, prompts, val = [], [], [], []
+    with open(path, "rb") as fh:
+        for line in fh:
+            record = orjson.loads(line)
+            prompt, text = dedup_keys(record)
+            ids.append(record["id"])
+            texts.append(text)
+            prompts.append(prompt)
+            val.append(is_val(prompt, fraction, seed))
+    return ids, np.array(texts, dtype=np.uint64), np.array(prompts, dtype=np.uint64), np.array(val, dtype=bool)
+
+
 def main(params: Params) -> None:
     seed = params.base.seed
     default_fraction, by_source = params.split.val_fraction, params.split.val_fraction_by_source
+    files = [p for p in sorted(Path(params.paths.chat_dir).glob("*.jsonl")) if p.name != REJECTS_FILE]
+    keys = map_in_processes(_keys, [(p, by_source.get(p.stem, default_fraction), seed) for p in files])
     seen_ids: set[str] = set()
     seen_text: set[int] = set()
     prompts: dict[str, dict[int, str]] = {"train": {}, "val": {}}  # prompt key -> the source it came from
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.split_dir) as out:
-        for path in sorted(Path(params.paths.chat_dir).glob("*.jsonl")):
-            if path.name == REJECTS_FILE:
-                continue
+        for path, (ids, texts, prompt_keys, val) in zip(files, keys, strict=True):
             source = path.stem
-            fraction = by_source.get(source, default_fraction)
             tally = {"train": 0, "val": 0, "exact_duplicates": 0, "normalized_duplicates": 0}
-            val: list[dict[str, Any]] = []
-
-            def train_records(path=path, source=source, fraction=fraction, tally=tally,
-                              val=val) -> Iterator[dict[str, Any]]:
-                for record in iter_jsonl(path):
-                    if record["id"] in seen_ids:
+            with open(path, "rb") as src, atomic_file(out / "train" / path.name, "wb") as train_out, \
+                    atomic_file(out / "val" / path.name, "wb") as val_out:
+                for line, record_id, text, prompt, to_val in zip(src, ids, texts.tolist(), prompt_keys.tolist(),
+                                                                val.tolist(), strict=True):
+                    if record_id in seen_ids:
                         tally["exact_duplicates"] += 1
                         continue
-                    seen_ids.add(record["id"])
-                    key, text = dedup_keys(record)
+                    seen_ids.add(record_id)
                     if text in seen_text:
                         tally["normalized_duplicates"] += 1
                         continue
                     seen_text.add(text)
-                    side = "val" if is_val(key, fraction, seed) else "train"
-                    prompts[side].setdefault(key, source)
+                    side = "val" if to_val else "train"
+                    prompts[side].setdefault(prompt, source)
                     tally[side] += 1
-                    if side == "val":
-                        val.append(record)  # val is the small side; train streams straight to disk
-                    else:
-                        yield record
-
-            write_jsonl(out / "train" / path.name, train_records())
-            write_jsonl(out / "val" / path.name, val)
+                    (val_out if to_val else train_out).write(line)
             counts[source] = tally
             log.info("source %s: %s", source, tally)
         leaked = prompts["train"].keys() & prompts["val"].keys()

@@ -21,6 +21,7 @@ from typing import Any
 
 from skytune import chat_format, identity
 from skytune.atomic import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
+from skytune.parallel import map_in_processes
 from skytune.params import Params, SourceParams
 from skytune.records import REJECTS_FILE, content_hash
 from skytune.stages import run_stage
@@ -58,6 +59,41 @@ def _converter(fmt: str, source: SourceParams | None) -> Callable[[dict[str, Any
     return sft
 
 
+def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]) -> tuple[str, dict, list[dict]]:
+    """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
+    name, spec, path, out, on_invalid, max_reject_fraction = job
+    fmt = "messages" if spec is None else _resolve_format(spec, path)
+    convert = _converter(fmt, spec)
+    tally = {"rows": 0, "records": 0, "rejected": 0}
+    rejects: list[dict] = []
+
+    def records() -> Iterator[dict[str, Any]]:
+        for item in iter_jsonl(path):
+            tally["rows"] += 1
+            try:
+                record = convert(item["row"])
+            except chat_format.InvalidRecord as exc:
+                if on_invalid == "error":
+                    raise ValueError(f"{item['file']}:{item['line']}: field {exc.field}: {exc.reason} "
+                                     "(fix the row, or set data.on_invalid: skip to reject it)") from exc
+                rejects.append({"source": name, "file": item["file"], "line": item["line"],
+                                "field": exc.field, "reason": exc.reason})
+                tally["rejected"] += 1
+                continue
+            tally["records"] += 1
+            yield {"id": content_hash(record), "source": name, **record}
+
+    write_jsonl(out / f"{name}.jsonl", records())
+    if tally["rows"] and tally["rejected"] / tally["rows"] > max_reject_fraction:
+        top = Counter(f"{r['field']}: {r['reason']}"[:120] for r in rejects).most_common(5)
+        raise ValueError(
+            f"source {name}: {tally['rejected']} of {tally['rows']} rows rejected, above "
+            f"data.max_reject_fraction={max_reject_fraction}. First: {rejects[0]['file']}:{rejects[0]['line']}; "
+            f"most common reasons: {top}. Fix the source or its format:, or raise the threshold.")
+    log.info("source %s (%s): %d records, %d rejected", name, fmt, tally["records"], tally["rejected"])
+    return name, tally, rejects
+
+
 def main(params: Params) -> None:
     ingested = Path(params.paths.ingested_dir)
     on_invalid, max_reject_fraction = params.data.on_invalid, params.data.max_reject_fraction
@@ -67,40 +103,11 @@ def main(params: Params) -> None:
     rejects = read_jsonl(ingested / REJECTS_FILE)  # rows ingest could not even read stay counted here
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.chat_dir) as out:
-        for name in sorted(specs):
-            path = ingested / f"{name}.jsonl"
-            spec = specs[name]
-            fmt = "messages" if spec is None else _resolve_format(spec, path)
-            convert = _converter(fmt, spec)
-            tally = {"rows": 0, "records": 0, "rejected": 0}
-
-            def records(convert=convert, name=name, tally=tally) -> Iterator[dict[str, Any]]:
-                for item in iter_jsonl(path):
-                    tally["rows"] += 1
-                    try:
-                        record = convert(item["row"])
-                    except chat_format.InvalidRecord as exc:
-                        where = f"{item['file']}:{item['line']}"
-                        if on_invalid == "error":
-                            raise ValueError(f"{where}: field {exc.field}: {exc.reason} "
-                                             "(fix the row, or set data.on_invalid: skip to reject it)") from exc
-                        rejects.append({"source": name, "file": item["file"], "line": item["line"],
-                                        "field": exc.field, "reason": exc.reason})
-                        tally["rejected"] += 1
-                        continue
-                    tally["records"] += 1
-                    yield {"id": content_hash(record), "source": name, **record}
-
-            write_jsonl(out / f"{name}.jsonl", records())
+        jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction)
+                for name in sorted(specs)]
+        for name, tally, source_rejects in map_in_processes(_convert_source, jobs):
             counts[name] = tally
-            if tally["rows"] and tally["rejected"] / tally["rows"] > max_reject_fraction:
-                mine = [r for r in rejects if r["source"] == name]
-                top = Counter(f"{r['field']}: {r['reason']}"[:120] for r in mine).most_common(5)
-                raise ValueError(
-                    f"source {name}: {tally['rejected']} of {tally['rows']} rows rejected, above "
-                    f"data.max_reject_fraction={max_reject_fraction}. First: {mine[0]['file']}:{mine[0]['line']}; "
-                    f"most common reasons: {top}. Fix the source or its format:, or raise the threshold.")
-            log.info("source %s (%s): %d records, %d rejected", name, fmt, tally["records"], tally["rejected"])
+            rejects += source_rejects
         write_jsonl(out / REJECTS_FILE, rejects)
     reasons = Counter(f"{r['source']}: {r['field']}: {r['reason']}"[:200] for r in rejects)
     write_json(params.paths.to_chat_metrics, {
