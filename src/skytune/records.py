@@ -12,6 +12,7 @@ import re
 import unicodedata
 from typing import Any
 
+import numpy as np
 import orjson
 
 REJECTS_FILE = "rejects.jsonl"  # inside a stage's output directory: every row it could not use, and why
@@ -75,3 +76,16 @@ def is_val(key: int, val_fraction: float, seed: int) -> bool:
 def order_key(seed: int, *parts: object) -> int:
     """A seeded 64-bit sort key: sorting by it is a shuffle that depends on content and seed only."""
     return _key(f"{seed}:" + ":".join(map(str, parts)))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(values: np.ndarray, salt: int) -> np.ndarray:
+    """A seeded 64-bit hash of each uint64 in `values` (splitmix64's finalizer), vectorized: sorting by it is a
+    shuffle that depends on the values and the salt only, the same on every platform."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + _GOLDEN * np.uint64(order_key(salt, "mix64") | 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))

@@ -97,7 +97,9 @@ def main(params: Params) -> None:
     out_dir = Path(params.paths.ingested_dir)
     with atomic_dir(out_dir) as out:
         jobs = [(source, raw_dir, out, on_invalid, seed) for source in params.data.sources]
-        for name, counts, source_rejects in map_in_processes(_ingest_source, jobs):
+        sizes = [sum(f.stat().st_size for f in sources.expand(raw_dir, s.path, s.name)) if s.path else 0
+                 for s in params.data.sources]
+        for name, counts, source_rejects in map_in_processes(_ingest_source, jobs, sizes):
             summary[name] = counts
             rejects += source_rejects
         if params.identity.enabled:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,16 +33,18 @@ import numpy as np
 import orjson
 
 from skytune import chat_template, models
-from skytune.atomic import atomic_dir, atomic_file, write_json, write_jsonl
+from skytune.atomic import atomic_dir, atomic_file, dumps_line, write_json, write_jsonl
+from skytune.parallel import map_in_processes
 from skytune.params import MixParams, Params
-from skytune.records import order_key
+from skytune.records import mix64, order_key
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
 BATCH = 1024  # records tokenized together: the fast tokenizer works on whole batches
+CHUNK = 100_000  # records per worker process at the least: below that, one process does it all
 HISTOGRAM_BINS = 16
-TOKEN_SAMPLE = 50_000  # conversations counted exactly for the statistics (all of them below this)
+TOKEN_SAMPLE = 20_000  # conversations counted exactly for the statistics (all of them below this)
 
 
 def _index(files: list[Path]) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -70,14 +74,15 @@ def _mix(n: int, spec: MixParams | None) -> int:
     return spec.rows if spec.rows is not None else round(spec.fraction * n)
 
 
-def _selection(ids: np.ndarray, take: int, seed: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _selection(ids: np.ndarray, take: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """`take` positions out of len(ids), by a seeded ranking of ids, repeating the ranking when take > len;
     returns the positions and the copy number of each."""
     n = len(ids)
     if n == 0 or take == 0:
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
-    rank = np.argsort(np.array([order_key(seed, "mix", source, int(i)) for i in ids], dtype=np.uint64),
-                      kind="stable")
+    if take == n:
+        return np.arange(n), np.zeros(n, dtype=np.int64)
+    rank = np.argsort(mix64(ids, salt), kind="stable")
     picks = np.arange(take)
     return rank[picks % n], picks // n
 
@@ -106,53 +111,21 @@ def _truncate(messages: list[dict[str, str]], lengths: Lengths, max_length: int)
     return None
 
 
-def _token_stats(counts: Counter[str]) -> dict[str, Any]:
-    """Per-source counts, with `tokens` exact when every row was counted, else bytes x sampled tokens per byte."""
-    exact = counts["sampled_rows"] == counts["rows"]
-    per_byte = counts["sampled_tokens"] / counts["sampled_bytes"] if counts["sampled_bytes"] else 0.0
-    out = {k: v for k, v in counts.items() if not k.startswith("sampled_")}
-    return dict(sorted((out | {"tokens": counts["sampled_tokens"] if exact else round(counts["bytes"] * per_byte),
-                               "tokens_exact": exact, "tokens_sample_rows": counts["sampled_rows"]}).items()))
-
-
-def main(params: Params) -> None:
-    seed, max_length, policy = params.base.seed, params.train.max_length, params.data.length_policy
-    mixture = params.merge_data.mixture
-    base = models.BaseModel.load(params.paths.base_model_dir)
-    tokenizer = models.load_tokenizer(base.ref, base.revision)
-    chat_template.end_of_turn_token(tokenizer)  # fails early on a template that cannot end a turn
-    lengths = Lengths(tokenizer)
-    split_dir = Path(params.paths.split_dir)
-    metrics: dict[str, Any] = {}
+def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int]:
+    """Write a contiguous run of the final order to its own file, measuring and length-checking each record;
+    return per-source counts, the length histogram and how many were written. Runs in a worker process."""
+    files, keys, numbers, offsets, out_path, tokenizer_ref, max_length, policy, sample_every, histogram_on = job
+    lengths = Lengths(models.load_tokenizer(*tokenizer_ref))
+    stats: dict[str, Counter[str]] = defaultdict(Counter)
     histogram: Counter[int] = Counter()
-    preference_out: dict[str, list[dict[str, Any]]] = {}
 
-    for part, target in (("train", params.paths.train_file), ("val", params.paths.val_file)):
-        files = sorted((split_dir / part).glob("*.jsonl"))
-        preference, index = _index(files)
-        preference_out[part] = sorted(preference, key=lambda r: order_key(seed, part, r["id"]))
-        chosen: list[tuple[int, int, int, int]] = []  # (order key, file number, offset, copy)
-        for number, path in enumerate(files):
-            offsets, ids = index[path.stem]
-            unknown = set(mixture) - {p.stem for p in files} if part == "train" and number == 0 else set()
-            if unknown:
-                raise ValueError(f"params.yaml merge_data.mixture names unknown sources {sorted(unknown)}; "
-                                 f"sources are {sorted(p.stem for p in files)}")
-            take = _mix(len(ids), mixture.get(path.stem)) if part == "train" else len(ids)
-            positions, copies = _selection(ids, take, seed, path.stem)
-            chosen += [(order_key(seed, part, int(ids[p]), int(c)), number, int(offsets[p]), int(c))
-                       for p, c in zip(positions, copies, strict=True)]
-        chosen.sort()
-        stats: dict[str, Counter[str]] = defaultdict(Counter)
+    def records() -> Iterator[dict[str, Any]]:
         handles = [open(p, "rb") for p in files]  # noqa: SIM115 - closed below, many at once
-
-        sample_every = max(1, math.ceil(len(chosen) / TOKEN_SAMPLE))
-
-        def records(chosen=chosen, handles=handles, stats=stats, part=part,
-                    sample_every=sample_every) -> Iterator[dict[str, Any]]:
-            for start in range(0, len(chosen), BATCH):
+        try:
+            rows = list(zip(keys.tolist(), numbers.tolist(), offsets.tolist(), strict=True))
+            for start in range(0, len(rows), BATCH):
                 batch = []
-                for key, number, offset, _copy in chosen[start:start + BATCH]:
+                for key, number, offset in rows[start:start + BATCH]:
                     handles[number].seek(offset)
                     batch.append((key, orjson.loads(handles[number].readline())))
                 texts = [lengths.render(r["messages"]) for _, r in batch]
@@ -180,15 +153,84 @@ def main(params: Params) -> None:
                         source["sampled_rows"] += 1
                         source["sampled_bytes"] += size
                         source["sampled_tokens"] += n_tokens
-                        if part == "train":
+                        if histogram_on:
                             histogram[min(n_tokens * HISTOGRAM_BINS // max_length, HISTOGRAM_BINS - 1)] += 1
                     yield record
-
-        try:
-            written = write_jsonl(target, records())
         finally:
             for handle in handles:
                 handle.close()
+
+    with open(out_path, "wb") as out:
+        n = 0
+        for record in records():
+            out.write(dumps_line(record))
+            n += 1
+    return dict(stats), histogram, n
+
+
+def _token_stats(counts: Counter[str]) -> dict[str, Any]:
+    """Per-source counts, with `tokens` exact when every row was counted, else bytes x sampled tokens per byte."""
+    exact = counts["sampled_rows"] == counts["rows"]
+    per_byte = counts["sampled_tokens"] / counts["sampled_bytes"] if counts["sampled_bytes"] else 0.0
+    out = {k: v for k, v in counts.items() if not k.startswith("sampled_")}
+    return dict(sorted((out | {"tokens": counts["sampled_tokens"] if exact else round(counts["bytes"] * per_byte),
+                               "tokens_exact": exact, "tokens_sample_rows": counts["sampled_rows"]}).items()))
+
+
+def main(params: Params) -> None:
+    seed, max_length, policy = params.base.seed, params.train.max_length, params.data.length_policy
+    mixture = params.merge_data.mixture
+    base = models.BaseModel.load(params.paths.base_model_dir)
+    chat_template.end_of_turn_token(models.load_tokenizer(base.ref, base.revision))  # fail early on a template
+    # that cannot end a turn
+    split_dir = Path(params.paths.split_dir)
+    metrics: dict[str, Any] = {}
+    histogram: Counter[int] = Counter()
+    preference_out: dict[str, list[dict[str, Any]]] = {}
+
+    for part, target in (("train", params.paths.train_file), ("val", params.paths.val_file)):
+        files = sorted((split_dir / part).glob("*.jsonl"))
+        preference, index = _index(files)
+        preference_out[part] = sorted(preference, key=lambda r: order_key(seed, part, r["id"]))
+        keys, numbers, offsets_all = [], [], []
+        for number, path in enumerate(files):
+            offsets, ids = index[path.stem]
+            unknown = set(mixture) - {p.stem for p in files} if part == "train" and number == 0 else set()
+            if unknown:
+                raise ValueError(f"params.yaml merge_data.mixture names unknown sources {sorted(unknown)}; "
+                                 f"sources are {sorted(p.stem for p in files)}")
+            take = _mix(len(ids), mixture.get(path.stem)) if part == "train" else len(ids)
+            positions, copies = _selection(ids, take, order_key(seed, "mix", path.stem))
+            # The order: a seeded hash of (id, copy), so repeated records spread over the file.
+            keys.append(mix64(ids[positions] ^ mix64(copies.astype(np.uint64), 1), order_key(seed, part)))
+            numbers.append(np.full(len(positions), number, dtype=np.int64))
+            offsets_all.append(offsets[positions])
+        order_keys, file_numbers, file_offsets = (np.concatenate(a) if a else np.array([], dtype=np.int64)
+                                                  for a in (keys, numbers, offsets_all))
+        order = np.lexsort((file_offsets, file_numbers, order_keys))
+        order_keys, file_numbers, file_offsets = order_keys[order], file_numbers[order], file_offsets[order]
+        sample_every = max(1, math.ceil(len(order_keys) / TOKEN_SAMPLE))
+        # Contiguous chunks of the final order, written in worker processes and joined in order.
+        bounds = np.linspace(0, len(order_keys), min(os.cpu_count() or 1, max(1, len(order_keys) // CHUNK)) + 1)
+        chunks = [(files, order_keys[a:b], file_numbers[a:b], file_offsets[a:b],
+                   Path(target).with_name(f".{Path(target).name}.chunk{i}"), (base.ref, base.revision),
+                   max_length, policy, sample_every, part == "train")
+                  for i, (a, b) in enumerate(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))]
+        stats: dict[str, Counter[str]] = defaultdict(Counter)
+        written = 0
+        try:
+            for chunk_stats, chunk_histogram, n in map_in_processes(_write_chunk, chunks):
+                for source, counts in chunk_stats.items():
+                    stats[source].update(counts)
+                histogram.update(chunk_histogram)
+                written += n
+            with atomic_file(target, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk[4], "rb") as fh:
+                        shutil.copyfileobj(fh, out, 1 << 20)
+        finally:
+            for chunk in chunks:
+                chunk[4].unlink(missing_ok=True)
         metrics[part] = {"rows": written, "sources": {k: _token_stats(v) for k, v in sorted(stats.items())},
                          "preference_rows": len(preference)}
         log.info("%s: %d records -> %s", part, written, target)

@@ -6,12 +6,12 @@ A record goes to val when the seeded hash of its normalized prompt falls under t
 (`split.val_fraction`, or `split.val_fraction_by_source`; 0 keeps a source such as identity all in train). So the
 split depends on content alone: adding rows never moves existing rows, and records that ask the same thing land
 on the same side. Exact duplicates (same id) and normalized-text duplicates (same text up to case, punctuation,
-whitespace and Unicode form) are dropped and counted, in sorted source order. The stage fails if a val prompt
-also appears in train (possible only across sources with different val fractions). Writes
+whitespace and Unicode form) are dropped and counted, the first occurrence in sorted source order kept. The stage
+fails if a val prompt also appears in train (possible only across sources with different val fractions). Writes
 `train/<source>.jsonl` and `val/<source>.jsonl` under `paths.split_dir`, and counts in `summary.json` there.
 
-The keys are computed per source in worker processes; the dedup and the writing (raw lines, unparsed) follow in
-source order, so the result does not depend on scheduling.
+The keys are computed per source in worker processes; dedup and the leakage check are array operations over all
+sources in order, and the lines are copied unparsed, so the result does not depend on scheduling.
 """
 
 from __future__ import annotations
@@ -31,57 +31,66 @@ from skytune.stages import run_stage
 log = logging.getLogger(__name__)
 
 
-def _keys(job: tuple[Path, float, int]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Per record of one chat file: its id, normalized key, prompt key, and whether its prompt goes to val."""
+def _keys(job: tuple[Path, float, int]) -> np.ndarray:
+    """Per record of one chat file, columns: id, normalized key, prompt key, goes-to-val (as uint64)."""
     path, fraction, seed = job
-    ids, texts, prompts, val = [], [], [], []
+    rows = []
     with open(path, "rb") as fh:
         for line in fh:
             record = orjson.loads(line)
             prompt, text = dedup_keys(record)
-            ids.append(record["id"])
-            texts.append(text)
-            prompts.append(prompt)
-            val.append(is_val(prompt, fraction, seed))
-    return ids, np.array(texts, dtype=np.uint64), np.array(prompts, dtype=np.uint64), np.array(val, dtype=bool)
+            rows.append((int(record["id"], 16), text, prompt, is_val(prompt, fraction, seed)))
+    return np.array(rows, dtype=np.uint64).reshape(-1, 4)
+
+
+def _first(values: np.ndarray) -> np.ndarray:
+    """A mask of the first occurrence of each value."""
+    mask = np.zeros(len(values), dtype=bool)
+    mask[np.unique(values, return_index=True)[1]] = True
+    return mask
 
 
 def main(params: Params) -> None:
     seed = params.base.seed
     default_fraction, by_source = params.split.val_fraction, params.split.val_fraction_by_source
     files = [p for p in sorted(Path(params.paths.chat_dir).glob("*.jsonl")) if p.name != REJECTS_FILE]
-    keys = map_in_processes(_keys, [(p, by_source.get(p.stem, default_fraction), seed) for p in files])
-    seen_ids: set[str] = set()
-    seen_text: set[int] = set()
-    prompts: dict[str, dict[int, str]] = {"train": {}, "val": {}}  # prompt key -> the source it came from
+    jobs = [(p, by_source.get(p.stem, default_fraction), seed) for p in files]
+    per_file = map_in_processes(_keys, jobs, [p.stat().st_size for p in files])
+    table = np.concatenate(per_file) if per_file else np.zeros((0, 4), dtype=np.uint64)
+    source_of = np.repeat(np.arange(len(files)), [len(t) for t in per_file])
+    first_id = _first(table[:, 0])
+    first_text = _first(table[:, 1])  # the same id has the same text, so this is exactly "seen before"
+    keep = first_id & first_text
+    to_val = table[:, 3].astype(bool)
+    train_prompts, val_prompts = table[keep & ~to_val, 2], table[keep & to_val, 2]
+    leaked = np.intersect1d(train_prompts, val_prompts)
+    if len(leaked):
+        hit = np.isin(table[:, 2], leaked) & keep
+        pairs = sorted({(files[source_of[i]].stem, files[source_of[j]].stem)
+                        for i in np.flatnonzero(hit & to_val)[:50] for j in np.flatnonzero(hit & ~to_val)[:50]
+                        if table[i, 2] == table[j, 2]})
+        raise ValueError(f"{len(leaked)} val prompts also appear in train (val source, train source: {pairs}); "
+                         "give these sources the same split.val_fraction_by_source, or dedup them")
+
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.split_dir) as out:
-        for path, (ids, texts, prompt_keys, val) in zip(files, keys, strict=True):
-            source = path.stem
-            tally = {"train": 0, "val": 0, "exact_duplicates": 0, "normalized_duplicates": 0}
+        start = 0
+        for path, rows in zip(files, per_file, strict=True):
+            span = slice(start, start + len(rows))
+            start += len(rows)
+            kept, val = keep[span].tolist(), to_val[span].tolist()
             with open(path, "rb") as src, atomic_file(out / "train" / path.name, "wb") as train_out, \
                     atomic_file(out / "val" / path.name, "wb") as val_out:
-                for line, record_id, text, prompt, to_val in zip(src, ids, texts.tolist(), prompt_keys.tolist(),
-                                                                val.tolist(), strict=True):
-                    if record_id in seen_ids:
-                        tally["exact_duplicates"] += 1
-                        continue
-                    seen_ids.add(record_id)
-                    if text in seen_text:
-                        tally["normalized_duplicates"] += 1
-                        continue
-                    seen_text.add(text)
-                    side = "val" if to_val else "train"
-                    prompts[side].setdefault(prompt, source)
-                    tally[side] += 1
-                    (val_out if to_val else train_out).write(line)
-            counts[source] = tally
-            log.info("source %s: %s", source, tally)
-        leaked = prompts["train"].keys() & prompts["val"].keys()
-        if leaked:
-            pairs = sorted({(prompts["val"][k], prompts["train"][k]) for k in leaked})
-            raise ValueError(f"{len(leaked)} val prompts also appear in train (val source, train source: {pairs}); "
-                             "give these sources the same split.val_fraction_by_source, or dedup them")
+                for line, k, v in zip(src, kept, val, strict=True):
+                    if k:
+                        (val_out if v else train_out).write(line)
+            counts[path.stem] = {
+                "train": int((keep[span] & ~to_val[span]).sum()),
+                "val": int((keep[span] & to_val[span]).sum()),
+                "exact_duplicates": int((~first_id[span]).sum()),
+                "normalized_duplicates": int((first_id[span] & ~first_text[span]).sum()),
+            }
+            log.info("source %s: %s", path.stem, counts[path.stem])
         write_json(out / "summary.json", counts)
 
 

@@ -105,7 +105,8 @@ def main(params: Params) -> None:
     with atomic_dir(params.paths.chat_dir) as out:
         jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction)
                 for name in sorted(specs)]
-        for name, tally, source_rejects in map_in_processes(_convert_source, jobs):
+        sizes = [job[2].stat().st_size for job in jobs]
+        for name, tally, source_rejects in map_in_processes(_convert_source, jobs, sizes):
             counts[name] = tally
             rejects += source_rejects
         write_jsonl(out / REJECTS_FILE, rejects)
