@@ -127,3 +127,31 @@ def test_a_missing_file_names_the_source(workspace: Path) -> None:
     configure(workspace, [{"name": "gone", "path": "nothing_*.jsonl", "format": "alpaca"}])
     with pytest.raises(SourceError, match=r"source 'gone': no file matches .*nothing_\*\.jsonl"):
         run(ingest)
+
+
+def test_every_format_flows_through_and_preference_data_is_kept_apart(workspace: Path) -> None:
+    raw = workspace / "data" / "raw"
+    rows = {
+        "prefs.jsonl": [{"prompt": f"Pick {i}", "chosen": f"Good {i}", "rejected": f"Bad {i}"} for i in range(6)],
+        "orca.jsonl": [{"system_prompt": "Be exact.", "question": f"Orca {i}?", "response": f"O{i}"} for i in range(6)],
+        "pc.jsonl": [{"prompt": f"Complete {i}", "completion": f"done {i}"} for i in range(6)],
+        "samsum.jsonl": [{"dialogue": f"A: hi {i}\nB: bye", "summary": f"Greetings {i}."} for i in range(6)],
+        "counsel.jsonl": [{"Context": f"I feel {i}", "Response": f"I hear {i}"} for i in range(6)],
+    }
+    for name, data in rows.items():
+        (raw / name).write_text("\n".join(json.dumps(r) for r in data) + "\n")
+    configure(workspace, [
+        {"name": "prefs", "path": "prefs.jsonl", "format": "auto"},
+        {"name": "orca", "path": "orca.jsonl", "format": "auto"},
+        {"name": "pc", "path": "pc.jsonl", "format": "auto"},
+        {"name": "samsum", "path": "samsum.jsonl", "format": "summarization", "instruction": "Summarize."},
+        {"name": "counsel", "path": "counsel.jsonl", "format": "columns",
+         "columns": {"user": "Context", "assistant": "Response"}},
+    ])
+    run(ingest, to_chat, split, merge_data)
+    sft = [r for f in ("data/train.jsonl", "data/val.jsonl") for r in read_jsonl(workspace / f)]
+    assert sorted({r["source"] for r in sft}) == ["counsel", "orca", "pc", "samsum"] and len(sft) == 24
+    prefs = [r for f in ("train.jsonl", "val.jsonl") for r in read_jsonl(workspace / "data/preference" / f)]
+    assert len(prefs) == 6 and all(r["chosen"][0]["role"] == "assistant" and "messages" not in r for r in prefs)
+    samsum = next(r for r in sft if r["source"] == "samsum")
+    assert samsum["messages"][0]["content"].startswith("Summarize.\n\nA: hi")
