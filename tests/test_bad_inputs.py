@@ -70,7 +70,7 @@ def test_every_bad_row_is_counted_with_file_line_and_field_and_no_valid_row_is_l
     configure(workspace, SOURCES)
     run(ingest, to_chat, split, merge_data)
 
-    rejects = {(Path(r["file"]).name, r["line"], r["field"], r["reason"].split(":")[0].split(" (")[0])
+    rejects = {(Path(r["file"]).name, r["line"], r["field"], r["reason"])
                for r in read_jsonl(workspace / "data/chat/rejects.jsonl")}
     assert rejects == {
         ("truncated_line.jsonl", 2, "<line>", "not valid JSON"),
@@ -78,12 +78,15 @@ def test_every_bad_row_is_counted_with_file_line_and_field_and_no_valid_row_is_l
         ("wrong_types.jsonl", 3, "output", "expected a string, got int"),
         ("missing_columns.csv", 3, "<row>", "expected 2 columns"),
         ("missing_columns.csv", 4, "<row>", "expected 2 columns"),
-        ("non_utf8.jsonl", 2, "<line>", "not valid UTF-8 at byte 20"),
+        ("non_utf8.jsonl", 2, "<line>", "not valid UTF-8"),
         ("roles_out_of_order.jsonl", 2, "messages[0].role", "expected user, got assistant"),
         ("roles_out_of_order.jsonl", 3, "messages[1].role", "expected assistant, got user"),
         ("roles_out_of_order.jsonl", 4, "messages", "the last turn must be from the assistant"),
     }
+    details = {r["detail"] for r in read_jsonl(workspace / "data/chat/rejects.jsonl")}
+    assert "at byte 20" in details  # where in the line, kept beside the reason
     metrics = json.loads((workspace / "metrics/to_chat.json").read_text())
+    assert metrics["reject_reasons"]["roles: expected user, got assistant"] == 1
     assert metrics["rejected_total"] == 9
     assert metrics["rejected"] == {"csv": 2, "latin1": 1, "roles": 3, "truncated": 1, "wrong_types": 2}
 
@@ -155,3 +158,25 @@ def test_every_format_flows_through_and_preference_data_is_kept_apart(workspace:
     assert len(prefs) == 6 and all(r["chosen"][0]["role"] == "assistant" and "messages" not in r for r in prefs)
     samsum = next(r for r in sft if r["source"] == "samsum")
     assert samsum["messages"][0]["content"].startswith("Summarize.\n\nA: hi")
+
+
+def test_unreadable_rows_count_toward_the_reject_threshold(workspace: Path) -> None:
+    raw = workspace / "data" / "raw"
+    (raw / "mostly_bad.jsonl").write_text('{"instruction": "Say 1.", "output": "1."}\n' + "{not json\n" * 9)
+    configure(workspace, [{"name": "bad", "path": "mostly_bad.jsonl", "format": "alpaca"}], max_reject_fraction=0.5)
+    run(ingest)
+    with pytest.raises(ValueError, match=r"source bad: 9 of 10 rows rejected \(9 unreadable at ingest\)"):
+        run(to_chat)
+
+
+def test_lone_surrogates_and_a_csv_bom(workspace: Path) -> None:
+    raw = workspace / "data" / "raw"
+    (raw / "rows.json").write_text('[{"instruction": "ok", "output": "fine"}, {"instruction": "\\ud800", '
+                                   '"output": "x"}]')
+    (raw / "excel.csv").write_bytes("\ufeffinstruction,output\nSay 7.,7.\n".encode())
+    configure(workspace, [{"name": "js", "path": "rows.json", "format": "alpaca"},
+                          {"name": "xl", "path": "excel.csv", "format": "auto"}])
+    run(ingest, to_chat)
+    rejects = read_jsonl(workspace / "data/chat/rejects.jsonl")
+    assert [(r["source"], r["line"], r["reason"]) for r in rejects] == [("js", 2, "not valid UTF-8")]
+    assert len(read_jsonl(workspace / "data/chat/xl.jsonl")) == 1  # the BOM did not hide the header

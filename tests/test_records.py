@@ -17,14 +17,16 @@ def test_content_hash_depends_on_content_only() -> None:
 
 
 def test_normalization_ignores_case_punctuation_space_and_unicode_form() -> None:
-    assert normalize("  Hello,   WORLD!\n") == "hello world"
+    assert normalize("  Hello   WORLD!\n") == "hello world"
     assert normalize("ﬁne café") == normalize("fine CAFÉ")
-    assert normalized_key(conv("Hello, world!", "Hi.")) == normalized_key(conv("hello world", "hi"))
+    assert normalize("What is 12+3?") != normalize("What is 123?")  # inner punctuation carries meaning
+    assert normalized_key(conv("Hello world!", "Hi.")) == normalized_key(conv("hello  world", "hi"))
     assert normalized_key(conv("hello world", "hi")) != normalized_key(conv("hello world", "bye"))
 
 
 def test_prompt_key_ignores_the_answer() -> None:
     assert prompt_key(conv("What is 2+2?", "4")) == prompt_key(conv("what is 2+2", "Four."))
+    assert prompt_key(conv("What is 2+2?", "4")) != prompt_key(conv("What is 22?", "22"))
     preference = {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": [], "rejected": []}
     assert prompt_key(preference) == prompt_key(conv("What is 2+2?", "4"))
 

@@ -74,12 +74,12 @@ def dumps_line(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE, default=str)
 
 
-def write_jsonl(target: Path | str, records: Iterable[dict[str, Any]]) -> int:
-    """Stream records to a JSONL file, atomically; return the count."""
+def write_jsonl(target: Path | str, records: Iterable[dict[str, Any] | bytes]) -> int:
+    """Stream records (or lines already made by `dumps_line`) to a JSONL file, atomically; return the count."""
     n = 0
     with atomic_file(target, "wb") as fh:
         for record in records:
-            fh.write(dumps_line(record))
+            fh.write(record if isinstance(record, bytes) else dumps_line(record))
             n += 1
     return n
 

@@ -25,10 +25,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 class InvalidRecord(ValueError):
     """A record that cannot become a valid conversation; `field` names the key at fault."""
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(self, field: str, reason: str, detail: str = "") -> None:
         self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
+        self.reason = reason  # a fixed phrase, so that rejects group by reason in the metrics
+        self.detail = detail  # what varies: the offending value
+        super().__init__(f"{field}: {reason}" + (f" ({detail})" if detail else ""))
 
 
 def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -63,7 +64,7 @@ def from_sharegpt(row: dict[str, Any]) -> Messages:
             raise InvalidRecord(f"conversations[{i}]", "not an object")
         speaker = _text(turn, "from")
         if speaker not in SHAREGPT_ROLES:
-            raise InvalidRecord(f"conversations[{i}].from", f"unknown speaker {speaker!r}")
+            raise InvalidRecord(f"conversations[{i}].from", "unknown speaker", repr(speaker))
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn, "value")})
     return messages
 
@@ -133,7 +134,8 @@ def to_preference(row: dict[str, Any]) -> dict[str, Messages]:
         answer = _turns(row, key, "assistant")
         if not answer or any(m["role"] != "assistant" for m in answer):
             raise InvalidRecord(key, "must be assistant text or assistant messages")
-        validate(prompt + answer[:1])
+        for turn in answer:
+            validate(prompt + [turn])
         out[name] = answer
     if out["chosen"] == out["rejected"]:
         raise InvalidRecord(keys[2], "identical to the chosen answer")
@@ -187,13 +189,13 @@ def validate(messages: Messages) -> None:
     body = messages[1:] if messages[0]["role"] == "system" else messages
     for i, message in enumerate(messages):
         if message["role"] not in ROLES:
-            raise InvalidRecord(f"messages[{i}].role", f"unknown role {message['role']!r}")
+            raise InvalidRecord(f"messages[{i}].role", "unknown role", repr(message["role"]))
         if not message["content"].strip():
             raise InvalidRecord(f"messages[{i}].content", "empty")
         try:
             message["content"].encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRecord(f"messages[{i}].content", f"not valid UTF-8 ({exc.reason})") from exc
+            raise InvalidRecord(f"messages[{i}].content", "not valid UTF-8", exc.reason) from exc
     for i, message in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:

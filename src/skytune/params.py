@@ -130,6 +130,11 @@ class SplitParams:
     val_fraction: float = _range(gt=0.0, lt=1.0)
     val_fraction_by_source: dict[str, float]
 
+    def _problems(self) -> list[str]:
+        return [f"val_fraction_by_source.{name}: {value} is out of range, must be in [0, 1)"
+                for name, value in self.val_fraction_by_source.items()
+                if isinstance(value, float) and not 0.0 <= value < 1.0]
+
 
 @dataclass(frozen=True)
 class MixParams:

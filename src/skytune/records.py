@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import unicodedata
 from typing import Any
 
@@ -17,10 +16,7 @@ import orjson
 
 REJECTS_FILE = "rejects.jsonl"  # inside a stage's output directory: every row it could not use, and why
 
-_NOT_WORD = re.compile(r"[^\w\s]+")
-# ASCII text (most of it) takes a C-speed path: delete punctuation with a table, collapse spaces with split.
-_ASCII_PUNCT = str.maketrans("", "", "".join(c for c in map(chr, range(128)) if not (c.isalnum() or c == "_"
-                                                                                      or c.isspace())))
+_EDGE = " \t\n\r.!?,;:"  # stripped from both ends: the punctuation that ends a sentence, not what is in it
 
 
 def content_hash(messages: Any) -> str:
@@ -33,10 +29,11 @@ def _key(text: str) -> int:
 
 
 def normalize(text: str) -> str:
-    """Text as a reader compares it: Unicode NFKC, case-folded, punctuation dropped, whitespace collapsed."""
-    if text.isascii():
-        return " ".join(text.lower().translate(_ASCII_PUNCT).split())
-    return " ".join(_NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold()).split())
+    """Text as a reader compares it: Unicode NFKC, case-folded, whitespace collapsed, sentence punctuation at
+    the ends dropped. Punctuation inside stays: "12+3" and "123" must not be the same question."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.casefold().split()).strip(_EDGE)
 
 
 def _turns(record: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:

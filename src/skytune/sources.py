@@ -36,10 +36,12 @@ class Reject:
     file: str
     line: int
     field: str
-    reason: str
+    reason: str  # a fixed phrase, so that rejects group by reason in the metrics
+    detail: str = ""  # what varies: a byte offset, a parser message
 
     def as_dict(self, source: str) -> dict[str, Any]:
-        return {"source": source, "file": self.file, "line": self.line, "field": self.field, "reason": self.reason}
+        return {"source": source, "file": self.file, "line": self.line, "field": self.field, "reason": self.reason,
+                "detail": self.detail}
 
 
 class SourceError(ValueError):
@@ -85,9 +87,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRow | Reject]:
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as uexc:
-                    yield Reject(str(path), number, "<line>", f"not valid UTF-8 at byte {uexc.start}")
+                    yield Reject(str(path), number, "<line>", "not valid UTF-8", f"at byte {uexc.start}")
                     continue
-                yield Reject(str(path), number, "<line>", f"not valid JSON: {exc}")
+                yield Reject(str(path), number, "<line>", "not valid JSON", str(exc))
                 continue
             if not isinstance(row, dict):
                 yield Reject(str(path), number, "<line>", f"expected a JSON object, got {type(row).__name__}")
@@ -116,7 +118,7 @@ def _read_json(path: Path) -> Iterator[RawRow | Reject]:
 def _read_csv(path: Path) -> Iterator[RawRow | Reject]:
     import csv
 
-    with open(path, encoding="utf-8", errors="strict", newline="") as fh:
+    with open(path, encoding="utf-8-sig", errors="strict", newline="") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
         try:
             for row in reader:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from skytune import identity, models, sources
-from skytune.atomic import atomic_dir, iter_jsonl, write_jsonl
+from skytune.atomic import atomic_dir, dumps_line, iter_jsonl, write_jsonl
 from skytune.parallel import map_in_processes
 from skytune.params import Params, SourceParams, to_dict
 from skytune.records import REJECTS_FILE
@@ -61,8 +61,13 @@ def _ingest_source(job: tuple[SourceParams, Path, Path, str, int]) -> tuple[str,
     counts: dict[str, object] = {"rows": 0, "rejected": 0}
     rejects: list[dict] = []
 
-    def accepted() -> Iterator[dict]:
+    def accepted() -> Iterator[bytes]:
         for item in sources.subsample(rows, source.max_samples, seed):
+            if isinstance(item, sources.RawRow):
+                try:
+                    line = dumps_line({"file": item.file, "line": item.line, "row": item.row})
+                except TypeError as exc:  # a lone surrogate from a .json file: not valid UTF-8 text
+                    item = sources.Reject(item.file, item.line, "<row>", "not valid UTF-8", str(exc))
             if isinstance(item, sources.Reject):
                 if on_invalid == "error":
                     raise ValueError(f"{item.file}:{item.line}: {item.reason} "
@@ -71,7 +76,7 @@ def _ingest_source(job: tuple[SourceParams, Path, Path, str, int]) -> tuple[str,
                 counts["rejected"] += 1
                 continue
             counts["rows"] += 1
-            yield {"file": item.file, "line": item.line, "row": item.row}
+            yield line
 
     write_jsonl(out / f"{source.name}.jsonl", accepted())
     if counts["rows"] == 0 and counts["rejected"] == 0:

@@ -20,6 +20,7 @@ Per-source rows, turns, bytes and tokens go to `paths.data_metrics`.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -111,6 +112,14 @@ def _truncate(messages: list[dict[str, str]], lengths: Lengths, max_length: int)
     return None
 
 
+def _render(lengths: Lengths, record: dict[str, Any]) -> str:
+    try:
+        return lengths.render(record["messages"])
+    except Exception as exc:  # jinja raises its own types, and templates raise on purpose (roles they refuse)
+        raise ValueError(f"the chat template failed on record {record['id']} of source {record['source']}: {exc}. "
+                         "Filter such records out or choose another template") from exc
+
+
 def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int]:
     """Write a contiguous run of the final order to its own file, measuring and length-checking each record;
     return per-source counts, the length histogram and how many were written. Runs in a worker process."""
@@ -128,7 +137,7 @@ def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int
                 for key, number, offset in rows[start:start + BATCH]:
                     handles[number].seek(offset)
                     batch.append((key, orjson.loads(handles[number].readline())))
-                texts = [lengths.render(r["messages"]) for _, r in batch]
+                texts = [_render(lengths, r) for _, r in batch]
                 sizes = [len(t.encode("utf-8")) for t in texts]
                 # Tokens never outnumber bytes: count only what may be too long, and the statistics' sample.
                 todo = [i for i, (key, _) in enumerate(batch) if sizes[i] > max_length or key % sample_every == 0]
@@ -168,10 +177,11 @@ def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int
     return dict(stats), histogram, n
 
 
-def _token_stats(counts: Counter[str]) -> dict[str, Any]:
-    """Per-source counts, with `tokens` exact when every row was counted, else bytes x sampled tokens per byte."""
+def _token_stats(counts: Counter[str], overall_per_byte: float) -> dict[str, Any]:
+    """Per-source counts, with `tokens` exact when every row was counted, else bytes x sampled tokens per byte
+    (the source's own sample, or all sources' when the sample missed it)."""
     exact = counts["sampled_rows"] == counts["rows"]
-    per_byte = counts["sampled_tokens"] / counts["sampled_bytes"] if counts["sampled_bytes"] else 0.0
+    per_byte = counts["sampled_tokens"] / counts["sampled_bytes"] if counts["sampled_bytes"] else overall_per_byte
     out = {k: v for k, v in counts.items() if not k.startswith("sampled_")}
     return dict(sorted((out | {"tokens": counts["sampled_tokens"] if exact else round(counts["bytes"] * per_byte),
                                "tokens_exact": exact, "tokens_sample_rows": counts["sampled_rows"]}).items()))
@@ -231,8 +241,12 @@ def main(params: Params) -> None:
         finally:
             for chunk in chunks:
                 chunk[4].unlink(missing_ok=True)
-        metrics[part] = {"rows": written, "sources": {k: _token_stats(v) for k, v in sorted(stats.items())},
-                         "preference_rows": len(preference)}
+        sampled = Counter()
+        for counts in stats.values():
+            sampled.update(counts)
+        per_byte = sampled["sampled_tokens"] / sampled["sampled_bytes"] if sampled["sampled_bytes"] else 0.0
+        metrics[part] = {"rows": written, "preference_rows": len(preference),
+                         "sources": {k: _token_stats(v, per_byte) for k, v in sorted(stats.items())}}
         log.info("%s: %d records -> %s", part, written, target)
 
     with atomic_dir(params.paths.preference_dir) as out:
@@ -243,6 +257,8 @@ def main(params: Params) -> None:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["tokens", "records"])
         writer.writerows([(b * width, histogram[b]) for b in range(HISTOGRAM_BINS)])
+    # split's dedup counts live inside its output directory; surface them as metrics here
+    metrics["split"] = json.loads((split_dir / "summary.json").read_text(encoding="utf-8"))
     write_json(params.paths.data_metrics, metrics)
 
 

@@ -54,6 +54,10 @@ def main(params: Params) -> None:
     seed = params.base.seed
     default_fraction, by_source = params.split.val_fraction, params.split.val_fraction_by_source
     files = [p for p in sorted(Path(params.paths.chat_dir).glob("*.jsonl")) if p.name != REJECTS_FILE]
+    unknown = set(by_source) - {p.stem for p in files}
+    if unknown:  # a warning, not an error: `identity` is named there by default and may be disabled
+        log.warning("split.val_fraction_by_source names sources that do not exist: %s (sources: %s)",
+                    sorted(unknown), sorted(p.stem for p in files))
     jobs = [(p, by_source.get(p.stem, default_fraction), seed) for p in files]
     per_file = map_in_processes(_keys, jobs, [p.stat().st_size for p in files])
     table = np.concatenate(per_file) if per_file else np.zeros((0, 4), dtype=np.uint64)

@@ -61,7 +61,10 @@ def _converter(fmt: str, source: SourceParams | None) -> Callable[[dict[str, Any
 
 def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]) -> tuple[str, dict, list[dict]]:
     """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
-    name, spec, path, out, on_invalid, max_reject_fraction = job
+    name, spec, path, out, on_invalid, max_reject_fraction, unreadable = job
+    if unreadable and not path.stat().st_size:  # nothing ingest could read: no format to detect
+        raise ValueError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
+                         "the ingested directory")
     fmt = "messages" if spec is None else _resolve_format(spec, path)
     convert = _converter(fmt, spec)
     tally = {"rows": 0, "records": 0, "rejected": 0}
@@ -74,22 +77,24 @@ def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]
                 record = convert(item["row"])
             except chat_format.InvalidRecord as exc:
                 if on_invalid == "error":
-                    raise ValueError(f"{item['file']}:{item['line']}: field {exc.field}: {exc.reason} "
+                    raise ValueError(f"{item['file']}:{item['line']}: field {exc}: "
                                      "(fix the row, or set data.on_invalid: skip to reject it)") from exc
                 rejects.append({"source": name, "file": item["file"], "line": item["line"],
-                                "field": exc.field, "reason": exc.reason})
+                                "field": exc.field, "reason": exc.reason, "detail": exc.detail})
                 tally["rejected"] += 1
                 continue
             tally["records"] += 1
             yield {"id": content_hash(record), "source": name, **record}
 
     write_jsonl(out / f"{name}.jsonl", records())
-    if tally["rows"] and tally["rejected"] / tally["rows"] > max_reject_fraction:
-        top = Counter(f"{r['field']}: {r['reason']}"[:120] for r in rejects).most_common(5)
+    rejected, total = tally["rejected"] + unreadable, tally["rows"] + unreadable  # ingest's count too
+    if total and rejected / total > max_reject_fraction:
+        top = Counter(f"{r['field']}: {r['reason']}" for r in rejects).most_common(5)
+        first = f" First: {rejects[0]['file']}:{rejects[0]['line']};" if rejects else ""
         raise ValueError(
-            f"source {name}: {tally['rejected']} of {tally['rows']} rows rejected, above "
-            f"data.max_reject_fraction={max_reject_fraction}. First: {rejects[0]['file']}:{rejects[0]['line']}; "
-            f"most common reasons: {top}. Fix the source or its format:, or raise the threshold.")
+            f"source {name}: {rejected} of {total} rows rejected ({unreadable} unreadable at ingest), above "
+            f"data.max_reject_fraction={max_reject_fraction}.{first} most common reasons: {top}. Fix the source "
+            "or its format:, or raise the threshold.")
     log.info("source %s (%s): %d records, %d rejected", name, fmt, tally["records"], tally["rejected"])
     return name, tally, rejects
 
@@ -103,14 +108,15 @@ def main(params: Params) -> None:
     rejects = read_jsonl(ingested / REJECTS_FILE)  # rows ingest could not even read stay counted here
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.chat_dir) as out:
-        jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction)
-                for name in sorted(specs)]
+        unreadable = Counter(r["source"] for r in rejects)
+        jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction,
+                 unreadable[name]) for name in sorted(specs)]
         sizes = [job[2].stat().st_size for job in jobs]
         for name, tally, source_rejects in map_in_processes(_convert_source, jobs, sizes):
             counts[name] = tally
             rejects += source_rejects
         write_jsonl(out / REJECTS_FILE, rejects)
-    reasons = Counter(f"{r['source']}: {r['field']}: {r['reason']}"[:200] for r in rejects)
+    reasons = Counter(f"{r['source']}: {r['reason']}" for r in rejects)
     write_json(params.paths.to_chat_metrics, {
         "records": {name: c["records"] for name, c in counts.items()},
         "rejected": dict(sorted(Counter(r["source"] for r in rejects).items())),
