@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from skytune.atomic import read_jsonl
 from skytune.params import load_params
 from skytune.sources import SourceError

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import typing
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, STAGES, PipelineRun
+
 from skytune.params import Params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())

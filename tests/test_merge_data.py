@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_inputs
+
 from skytune import models
 from skytune.atomic import read_jsonl
 from skytune.params import load_params

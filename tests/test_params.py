@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from skytune.params import Params, ParamsError, TrackedParams, load_params
 
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, STAGES, PipelineRun
+
 from skytune.params import load_params
 
 PATHS = load_params(REPO / "params.yaml").paths

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from skytune.atomic import read_jsonl, write_jsonl
 from skytune.params import load_params
 from skytune.records import content_hash

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import PipelineRun
+
 from skytune import packaging
 from skytune.atomic import read_jsonl
 from skytune.chat_format import validate

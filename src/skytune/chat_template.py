@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 # ChatML with `{% generation %}` markers around each assistant reply *and* its end-of-turn token, so that

@@ -103,7 +103,7 @@ def _read_json(path: Path) -> Iterator[RawRow | Reject]:
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: not valid JSON ({exc}); a large source should be JSONL, one object a line")
+        raise SourceError(f"{path}: not valid JSON ({exc}); a large source should be JSONL, one object a line") from exc
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
