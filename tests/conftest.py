@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -32,6 +35,27 @@ def copy_inputs(dest: Path) -> Path:
     (dest / paths.sanity_prompts).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / paths.sanity_prompts, dest / paths.sanity_prompts)
     return dest
+
+
+def write_params(root: Path, edit: Callable[[dict], object] = lambda params: None) -> Path:
+    """Write the repository's params.yaml into `root`, changed by `edit` (which mutates the loaded dict)."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(params)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stages(root: Path, *stages: ModuleType) -> None:
+    """Run stage modules' `main` in `root`, each on params.yaml as it is there, as `python -m` would."""
+    from skytune.params import load_params
+
+    with contextlib.chdir(root):
+        for stage in stages:
+            stage.main(load_params())
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +87,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
 
     root = copy_inputs(tmp_path_factory.mktemp("pipeline"))
     run = PipelineRun(root)
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         for stage in STAGES:
             tracked = TrackedParams(load_params())
             importlib.import_module(f"skytune.stages.{stage}").main(tracked)
             run.reads[stage] = tracked.reads
-    finally:
-        os.chdir(cwd)
     return run

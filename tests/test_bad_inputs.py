@@ -3,18 +3,17 @@ or a counted reject, and no valid row is lost on the way from ingest to merge_da
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import REPO, run_stages, write_params
 
 from skytune.atomic import read_jsonl
-from skytune.params import load_params
 from skytune.sources import SourceError
 from skytune.stages import ingest, merge_data, split, to_chat
 
@@ -26,24 +25,22 @@ TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_lay
 @pytest.fixture
 def workspace(tmp_path: Path) -> Iterator[Path]:
     shutil.copytree(ASSETS, tmp_path / "data" / "raw")
-    cwd = Path.cwd()
-    os.chdir(tmp_path)
-    yield tmp_path
-    os.chdir(cwd)
+    with contextlib.chdir(tmp_path):
+        yield tmp_path
 
 
 def configure(root: Path, sources: list[dict], **data: object) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update({"sources": sources, "on_invalid": "skip", "max_reject_fraction": 1.0} | data)
-    params["identity"]["enabled"] = False
-    params["model"]["builtin"] = TINY
-    params["merge_data"]["mixture"] = {}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    def edit(params: dict) -> None:
+        params["data"].update({"sources": sources, "on_invalid": "skip", "max_reject_fraction": 1.0} | data)
+        params["identity"]["enabled"] = False
+        params["model"]["builtin"] = TINY
+        params["merge_data"]["mixture"] = {}
+
+    write_params(root, edit)
 
 
-def run(*stages) -> None:
-    for stage in stages:
-        stage.main(load_params())
+def run(*stages: ModuleType) -> None:
+    run_stages(Path.cwd(), *stages)
 
 
 def huge_record(root: Path) -> None:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, copy_inputs
+from conftest import copy_inputs, run_stages, write_params
 
 from skytune import models
 from skytune.atomic import read_jsonl
-from skytune.params import load_params
 from skytune.stages import ingest, merge_data, split, to_chat
 
 TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
@@ -23,32 +20,20 @@ TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_lay
 @pytest.fixture(scope="module")
 def split_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = copy_inputs(tmp_path_factory.mktemp("merge"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["builtin"] = TINY
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        for stage in (ingest, to_chat, split):
-            stage.main(load_params())
-    finally:
-        os.chdir(cwd)
+    write_params(root, lambda params: params["model"].update(builtin=TINY))
+    run_stages(root, ingest, to_chat, split)
     return root
 
 
 def run_merge(root: Path, **overrides: object) -> tuple[list[dict], dict]:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["builtin"] = TINY
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        params[section][name] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        merge_data.main(load_params())
-    finally:
-        os.chdir(cwd)
+    def edit(params: dict) -> None:
+        params["model"]["builtin"] = TINY
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            params[section][name] = value
+
+    write_params(root, edit)
+    run_stages(root, merge_data)
     return read_jsonl(root / "data/train.jsonl"), json.loads((root / "metrics/merge_data.json").read_text())
 
 

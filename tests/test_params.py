@@ -7,18 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import REPO, write_params
 
 from skytune.params import Params, ParamsError, TrackedParams, load_params
-
-
-def write_params(tmp_path: Path, edit) -> Path:
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    edit(data)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def test_shipped_params_load() -> None:

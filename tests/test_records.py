@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from skytune.records import content_hash, is_val, normalize, normalized_key, order_key, prompt_key
+from skytune.records import content_hash, dedup_keys, is_val, normalize, order_key
+
+
+def prompt_key(record: dict) -> int:
+    return dedup_keys(record)[0]
+
+
+def normalized_key(record: dict) -> int:
+    return dedup_keys(record)[1]
 
 
 def conv(q: str, a: str) -> dict:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import run_stages, write_params
 
 from skytune.atomic import read_jsonl, write_jsonl
 from skytune.params import load_params
@@ -22,19 +20,10 @@ def record(source: str, q: str, a: str) -> dict:
 
 
 def run_split(root: Path, chats: dict[str, list[dict]], **split_params: object) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["split"].update(split_params)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    paths = load_params(root / "params.yaml").paths
+    paths = load_params(write_params(root, lambda params: params["split"].update(split_params))).paths
     for name, rows in chats.items():
         write_jsonl(root / paths.chat_dir / f"{name}.jsonl", rows)
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        split.main(load_params())
-    finally:
-        os.chdir(cwd)
+    run_stages(root, split)
     return json.loads((root / paths.split_dir / "summary.json").read_text())
 
 

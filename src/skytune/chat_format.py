@@ -205,9 +205,22 @@ def validate(messages: Messages) -> None:
         raise InvalidRecord("messages", "the last turn must be from the assistant")
 
 
+def record_converter(fmt: str, *, instruction: str | None = None,
+                     columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations, or
+    `{"prompt", "chosen", "rejected"}` for preference data. Raises InvalidRecord."""
+    if fmt == "preference":
+        return to_preference
+    convert = converter(fmt, instruction=instruction, columns=columns)
+
+    def conversation(row: dict[str, Any]) -> dict[str, Any]:
+        messages = convert(row)
+        validate(messages)
+        return {"messages": messages}
+
+    return conversation
+
+
 def to_messages(row: dict[str, Any], fmt: str) -> Messages:
-    """Convert one raw row in format `fmt` (one without options) and validate it; raise InvalidRecord if it
-    cannot be trained on."""
-    messages = converter(fmt)(row)
-    validate(messages)
-    return messages
+    """Convert and validate one row of a format without options (a convenience for one-off use)."""
+    return record_converter(fmt)(row)["messages"]

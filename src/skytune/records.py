@@ -53,14 +53,6 @@ def dedup_keys(record: dict[str, Any]) -> tuple[int, int]:
     return _key(head), _key(head + "\x1d" + tail)
 
 
-def prompt_key(record: dict[str, Any]) -> int:
-    return dedup_keys(record)[0]
-
-
-def normalized_key(record: dict[str, Any]) -> int:
-    return dedup_keys(record)[1]
-
-
 def is_val(key: int, val_fraction: float, seed: int) -> bool:
     """Whether a prompt key goes to val: decided by the key alone, salted by the seed.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +44,6 @@ def _resolve_format(source: SourceParams, path: Path) -> str:
     return detected
 
 
-def _converter(fmt: str, source: SourceParams | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    if fmt == "preference":
-        return chat_format.to_preference
-
-    convert = chat_format.converter(fmt, instruction=source.instruction if source else None,
-                                    columns=source.columns if source else None)
-
-    def sft(row: dict[str, Any]) -> dict[str, Any]:
-        messages = convert(row)
-        chat_format.validate(messages)
-        return {"messages": messages}
-
-    return sft
-
-
 def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]) -> tuple[str, dict, list[dict]]:
     """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
     name, spec, path, out, on_invalid, max_reject_fraction, unreadable = job
@@ -66,7 +51,8 @@ def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]
         raise ValueError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
                          "the ingested directory")
     fmt = "messages" if spec is None else _resolve_format(spec, path)
-    convert = _converter(fmt, spec)
+    convert = chat_format.record_converter(fmt, instruction=spec.instruction if spec else None,
+                                           columns=spec.columns if spec else None)
     tally = {"rows": 0, "records": 0, "rejected": 0}
     rejects: list[dict] = []
 
