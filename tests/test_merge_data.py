@@ -63,7 +63,7 @@ def test_mixture_fraction_rows_and_upsampling(split_workspace: Path) -> None:
 
 def test_lengths_are_counted_with_the_model_tokenizer_and_policies_apply(split_workspace: Path) -> None:
     root = split_workspace
-    tokenizer = models.load_tokenizer(root / "models/base")
+    tokenizer = models.load_saved_tokenizer(root / "models/base")
     lengths = merge_data.Lengths(tokenizer)
     full, metrics = run_merge(root, **{"merge_data.mixture": {}})
     tokens = sum(lengths([r["messages"]])[0] for r in full)

@@ -26,18 +26,20 @@ def test_builtin_model_is_deterministic_offline(tmp_path: Path) -> None:
     models.build_builtin(tmp_path / "c", CORPUS, seed=6, **ARCH)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert digest(tmp_path / "a")["model.safetensors"] != digest(tmp_path / "c")["model.safetensors"]
-    tokenizer = models.load_tokenizer(tmp_path / "a")
+    tokenizer = models.load_saved_tokenizer(tmp_path / "a")
     assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text.count(tokenizer.bos_token) == 1
 
 
 def test_resolve_base_kinds(tmp_path: Path, tiny_model: Path) -> None:
-    assert models.resolve_base("builtin:tiny-llama", None, tmp_path).kind == "builtin"
+    assert models.resolve_base("builtin:tiny-llama", None, tmp_path)[0] == "builtin"
     with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'"):
         models.resolve_base("builtin:nope", None, tmp_path)
-    local = models.resolve_base(str(tiny_model), None, tmp_path)
-    assert (local.kind, local.revision) == ("local", None)
+    kind, _, ref, revision = models.resolve_base(str(tiny_model), None, tmp_path)
+    assert (kind, revision) == ("local", None)
+    base = models.describe_base(kind, str(tiny_model), ref, revision, template="keep", pad_token="auto")
+    assert base.chat_template == models.load_saved_tokenizer(tiny_model).chat_template
 
 
 def test_hub_id_resolves_to_the_commit_from_the_local_cache(tmp_path: Path, tiny_model: Path,
@@ -54,8 +56,10 @@ def test_hub_id_resolves_to_the_commit_from_the_local_cache(tmp_path: Path, tiny
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    base = models.resolve_base("skytune-test/tiny", "main", tmp_path)
-    assert (base.kind, base.ref, base.revision) == ("hub", "skytune-test/tiny", commit)
+    kind, _, ref, revision = models.resolve_base("skytune-test/tiny", "main", tmp_path)
+    assert (kind, ref, revision) == ("hub", "skytune-test/tiny", commit)
+    base = models.describe_base(kind, "skytune-test/tiny", ref, revision, template="keep", pad_token="auto")
+    assert models.load_tokenizer(base).pad_token not in (None, models.load_tokenizer(base).eos_token)
     with pytest.raises(RuntimeError, match="not in the local Hugging Face cache"):
         models.resolve_base("skytune-test/absent", "main", tmp_path)
 
@@ -125,7 +129,7 @@ def _max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def _load_4bit(tiny_model: Path):
-    base = models.BaseModel("local", str(tiny_model), str(tiny_model), None)
+    base = models.describe_base("local", str(tiny_model), str(tiny_model), None, template="keep", pad_token="auto")
     model, ran = models.load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
                                           dtype=torch.float32)
     assert ran == "nf4"
@@ -143,7 +147,7 @@ def test_4bit_lora_gradients_match_fp32_twin_after_eval_pass(tiny_model: Path,
     layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     quantized = _lora(quantized)
-    tokenizer = models.load_tokenizer(tiny_model)
+    tokenizer = models.load_saved_tokenizer(tiny_model)
     batch = _batch(tokenizer)
     grads, _ = _grads_after_eval_pass(quantized, batch)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
@@ -161,7 +165,7 @@ def test_without_the_workaround_gradients_are_wrong(tiny_model: Path) -> None:
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
     quantized = _lora(quantized)
-    batch = _batch(models.load_tokenizer(tiny_model))
+    batch = _batch(models.load_saved_tokenizer(tiny_model))
     grads, _ = _grads_after_eval_pass(quantized, batch)
     assert _max_rel_error(grads, _twin_grads(tiny_model, quantized, batch)) > 0.1
 
@@ -169,7 +173,7 @@ def test_without_the_workaround_gradients_are_wrong(tiny_model: Path) -> None:
 def test_without_4bit_support_lora_runs_in_full_precision_and_says_so(
         tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(models, "four_bit_supported", lambda: (False, "no kernels on this device"))
-    base = models.BaseModel("local", str(tiny_model), str(tiny_model), None)
+    base = models.describe_base("local", str(tiny_model), str(tiny_model), None, template="keep", pad_token="auto")
     with caplog.at_level("WARNING"):
         model, ran = models.load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
                                               dtype=torch.float32)

@@ -44,7 +44,7 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     text = "\n".join(problems)
     assert "train.lora_r: expected int, got str 'sixteen'" in text
     assert "train.learning_rate: -1.0 is out of range, must be > 0.0" in text
-    assert "train.method: 'qlroa' is not one of ['qlora', 'lora']; did you mean 'qlora'?" in text
+    assert "train.method: 'qlroa' is not one of ['qlora', 'lora', 'full']; did you mean 'qlora'?" in text
     assert "split.val_fraction: 1.5 is out of range, must be < 1.0" in text
     assert "missing key 'sanity_check.batch_size'" in text
     assert "trian: unknown key; did you mean 'train'?" in text

@@ -72,7 +72,9 @@ def test_train_runs_real_4bit_qlora_and_lowers_val_loss(pipeline: PipelineRun) -
     metrics = _json(p("train_metrics"))
     assert metrics["quantization"] == "nf4"
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 1.0
-    assert metrics["trained_tokens_per_epoch"] < metrics["tokens_per_epoch"]  # assistant-only loss
+    gate = metrics["gate"]["train"]
+    assert 0 < gate["trained_tokens"] < gate["tokens"] == metrics["tokens_per_epoch"]  # assistant-only loss
+    assert metrics["batching"] == "padding_free" and metrics["world_size"] == 1
     adapter = p("adapter_dir")
     config = _json(adapter / "adapter_config.json")
     assert config["r"] == 8 and config["peft_type"] == "LORA"
@@ -80,8 +82,13 @@ def test_train_runs_real_4bit_qlora_and_lowers_val_loss(pipeline: PipelineRun) -
     assert _json(adapter / packaging.TRAINING_PARAMS)["quantization"] == "nf4"
     live = _json(p("dvclive_dir") / "metrics.json")
     assert "eval" in live and "loss" in live["eval"]
-    assert (p("dvclive_dir") / "plots" / "metrics" / "train" / "loss.tsv").is_file()
-    assert not list(adapter.parent.glob(".trainer-*"))  # the trainer's scratch directory is gone
+    assert "perplexity" in live["eval"]
+    for name in ("train/loss", "eval/loss", "eval/perplexity"):
+        steps = [int(line.split("\t")[0]) for line in
+                 (p("dvclive_dir") / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps)) and steps[-1] == metrics["steps"], name  # each step once, to the end
+    samples = p("train_samples").read_text()
+    assert samples.count("## ") == 8 and "<|im_end|>⟧" in samples  # trained spans marked, end of turn inside
 
 
 def test_merge_adapters_matches_base_plus_adapter(pipeline: PipelineRun) -> None:

@@ -2,11 +2,14 @@
 
 The pad token must never be the end-of-turn/EOS token: the collator masks pad positions out of the loss, so a
 model trained with pad == EOS never learns to stop (trl#976, alignment-handbook#127, the ancestor's defect 5).
+The template chosen by `model.chat_template` (`resolve_template`) is the one used to train, saved with every
+model output, and rendered by the serving engine: one template from data to serving.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -15,7 +18,7 @@ log = logging.getLogger(__name__)
 # TRL's assistant-only loss trains the model to emit `<|im_end|>`. The BOS is written once by the template;
 # the tokenizer adds no special tokens of its own, so there is never a second one.
 CHATML_TEMPLATE = (
-    "{{ bos_token }}"
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\\n' }}"
@@ -49,22 +52,125 @@ def end_of_turn_token(tokenizer: Any) -> str:
     )
 
 
-def ensure_pad_token(tokenizer: Any) -> str:
+PAD_TOKEN_ADDED = "<|pad|>"
+
+
+def unused_special_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens the chat template never writes and that are not BOS/EOS/UNK (`<|reserved_special_token_0|>`,
+    `<|fim_pad|>`, ...), in vocabulary order: safe to reuse as padding."""
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates that refuse a system role
+        rendered = tokenizer.apply_chat_template(probe[1:], tokenize=False, add_generation_prompt=True)
+    taken = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, end_of_turn_token(tokenizer)}
+    vocab = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values()
+                                                   if a.special}
+    return sorted((t for t in vocab if t in special and t not in taken and t not in rendered), key=vocab.__getitem__)
+
+
+def ensure_pad_token(tokenizer: Any, strategy: str = "auto") -> str:
     """Give the tokenizer a pad token that is not its EOS or end-of-turn token; return which was chosen.
 
-    Prefers the tokenizer's own pad token, then UNK, then BOS (padding positions are masked from both the loss and
-    attention, so reusing BOS there is harmless), so the vocabulary and the embeddings never grow.
+    `auto` keeps the tokenizer's own pad token when it is distinct, else reuses an unused special token, then UNK,
+    then BOS (pad positions are masked from both the loss and attention, so the reuse is harmless and the embeddings
+    never grow). `unused`, `unk` and `bos` ask for one of those; `add` adds `<|pad|>` (the model's embeddings must
+    then cover it: `models.fit_embeddings`).
     """
     stops = {tokenizer.eos_token, end_of_turn_token(tokenizer)}
-    for candidate in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token):
+    choices = {
+        "unused": unused_special_tokens(tokenizer)[:1],
+        "unk": [tokenizer.unk_token],
+        "bos": [tokenizer.bos_token],
+        "add": [PAD_TOKEN_ADDED],
+    }
+    if strategy == "auto":
+        candidates = [tokenizer.pad_token, *choices["unused"], *choices["unk"], *choices["bos"]]
+    else:
+        candidates = choices[strategy]
+    for candidate in candidates:
         if candidate and candidate not in stops:
+            if candidate not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"pad_token": candidate})
             if candidate != tokenizer.pad_token:
                 log.info("pad token: %r (was %r, which is an end token or unset)", candidate, tokenizer.pad_token)
             tokenizer.pad_token = candidate
             return candidate
     raise ValueError(
-        "the tokenizer has no pad, unk or bos token distinct from its EOS/end-of-turn token; add a pad token"
+        f"model.pad_token: {strategy}: the tokenizer has no such token distinct from its EOS/end-of-turn token "
+        f"{sorted(t for t in stops if t)}; choose auto, or add (a new <|pad|> token)"
     )
+
+
+def renders_bos(tokenizer: Any) -> bool:
+    """Whether the chat template writes the BOS token at the start of a conversation."""
+    if tokenizer.bos_token is None:
+        return False
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    return text.startswith(tokenizer.bos_token)
+
+
+def adds_bos_by_default(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS in front of plain text on its own (Llama, Mistral, Gemma do; Qwen has none)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("hi", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def resolve_template(tokenizer: Any, strategy: str) -> tuple[str, list[str]]:
+    """The chat template `model.chat_template` asks for, made fit to train on; and notes on what was changed.
+
+    - `keep` takes the tokenizer's own, `chatml` the ChatML template (the tokenizer must have `<|im_start|>` and
+      `<|im_end|>`), anything else is a jinja file's path.
+    - A template without `{% generation %}` markers gets TRL's training variant where TRL knows the template (Llama 3,
+      Qwen, Gemma, ...); the training masks never depend on markers anyway (`tokenization` derives them from the
+      rendered spans), the markers are for those who train on the saved template with TRL.
+    - When the tokenizer adds a BOS to plain text by default but the template does not write one, `{{ bos_token }}`
+      is prepended: training and a serving engine (which renders the template and adds no special tokens) see the
+      same single BOS.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    notes: list[str] = []
+    if strategy == "keep":
+        template = tokenizer.chat_template
+        if template is None:
+            raise ValueError("model.chat_template: keep, but the tokenizer has no chat template. Use a chat/instruct "
+                             "checkpoint, or chatml, or a templates/<file>.jinja")
+        if isinstance(template, dict):
+            template = template["default"]
+    elif strategy == "chatml":
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"model.chat_template: chatml needs the tokens {missing}, which this tokenizer lacks "
+                             "(untrained new tokens would never be emitted). Use keep, or a jinja template written "
+                             "with the tokenizer's own special tokens")
+        template = CHATML_TEMPLATE
+    else:
+        template = Path(strategy).read_text(encoding="utf-8")
+    original = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        if not has_generation_markers(template):
+            try:
+                marked = get_training_chat_template(tokenizer)
+            except (ValueError, KeyError, TypeError):
+                marked = None
+            if marked:
+                template = tokenizer.chat_template = marked
+                notes.append("generation markers added (TRL's training variant of this template)")
+            else:
+                notes.append("no generation markers: none known for this template; loss masks come from the "
+                             "rendered spans")
+        if adds_bos_by_default(tokenizer) and not renders_bos(tokenizer):
+            template = tokenizer.chat_template = "{{ bos_token }}" + template
+            notes.append("the tokenizer adds a BOS by default and the template wrote none: the template writes it now")
+    finally:
+        tokenizer.chat_template = original
+    return template, notes
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

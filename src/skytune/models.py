@@ -29,12 +29,18 @@ MANIFEST = "base_model.json"
 
 @dataclass(frozen=True)
 class BaseModel:
-    """Where the base model lives. `ref` is what `from_pretrained` takes; `revision` a commit hash or None."""
+    """Where the base model lives and how its tokenizer is set up for training and serving.
+
+    `ref` is what `from_pretrained` takes; `revision` a commit hash or None; `chat_template` the exact template text
+    every later stage uses (resolved once, at ingest, from `model.chat_template`); `pad_token` the pad strategy.
+    """
 
     kind: str  # "builtin" | "hub" | "local"
     name: str
     ref: str
     revision: str | None
+    chat_template: str
+    pad_token: str
 
     def save(self, directory: Path) -> None:
         from skytune.atomic import write_json
@@ -75,15 +81,29 @@ def resolve_hub(repo_id: str, revision: str | None) -> str:
         ) from exc
 
 
-def resolve_base(base: str, revision: str | None, builtin_dir: Path) -> BaseModel:
-    """Describe `base` (a built-in name, a local directory, or a hub id) as a BaseModel."""
+def resolve_base(base: str, revision: str | None, builtin_dir: Path) -> tuple[str, str, str, str | None]:
+    """Where `base` (a built-in name, a local directory, or a hub id) lives: (kind, name, ref, commit)."""
     if base.startswith(BUILTIN_PREFIX):
         if base not in BUILTIN_MODELS:
             raise ValueError(f"model.base: unknown built-in model {base!r}; known: {', '.join(BUILTIN_MODELS)}")
-        return BaseModel("builtin", base, str(builtin_dir), None)
+        return "builtin", base, str(builtin_dir), None
     if Path(base).is_dir():
-        return BaseModel("local", base, str(Path(base).resolve()), None)
-    return BaseModel("hub", base, base, resolve_hub(base, revision))
+        return "local", base, str(Path(base).resolve()), None
+    return "hub", base, base, resolve_hub(base, revision)
+
+
+def describe_base(kind: str, name: str, ref: str, revision: str | None, *, template: str, pad_token: str) -> BaseModel:
+    """The manifest of a resolved base: its tokenizer's chat template resolved by the `template` strategy
+    (`chat_template.resolve_template`) and checked to work with the `pad_token` strategy."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+    text, notes = chat_template.resolve_template(tokenizer, template)
+    for note in notes:
+        log.info("chat template (%s): %s", template, note)
+    base = BaseModel(kind, name, ref, revision, text, pad_token)
+    load_tokenizer(base)  # fails now, at ingest, on a template that cannot end a turn or a pad strategy with no token
+    return base
 
 
 def build_builtin(
@@ -146,16 +166,47 @@ def build_builtin(
     tokenizer.save_pretrained(out_dir)
 
 
-def load_tokenizer(source: str | Path, revision: str | None = None) -> Any:
-    """Load a tokenizer and give it a pad token distinct from EOS/end-of-turn."""
+def load_tokenizer(base: BaseModel) -> Any:
+    """The base model's tokenizer as every stage must see it: the manifest's chat template and a pad token
+    distinct from EOS/end-of-turn."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{source}: the tokenizer has no chat template. Use a chat/instruct checkpoint (one whose "
-                         "tokenizer_config.json carries a chat_template), or the built-in model")
-    chat_template.ensure_pad_token(tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(base.ref, revision=base.revision)
+    tokenizer.chat_template = base.chat_template
+    chat_template.ensure_pad_token(tokenizer, base.pad_token)
     return tokenizer
+
+
+def load_saved_tokenizer(directory: str | Path) -> Any:
+    """A tokenizer saved by a training stage (adapter, merged model): template and pad token travel with it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{directory}: the saved tokenizer has no chat template; re-run the train stage")
+    chat_template.ensure_pad_token(tokenizer, "auto")
+    return tokenizer
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> bool:
+    """Grow the model's embeddings when the tokenizer has more tokens than rows (`model.pad_token: add` on a model
+    without spare rows); new rows are the mean of the old ones. Returns whether they grew."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    log.info("embeddings grown from %d to %d rows for the tokens added to the tokenizer", rows, len(tokenizer))
+    return True
+
+
+def device_map() -> dict[str, Any] | None:
+    """Where a process puts the whole model: its own GPU (LOCAL_RANK under torchrun/accelerate), or the CPU.
+    None under FSDP, which shards the model itself."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return None
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -207,8 +258,7 @@ def load_for_training(
     """Load the base model for (Q)LoRA; return it and what actually ran ("nf4", "fp4" or the dtype name)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    kwargs: dict[str, Any] = {"revision": base.revision, "dtype": dtype, "device_map": device_map}
+    kwargs: dict[str, Any] = {"revision": base.revision, "dtype": dtype, "device_map": device_map()}
     ran = str(dtype).removeprefix("torch.")
     if four_bit:
         ok, why = four_bit_supported()
@@ -242,7 +292,6 @@ def load_full_precision(source: str | Path, revision: str | None, dtype: torch.d
     """Load a model unquantized in `dtype`, on the GPU if there is one."""
     from transformers import AutoModelForCausalLM
 
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(str(source), revision=revision, dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(str(source), revision=revision, dtype=dtype, device_map=device_map())
     model.eval()
     return model

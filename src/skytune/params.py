@@ -57,6 +57,9 @@ class PathsParams:
     sanity_results: str
     sanity_metrics: str
     export_dir: str
+    templates_dir: str
+    train_samples: str
+    checkpoint_dir: str
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,15 @@ class BuiltinModelParams:
 class ModelParams:
     base: str
     revision: str | None
+    chat_template: str
+    pad_token: Literal["auto", "unused", "unk", "bos", "add"]
     builtin: BuiltinModelParams
+
+    def _problems(self) -> list[str]:
+        if not isinstance(self.chat_template, str) or self.chat_template in ("keep", "chatml") or \
+                self.chat_template.endswith((".jinja", ".j2")):
+            return []
+        return [f"chat_template: {self.chat_template!r} is neither keep, chatml nor a .jinja file"]
 
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "orca", "summarization", "columns",
@@ -154,7 +165,7 @@ class MergeDataParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    method: Literal["qlora", "lora"]
+    method: Literal["qlora", "lora", "full"]
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]
@@ -162,17 +173,35 @@ class TrainParams:
     lora_alpha: int = _range(ge=1)
     lora_dropout: float = _range(ge=0.0, lt=1.0)
     target_modules: str | tuple[str, ...]
+    use_rslora: bool
+    use_dora: bool
+    loss: Literal["assistant_only", "completion_only", "full"]
+    batching: Literal["padding_free", "packing", "padded"]
     learning_rate: float = _range(gt=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
     warmup_ratio: float = _range(ge=0.0, lt=1.0)
     weight_decay: float = _range(ge=0.0)
     epochs: float = _range(gt=0.0)
     batch_size: int = _range(ge=1)
-    grad_accum: int = _range(ge=1)
+    total_batch_size: int = _range(ge=1)
     max_length: int = _range(ge=16)
     gradient_checkpointing: bool
     logging_steps: int = _range(ge=1)
     eval_steps: int = _range(ge=1)
+    save_steps: int = _range(ge=1)
+    save_total_limit: int = _range(ge=1)
+    gate_samples: int = _range(ge=0)
+    distributed: Literal["ddp", "fsdp_qlora"]
+
+    def _problems(self) -> list[str]:
+        problems = []
+        sizes = (self.total_batch_size, self.batch_size)
+        if all(isinstance(v, int) and v > 0 for v in sizes) and self.total_batch_size % self.batch_size:
+            problems.append(f"total_batch_size ({self.total_batch_size}) must be a multiple of batch_size "
+                            f"({self.batch_size}): gradient accumulation = total / (batch_size x processes)")
+        if self.use_dora and self.method == "full":
+            problems.append("use_dora is a LoRA option; method full trains every weight")
+        return problems
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ model, the model itself, its tokenizer trained on the sources' text.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -89,6 +90,22 @@ def _ingest_source(job: tuple[SourceParams, Path, Path, str, int]) -> tuple[str,
     return source.name, counts, rejects
 
 
+def _template(params: Params) -> str:
+    """`model.chat_template`, with a jinja file required under `paths.templates_dir` (a dependency of this stage,
+    so editing the template re-runs the pipeline)."""
+    strategy = params.model.chat_template
+    if strategy in ("keep", "chatml"):
+        return strategy
+    templates = Path(params.paths.templates_dir).resolve()
+    path = Path(strategy).resolve()
+    if not path.is_relative_to(templates):
+        raise ValueError(f"params.yaml model.chat_template: {strategy} must be under {params.paths.templates_dir}/, "
+                         "which DVC tracks, so that an edit to the template re-runs the pipeline")
+    if not path.is_file():
+        raise FileNotFoundError(f"params.yaml model.chat_template: {strategy} does not exist")
+    return str(path)
+
+
 def main(params: Params) -> None:
     raw_dir = Path(params.paths.raw_dir)
     on_invalid = params.data.on_invalid
@@ -117,14 +134,21 @@ def main(params: Params) -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     with atomic_dir(params.paths.base_model_dir) as out:
-        base = models.resolve_base(params.model.base, params.model.revision, Path(params.paths.base_model_dir))
-        if base.kind == "builtin":
+        kind, name, ref, commit = models.resolve_base(params.model.base, params.model.revision,
+                                                      Path(params.paths.base_model_dir))
+        if kind == "builtin":
             corpus = [text for name in sorted(summary)
                       for item in itertools.islice(iter_jsonl(out_dir / f"{name}.jsonl"), CORPUS_ROWS)
                       for text in _texts(item["row"])]
             models.build_builtin(out, corpus, seed=seed, **to_dict(params.model.builtin))
+            ref = str(out)  # built in the staging directory; the manifest records the final one below
+        base = models.describe_base(kind, name, ref, commit, template=_template(params),
+                                    pad_token=params.model.pad_token)
+        if kind == "builtin":
+            base = dataclasses.replace(base, ref=str(Path(params.paths.base_model_dir)))
         base.save(out)
-        log.info("base model: %s", base)
+        log.info("base model: %s %s (revision %s), pad strategy %s", base.kind, base.name, base.revision,
+                 base.pad_token)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ the merged model on the first `merge_adapters.logit_check_records` val records.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -27,23 +28,30 @@ def main(params: Params) -> None:
     from peft import PeftModel
 
     base = models.BaseModel.load(params.paths.base_model_dir)
-    tokenizer = models.load_tokenizer(params.paths.adapter_dir)
+    adapter_dir = Path(params.paths.adapter_dir)
+    tokenizer = models.load_saved_tokenizer(adapter_dir)
     dtype = models.compute_dtype(params.train.compute_dtype)  # the dtype training computed in
-    model = models.load_full_precision(base.ref, base.revision, dtype)
-    model = PeftModel.from_pretrained(model, params.paths.adapter_dir)
-    model.eval()
-
     records = read_jsonl(params.paths.val_file)[: params.merge_adapters.logit_check_records]
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
     tokenizer.padding_side = "right"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        unmerged = model(**batch).logits.float()
-        merged = model.merge_and_unload(safe_merge=True)
-        after = merged(**batch).logits.float()
-    mask = batch["attention_mask"].bool()
-    max_diff = (unmerged - after).abs()[mask].max().item()
-    log.info("max |logit difference| base+adapter vs merged: %.3g over %d records", max_diff, len(records))
+
+    if not (adapter_dir / "adapter_config.json").is_file():  # train.method: full saved the whole model
+        merged = models.load_full_precision(adapter_dir, None, dtype)
+        max_diff = 0.0
+        log.info("%s holds a fully fine-tuned model: nothing to merge", adapter_dir)
+    else:
+        model = models.load_full_precision(base.ref, base.revision, dtype)
+        models.fit_embeddings(model, tokenizer)
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        model.eval()
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            unmerged = model(**batch).logits.float()
+            merged = model.merge_and_unload(safe_merge=True)
+            after = merged(**batch).logits.float()
+        mask = batch["attention_mask"].bool()
+        max_diff = (unmerged - after).abs()[mask].max().item()
+        log.info("max |logit difference| base+adapter vs merged: %.3g over %d records", max_diff, len(records))
 
     eot = chat_template.end_of_turn_token(tokenizer)
     stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot)})

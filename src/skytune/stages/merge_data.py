@@ -123,8 +123,8 @@ def _render(lengths: Lengths, record: dict[str, Any]) -> str:
 def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int]:
     """Write a contiguous run of the final order to its own file, measuring and length-checking each record;
     return per-source counts, the length histogram and how many were written. Runs in a worker process."""
-    files, keys, numbers, offsets, out_path, tokenizer_ref, max_length, policy, sample_every, histogram_on = job
-    lengths = Lengths(models.load_tokenizer(*tokenizer_ref))
+    files, keys, numbers, offsets, out_path, base, max_length, policy, sample_every, histogram_on = job
+    lengths = Lengths(models.load_tokenizer(base))
     stats: dict[str, Counter[str]] = defaultdict(Counter)
     histogram: Counter[int] = Counter()
 
@@ -191,7 +191,7 @@ def main(params: Params) -> None:
     seed, max_length, policy = params.base.seed, params.train.max_length, params.data.length_policy
     mixture = params.merge_data.mixture
     base = models.BaseModel.load(params.paths.base_model_dir)
-    chat_template.end_of_turn_token(models.load_tokenizer(base.ref, base.revision))  # fail early on a template
+    chat_template.end_of_turn_token(models.load_tokenizer(base))  # fail early on a template
     # that cannot end a turn
     split_dir = Path(params.paths.split_dir)
     metrics: dict[str, Any] = {}
@@ -223,7 +223,7 @@ def main(params: Params) -> None:
         # Contiguous chunks of the final order, written in worker processes and joined in order.
         bounds = np.linspace(0, len(order_keys), min(os.cpu_count() or 1, max(1, len(order_keys) // CHUNK)) + 1)
         chunks = [(files, order_keys[a:b], file_numbers[a:b], file_offsets[a:b],
-                   Path(target).with_name(f".{Path(target).name}.chunk{i}"), (base.ref, base.revision),
+                   Path(target).with_name(f".{Path(target).name}.chunk{i}"), base,
                    max_length, policy, sample_every, part == "train")
                   for i, (a, b) in enumerate(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))]
         stats: dict[str, Counter[str]] = defaultdict(Counter)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from typing import Any
 
 from skytune import chat_template, identity, models
 from skytune.atomic import atomic_file, read_jsonl, write_json
@@ -24,9 +25,7 @@ from skytune.stages import run_stage
 log = logging.getLogger(__name__)
 
 
-def _answers(source: str, revision: str | None, prompts: list[str], params: Params) -> list[Generation]:
-    tokenizer = models.load_tokenizer(source, revision)
-    model = models.load_full_precision(source, revision, models.compute_dtype(params.train.compute_dtype))
+def _answers(model: Any, tokenizer: Any, prompts: list[str], params: Params) -> list[Generation]:
     stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
     rendered = [chat_template.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return generate_greedy(model, tokenizer, rendered, stop_tokens=stops,
@@ -51,8 +50,13 @@ def main(params: Params) -> None:
     prompts = [r["prompt"] for r in rows]
 
     base = models.BaseModel.load(params.paths.base_model_dir)
-    answers = {"base": _answers(base.ref, base.revision, prompts, params),
-               "tuned": _answers(params.paths.merged_dir, None, prompts, params)}
+    dtype = models.compute_dtype(params.train.compute_dtype)
+    base_tokenizer = models.load_tokenizer(base)
+    base_model = models.load_full_precision(base.ref, base.revision, dtype)
+    models.fit_embeddings(base_model, base_tokenizer)
+    answers = {"base": _answers(base_model, base_tokenizer, prompts, params),
+               "tuned": _answers(models.load_full_precision(params.paths.merged_dir, None, dtype),
+                                 models.load_saved_tokenizer(params.paths.merged_dir), prompts, params)}
 
     metrics: dict[str, float | int] = {"prompts": len(rows)}
     for name, gens in answers.items():

@@ -1,14 +1,20 @@
-"""train: (Q)LoRA supervised fine-tuning with TRL's SFTTrainer, assistant-only loss.
+"""train: supervised fine-tuning (QLoRA, LoRA or full) that is checked before it starts and survives preemption.
 
-    python -m skytune.stages.train      (normally: dvc repro train, or dvc exp run -S train.lora_r=16)
+    python -m skytune.launch skytune.stages.train     (normally: dvc repro train, or dvc exp run -S train.lora_r=16;
+                                                       the launcher starts one process per GPU and node)
 
-Loads the base model from the manifest in `paths.base_model_dir` (4-bit NF4 with `train.method: qlora`; where
-4-bit cannot run, a warning and `quantization` in the metrics say what ran instead), trains LoRA adapters on
-`paths.train_file` with loss on assistant turns only (their end-of-turn token included, and pad != EOS, so the
-model learns to stop), evaluates on `paths.val_file` before and after, and writes:
-- `paths.adapter_dir`: the adapter, the tokenizer with its chat template, and `training_params.json`;
-- `paths.dvclive_dir`: DVCLive metrics and loss plots;
-- `paths.train_metrics`: val loss before/after, perplexity, what quantization actually ran, throughput.
+1. Tokenizes `paths.train_file` and `paths.val_file` with the base model's chat template and labels the tokens of
+   `train.loss`, then runs the tokenization gate (`tokenization.gate`): one BOS, every trained assistant turn ending
+   with its end-of-turn token inside the loss, pad never a stop token, no empty turn. It writes
+   `paths.train_samples` (sequences with the trained spans marked) and fails before the model is loaded.
+2. Loads the base (4-bit NF4/FP4 with `method: qlora`; where 4-bit cannot run, a warning and `quantization` in the
+   metrics say what ran instead) and trains with TRL's SFTTrainer, `train.batching` padding-free by default.
+3. Every `train.save_steps` steps writes a checkpoint under `$SKYTUNE_CHECKPOINT_DIR` or `paths.checkpoint_dir`, in a
+   directory keyed by the fingerprint of the training inputs, marked complete only once fully written. On start it
+   resumes from the newest complete one (torn ones are skipped), DVCLive logs included. SIGTERM saves a checkpoint
+   and exits with `checkpoints.PREEMPTED_EXIT_CODE` (75), which SkyPilot's `recover_on_exit_codes` relaunches.
+4. Writes `paths.adapter_dir` (the adapter, or the whole model with `method: full`, plus the tokenizer with its chat
+   template and `training_params.json`), `paths.dvclive_dir` and `paths.train_metrics`.
 """
 
 from __future__ import annotations
@@ -16,136 +22,168 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from skytune import chat_template, models, packaging
-from skytune.atomic import atomic_dir, read_jsonl, write_json
+from skytune import checkpoints, models, packaging, sft, tokenization
+from skytune.atomic import atomic_dir, atomic_file, read_jsonl, write_json
 from skytune.params import Params, to_dict
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
 
-def main(params: Params) -> None:
-    from datasets import Dataset
-    from dvclive import Live
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import set_seed
-    from transformers.integrations import DVCLiveCallback
-    from trl import SFTConfig, SFTTrainer
+def _tokenize(params: Params, tokenizer: Any, rank: int) -> tuple[list, list, dict[str, Any]]:
+    p = params.train
+    encoder = tokenization.Encoder(tokenizer, p.loss)
+    train = encoder.encode(read_jsonl(params.paths.train_file))
+    val = encoder.encode(read_jsonl(params.paths.val_file))
+    if rank == 0:
+        with atomic_file(params.paths.train_samples) as fh:
+            fh.write(tokenization.render_samples(train, p.gate_samples, loss=p.loss))
+    reports = {name: tokenization.gate(tokenizer, records, max_length=p.max_length, loss=p.loss, where=path)
+               for name, records, path in (("train", train, params.paths.train_file),
+                                           ("val", val, params.paths.val_file))}
+    log.info("tokenization gate passed: %s", {k: r.as_metrics() for k, r in reports.items()})
+    return train, val, {k: r.as_metrics() for k, r in reports.items()}
+
+
+def _load_model(params: Params, base: models.BaseModel, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, str]:
+    from peft import prepare_model_for_kbit_training
 
     p = params.train
-    seed = params.base.seed
-    set_seed(seed)
-    base = models.BaseModel.load(params.paths.base_model_dir)
-    tokenizer = models.load_tokenizer(base.ref, base.revision)
-    eot = chat_template.end_of_turn_token(tokenizer)
-    dtype = models.compute_dtype(p.compute_dtype)
     model, quantization = models.load_for_training(
-        base, four_bit=p.method == "qlora", quant_type=p.quant_type, double_quant=p.double_quant, dtype=dtype
-    )
+        base, four_bit=p.method == "qlora", quant_type=p.quant_type, double_quant=p.double_quant, dtype=dtype)
+    models.fit_embeddings(model, tokenizer)
     if quantization in ("nf4", "fp4"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
-    on_gpu = torch.cuda.is_available()
-    log.info("training on %s, base weights: %s, compute dtype: %s, end of turn: %r, pad: %r",
-             "cuda" if on_gpu else "cpu", quantization, dtype, eot, tokenizer.pad_token)
+    return model, quantization
 
-    def load(path: str) -> Dataset:
-        return Dataset.from_list([{"messages": r["messages"]} for r in read_jsonl(path)])
 
-    train_ds, val_ds = load(params.paths.train_file), load(params.paths.val_file)
-    lora = LoraConfig(
-        r=p.lora_r,
-        lora_alpha=p.lora_alpha,
-        lora_dropout=p.lora_dropout,
-        target_modules=p.target_modules if isinstance(p.target_modules, str) else list(p.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    # The trainer's scratch directory: nothing in it outlives the stage (checkpoints are not kept yet).
-    Path(params.paths.adapter_dir).parent.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.TemporaryDirectory(prefix=".trainer-", dir=Path(params.paths.adapter_dir).parent)
-    output_dir = Path(scratch.name)
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        seed=seed,
-        data_seed=seed,
-        learning_rate=p.learning_rate,
-        lr_scheduler_type=p.lr_scheduler,
-        warmup_steps=p.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=p.weight_decay,
-        num_train_epochs=p.epochs,
-        per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.grad_accum,
-        max_length=p.max_length,
-        assistant_only_loss=True,
-        gradient_checkpointing=p.gradient_checkpointing,
-        # SFTConfig defaults to bf16=True; honour the compute dtype instead (fp32 on CPU).
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not on_gpu,
-        logging_steps=p.logging_steps,
-        eval_strategy="steps",
-        eval_steps=p.eval_steps,
-        save_strategy="no",
-        report_to="none",  # DVCLive is attached below with its own directory and without rewriting dvc.yaml
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-    )
-    # transformers' DVCLive integration (what report_to="dvclive" uses), given a Live that writes to
-    # paths.dvclive_dir and leaves dvc.yaml alone (dvc.yaml already declares its metrics and plots).
-    live = Live(dir=params.paths.dvclive_dir, dvcyaml=False, save_dvc_exp=False, report=None)
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=[DVCLiveCallback(live=live)],
-    )
-    if trainer.model.generation_config is not None:
-        trainer.model.generation_config.pad_token_id = tokenizer.pad_token_id
-    before = trainer.evaluate()["eval_loss"]
-    log.info("val loss before training: %.4f", before)
+def _fingerprint(params: Params, base: models.BaseModel) -> str:
+    """Everything that determines the trained weights (not the number of processes: total_batch_size holds)."""
+    files = [params.paths.train_file, params.paths.val_file]
+    return checkpoints.fingerprint({"train": to_dict(params.train), "seed": params.base.seed, "base": asdict(base),
+                                    "data": [checkpoints.file_sha256(Path(f)) for f in files]})
+
+
+def main(params: Params) -> None:
+    with checkpoints.PreemptionNotice() as notice:
+        _train(params, notice)
+
+
+def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
+    from dvclive import Live
+    from transformers import set_seed
+
+    p, paths, seed = params.train, params.paths, params.base.seed
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    set_seed(seed)
+    base = models.BaseModel.load(paths.base_model_dir)
+    tokenizer = models.load_tokenizer(base)
+    train, val, gate_metrics = _tokenize(params, tokenizer, rank)
+
+    run_dir = checkpoints.root(paths.checkpoint_dir) / _fingerprint(params, base)
+    resume = checkpoints.newest_complete(run_dir)
+    state: dict[str, Any] = json.loads((resume / sft.STATE_FILE).read_text()) if resume else {}
+    if notice.received:
+        checkpoints.exit_preempted()
+
+    dtype = models.compute_dtype(p.compute_dtype)
+    model, quantization = _load_model(params, base, tokenizer, dtype)
+    log.info("training on %s x%d, method %s, base weights %s, compute dtype %s, batching %s, loss %s; %s",
+             "cuda" if torch.cuda.is_available() else "cpu", world_size, p.method, quantization, dtype, p.batching,
+             p.loss, f"resuming from {resume}" if resume else f"checkpoints in {run_dir}")
+
+    live_dir = Path(paths.dvclive_dir)
+    if rank == 0 and resume:
+        sft.restore_live(resume, live_dir)
+    # DVCLive on the main process only, resumed from the checkpoint's snapshot, leaving dvc.yaml alone (it declares
+    # these metrics and plots itself).
+    live = Live(dir=str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False,
+                report=None) if rank == 0 else None
+    stop = sft.StopOnPreemption(notice)
+    callbacks = [sft.Checkpointing(live_dir, lambda: state, p.save_total_limit), stop]
+    trainer = sft.build_trainer(
+        model, tokenizer, train, val, p, output_dir=run_dir, seed=seed, dtype=dtype, world_size=world_size,
+        callbacks=[sft.LiveLog(live), *callbacks] if live else callbacks)
+
+    if "val_loss_before" not in state:
+        state["val_loss_before"] = trainer.evaluate()["eval_loss"]
+    log.info("val loss before training: %.4f", state["val_loss_before"])
+    start_step = trainer.state.global_step if resume is None else int(resume.name.split("-")[-1])
     start = time.perf_counter()
-    result = trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        log.warning("stopped by SIGTERM at step %d of %d; checkpoint saved; exit %d",
+                    trainer.state.global_step, trainer.state.max_steps, checkpoints.PREEMPTED_EXIT_CODE)
+        checkpoints.exit_preempted()
     after = trainer.evaluate()["eval_loss"]
-    log.info("val loss after training: %.4f (before %.4f)", after, before)
+    log.info("val loss after training: %.4f (before %.4f)", after, state["val_loss_before"])
+    if live is None:
+        return
     live.end()
+    _write_outputs(params, base, trainer, tokenizer, quantization)
+    _write_metrics(params, trainer, train, gate_metrics, state["val_loss_before"], after, quantization,
+                   seconds, start_step, world_size)
 
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    trained = sum(sum(label != -100 for label in row) for row in trainer.train_dataset["labels"])
+
+def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokenizer: Any, quantization: str) -> None:
     with atomic_dir(params.paths.adapter_dir) as out:
         trainer.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
             "base_model": asdict(base),
             "train": to_dict(params.train),
-            "seed": seed,
+            "seed": params.base.seed,
             "quantization": quantization,
         }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    scratch.cleanup()
-    write_json(params.paths.train_metrics, {
+
+
+def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict[str, Any], before: float,
+                   after: float, quantization: str, seconds: float, start_step: int, world_size: int) -> None:
+    state = trainer.state
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    tokens_per_epoch = sum(len(r.input_ids) for r in train)
+    steps_run = max(state.global_step - start_step, 0)
+    tokens_run = tokens_per_epoch * params.train.epochs * steps_run / max(state.max_steps, 1)
+    tokens_per_second = tokens_run / seconds if seconds > 0 else 0.0
+    model = trainer.model
+    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    total = getattr(model, "get_base_model", lambda: model)().num_parameters()  # 4-bit weights counted unpacked
+    metrics: dict[str, Any] = {
         "val_loss_before": round(before, 6),
         "val_loss_after": round(after, 6),
         "val_perplexity_before": round(math.exp(min(before, 50.0)), 4),
         "val_perplexity_after": round(math.exp(min(after, 50.0)), 4),
-        "train_loss": round(result.training_loss, 6),
-        "steps": result.global_step,
+        "train_loss": round(sum(losses) / len(losses), 6) if losses else None,  # mean of the logged losses
+        "steps": state.global_step,
+        "resumed_from_step": start_step,
+        "world_size": world_size,
+        "distributed": params.train.distributed if world_size > 1 else "none",
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "quantization": quantization,
-        "device": "cuda" if on_gpu else "cpu",
+        "method": params.train.method,
+        "batching": params.train.batching,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "train_seconds": round(seconds, 2),
-        "train_samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
-        "tokens_per_epoch": tokens,
-        "trained_tokens_per_epoch": trained,
-    })
+        "tokens_per_second": round(tokens_per_second, 1),
+        "tokens_per_epoch": tokens_per_epoch,
+        "trainable_parameters": trainable,
+        "gate": gate_metrics,
+    }
+    if torch.cuda.is_available():
+        metrics["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        utilization = sft.mfu(tokens_per_second, total, trainable, world_size)
+        if utilization is not None:
+            metrics["mfu"] = round(utilization, 4)
+    write_json(params.paths.train_metrics, metrics)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Start a stage on every process of the cluster: `python -m skytune.launch skytune.stages.train`.
+
+The world comes from the environment, so the same command runs on a laptop, a GPU box and a SkyPilot cluster:
+- already under torchrun or accelerate (`WORLD_SIZE` set): the stage runs in this process;
+- SkyPilot: `SKYPILOT_NUM_NODES`, `SKYPILOT_NODE_RANK`, `SKYPILOT_NODE_IPS` (first line = head node),
+  `SKYPILOT_NUM_GPUS_PER_NODE`;
+- `SKYTUNE_NPROC_PER_NODE` overrides the processes per node (on CPU: gloo processes, for tests and debugging),
+  `SKYTUNE_MASTER_PORT` the rendezvous port (29500);
+- otherwise one process per visible GPU, or one on CPU.
+
+One process in all: the stage replaces this process. More: on GPUs `accelerate launch` with
+`configs/accelerate/<train.distributed>.yaml` (DDP, or FSDP with QLoRA); on CPU `torchrun` (`accelerate launch --cpu
+--num_processes 2` silently starts one process). A stage stopped by SIGTERM exits with PREEMPTED_EXIT_CODE; the
+launcher passes that code on, which torchrun alone would turn into 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from skytune.checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_FILE_ENV
+from skytune.params import ParamsError, load_params
+
+CONFIG_DIR = Path("configs/accelerate")
+
+
+@dataclass(frozen=True)
+class World:
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def world_from_env(env: dict[str, str] | os._Environ[str], gpus: int) -> World:
+    """The cluster as the environment describes it; `gpus` is the number of GPUs visible here."""
+    ips = [line.strip() for line in env.get("SKYPILOT_NODE_IPS", "").splitlines() if line.strip()]
+    nproc = env.get("SKYTUNE_NPROC_PER_NODE") or env.get("SKYPILOT_NUM_GPUS_PER_NODE") or str(max(gpus, 1))
+    return World(
+        nnodes=int(env.get("SKYPILOT_NUM_NODES", "1")),
+        node_rank=int(env.get("SKYPILOT_NODE_RANK", "0")),
+        nproc_per_node=int(nproc),
+        master_addr=ips[0] if ips else "127.0.0.1",
+        master_port=int(env.get("SKYTUNE_MASTER_PORT", "29500")),
+    )
+
+
+def command(module: str, world: World, *, gpu: bool, config: Path) -> list[str]:
+    """The command that starts `module` on this node's processes."""
+    if gpu:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                "--num_machines", str(world.nnodes), "--machine_rank", str(world.node_rank),
+                "--num_processes", str(world.size), "--main_process_ip", world.master_addr,
+                "--main_process_port", str(world.master_port), "--module", module]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(world.nnodes),
+            "--node_rank", str(world.node_rank), "--nproc_per_node", str(world.nproc_per_node),
+            "--master_addr", world.master_addr, "--master_port", str(world.master_port), "--module", module]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m skytune.launch <module>   (e.g. skytune.stages.train)", file=sys.stderr)
+        return 2
+    module = argv[0]
+    if "WORLD_SIZE" in os.environ:  # torchrun or accelerate started us already
+        os.execv(sys.executable, [sys.executable, "-m", module])
+    import torch
+
+    gpus = torch.cuda.device_count()
+    world = world_from_env(os.environ, gpus)
+    if world.size == 1:
+        os.execv(sys.executable, [sys.executable, "-m", module])
+    try:
+        config = CONFIG_DIR / f"{load_params().train.distributed}.yaml"
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="skytune-launch-") as tmp:
+        flag = Path(tmp) / "preempted"
+        env = {**os.environ, PREEMPTED_FILE_ENV: str(flag)}
+        print(f"skytune.launch: {world.size} processes ({world.nnodes} node(s) x {world.nproc_per_node}), "
+              f"this node {world.node_rank}, head {world.master_addr}:{world.master_port}", file=sys.stderr)
+        child = subprocess.Popen(command(module, world, gpu=gpus > 0, config=config), env=env)
+        signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+        code = child.wait()
+        return PREEMPTED_EXIT_CODE if flag.exists() else code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

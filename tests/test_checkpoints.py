@@ -1,0 +1,80 @@
+"""Checkpoint bookkeeping: the completion marker, torn and damaged checkpoints, pruning, the SIGTERM flag."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from skytune import checkpoints
+
+
+def make(run_dir: Path, step: int, complete: bool = True) -> Path:
+    directory = run_dir / f"checkpoint-{step}"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "adapter.safetensors").write_bytes(os.urandom(64))
+    (directory / "sub" / "optimizer.pt").write_bytes(os.urandom(32))
+    if complete:
+        checkpoints.mark_complete(directory)
+    return directory
+
+
+def test_newest_complete_skips_torn_and_damaged_checkpoints(tmp_path: Path) -> None:
+    c10, c20 = make(tmp_path, 10), make(tmp_path, 20)
+    c30 = make(tmp_path, 30, complete=False)  # killed mid-write: no marker
+    assert checkpoints.newest_complete(tmp_path) == c20
+    assert not c30.exists()  # removed, so the trainer never writes into a torn directory
+    (c20 / "sub" / "optimizer.pt").write_bytes(b"flipped bits, same size!" + bytes(8))
+    assert "sha256" in checkpoints.check(c20)
+    assert checkpoints.newest_complete(tmp_path) == c10
+    (c10 / "adapter.safetensors").unlink()
+    assert checkpoints.newest_complete(tmp_path) is None
+    assert checkpoints.newest_complete(tmp_path / "absent") is None
+
+
+def test_check_names_what_is_wrong(tmp_path: Path) -> None:
+    directory = make(tmp_path, 5)
+    assert checkpoints.check(directory) is None
+    with (directory / "adapter.safetensors").open("ab") as fh:
+        fh.write(b"x")
+    assert "65 bytes, 64 were written" in checkpoints.check(directory)
+    (directory / checkpoints.MARKER).write_text("{not json")
+    assert "unreadable completion marker" in checkpoints.check(directory)
+
+
+def test_prune_keeps_the_newest_complete_ones_only(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        make(tmp_path, step)
+    make(tmp_path, 5, complete=False)  # older than a complete one: can never be resumed
+    make(tmp_path, 40, complete=False)  # being written right now: must survive
+    checkpoints.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
+
+
+def test_fingerprint_is_stable_and_input_sensitive() -> None:
+    a = checkpoints.fingerprint({"train": {"lr": 1e-4, "r": 8}, "data": ["abc"]})
+    assert a == checkpoints.fingerprint({"data": ["abc"], "train": {"r": 8, "lr": 1e-4}})
+    assert a != checkpoints.fingerprint({"train": {"lr": 1e-4, "r": 16}, "data": ["abc"]})
+
+
+def test_root_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(checkpoints.ENV_DIR, raising=False)
+    assert checkpoints.root("models/checkpoints") == Path("models/checkpoints")
+    monkeypatch.setenv(checkpoints.ENV_DIR, str(tmp_path / "bucket"))
+    assert checkpoints.root("models/checkpoints") == tmp_path / "bucket"
+
+
+def test_sigterm_sets_the_notice_and_the_handler_is_restored(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    with checkpoints.PreemptionNotice() as notice:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert notice.received
+    assert signal.getsignal(signal.SIGTERM) == previous
+    flag = tmp_path / "preempted"
+    monkeypatch.setenv(checkpoints.PREEMPTED_FILE_ENV, str(flag))
+    with pytest.raises(SystemExit) as exc:
+        checkpoints.exit_preempted()
+    assert exc.value.code == checkpoints.PREEMPTED_EXIT_CODE and flag.exists()
