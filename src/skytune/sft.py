@@ -125,6 +125,13 @@ def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[En
         peft_config=lora_config(p),
         callbacks=callbacks or [],
     )
+    if p.method != "full":
+        # TRL casts the adapter of a 4-bit model to bf16, but PEFT loads it back in fp32 when training resumes from a
+        # checkpoint: keep it in fp32 from the start (PEFT's own default) so a resumed run computes exactly what an
+        # uninterrupted one does (measured on CPU: val loss off by 5e-3 otherwise). LoRA weights are a few MB.
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     if trainer.model.generation_config is not None:
         trainer.model.generation_config.pad_token_id = tokenizer.pad_token_id
     return trainer
