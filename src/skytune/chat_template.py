@@ -68,7 +68,9 @@ def unused_special_tokens(tokenizer: Any) -> list[str]:
     vocab = tokenizer.get_added_vocab()
     special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values()
                                                    if a.special}
-    return sorted((t for t in vocab if t in special and t not in taken and t not in rendered), key=vocab.__getitem__)
+    free = [t for t in vocab if t in special and t not in taken and t not in rendered]
+    # Tokens named for padding first, then reserved ones; others (`<|end_of_text|>`...) may be stop ids of the model.
+    return sorted(free, key=lambda t: (0 if "pad" in t else 1 if "reserved" in t or "unused" in t else 2, vocab[t]))
 
 
 def ensure_pad_token(tokenizer: Any, strategy: str = "auto") -> str:

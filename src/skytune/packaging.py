@@ -44,6 +44,9 @@ def model_card(
 ) -> str:
     """A README.md for the exported model: provenance, hyperparameters, metrics and how to serve it."""
     revision = base.get("revision") or "(built locally; no hub revision)"
+    train = training.get("train", {})
+    # The template itself is in chat_template.jinja beside this card.
+    shown = {**training, "base_model": {k: v for k, v in base.items() if k != "chat_template"}}
     lines = [
         "---",
         "library_name: transformers",
@@ -51,8 +54,8 @@ def model_card(
         "---",
         f"# {name}",
         "",
-        "Fine-tuned with the skytune DVC pipeline (QLoRA SFT, assistant-only loss), merged into a full-precision "
-        "copy of the base model.",
+        f"Fine-tuned with the skytune DVC pipeline (SFT, method {train.get('method')}, loss {train.get('loss')}), "
+        "merged into a full-precision copy of the base model.",
         "",
         "## Provenance",
         f"- base model: `{base['name']}` ({base['kind']})",
@@ -61,7 +64,7 @@ def model_card(
         "",
         "## Training parameters",
         "```json",
-        json.dumps(training, indent=2, sort_keys=True),
+        json.dumps(shown, indent=2, sort_keys=True),
         "```",
         "",
         "## Metrics",

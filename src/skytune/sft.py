@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from skytune import checkpoints
+from skytune import attention, checkpoints
 from skytune.params import TrainParams
 from skytune.tokenization import Encoded
 
@@ -116,6 +116,8 @@ def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[En
     """An SFTTrainer on pre-tokenized sequences with the batching, method and knobs of `p`."""
     from trl import SFTTrainer
 
+    if p.batching != "padded" and attention.use_varlen_sdpa(model):
+        log.info("padding-free batches: attention runs per sequence (%s)", attention.NAME)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(p, output_dir=output_dir, seed=seed, dtype=dtype, world_size=world_size, save=save),

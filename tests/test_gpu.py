@@ -1,0 +1,65 @@
+"""Real 4-bit QLoRA on a GPU: a randomly initialised model of Llama-3.2-1B's shape, trained by the train stage as DVC
+runs it. Skipped without CUDA. Prints tokens/s, peak memory and MFU (also in metrics/train.json).
+
+    .venv/bin/python -m pytest -m gpu -s tests/test_gpu.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PipelineRun
+from test_resume import workspace
+
+from skytune import models
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def llama_1b_shape(tokenizer_dir: Path, out: Path) -> Path:
+    """Llama-3.2-1B's architecture (16 layers, hidden 2048, GQA 32/8, MLP 8192) with the built-in tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
+                         rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_real_qlora_on_a_1b_shaped_llama(pipeline: PipelineRun, tmp_path: Path) -> None:
+    import yaml
+
+    root = workspace(pipeline, tmp_path / "gpu")
+    model_dir = llama_1b_shape(root / "models/base", tmp_path / "llama-1b-shape")
+    shutil.rmtree(root / "models/base")
+    base = models.describe_base("local", "llama-1b-shape", str(model_dir), None, template="keep", pad_token="auto")
+    (root / "models/base").mkdir()
+    base.save(root / "models/base")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(method="qlora", epochs=2, batch_size=8, total_batch_size=8, learning_rate=2e-4,
+                           gradient_checkpointing=True, save_steps=50, eval_steps=50)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "skytune.launch", "skytune.stages.train"], cwd=root,
+                            env={**os.environ, "SKYTUNE_NPROC_PER_NODE": "1"}, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    print(f"\nGPU {torch.cuda.get_device_name()}: {metrics['tokens_per_second']:.0f} tokens/s, "
+          f"peak memory {metrics['peak_memory_gb']} GiB, MFU {metrics.get('mfu')}, "
+          f"val loss {metrics['val_loss_before']} -> {metrics['val_loss_after']}")
+    assert metrics["quantization"] == "nf4" and metrics["device"] == "cuda"
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert metrics["peak_memory_gb"] < 8  # a 1.2B model in 4 bits with LoRA and checkpointing
