@@ -7,7 +7,7 @@ token lengths spread like real chat data (log-normal, median ~150, p90 ~590, cap
 `train.batching` mode, in this one process, through the pipeline's own code (`tokenization.Encoder`,
 `sft.build_trainer`) with params.yaml's train section; only max_length, epochs and the batching mode are changed.
 Prints non-pad tokens per second, the padding efficiency of the batches (real tokens / tokens computed), the final
-val loss of each mode, and the speed-up over the padded baseline. On a GPU add `--device cuda`.
+val loss of each mode, and the speed-up over the padded baseline. On a GPU machine it runs on the GPU.
 """
 
 from __future__ import annotations

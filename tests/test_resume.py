@@ -131,3 +131,24 @@ def test_checkpoints_of_other_inputs_are_never_resumed(uninterrupted: Path, tmp_
     after = {p.parent.parent for p in root.glob(f"models/checkpoints/*/*/{checkpoints.MARKER}")}
     assert len(before) == 1 and len(after) == 2  # a new fingerprint directory beside the first run's
     assert metrics(root)["resumed_from_step"] == 0
+
+
+def test_a_preempted_dvc_run_exits_with_the_preemption_code(pipeline: PipelineRun, tmp_path: Path) -> None:
+    """Through real DVC: `dvc repro` alone would report 255; `skytune.cli preemptible` turns it into 75."""
+    root = workspace(pipeline, tmp_path)
+    (root / "dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: python -m skytune.launch skytune.stages.train\n"
+        "    deps: [data/train.jsonl, data/val.jsonl, models/base]\n    outs: [models/adapter]\n")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], [dvc, "init", "-q"], ["git", *identity, "add", "dvc.yaml", "params.yaml"],
+                    ["git", *identity, "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=root, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    log = (root / "train.log").open("ab")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the stage's `python` is ours
+    proc = subprocess.Popen([sys.executable, "-m", "skytune.cli", "preemptible", "--", dvc, "repro", "train"],
+                            cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
+    first = wait_for_checkpoint(root, proc, after=0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == checkpoints.PREEMPTED_EXIT_CODE, (root / "train.log").read_text()[-3000:]
+    assert complete_steps(root)[-1] > first and not (root / "models/adapter").exists()

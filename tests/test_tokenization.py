@@ -64,7 +64,7 @@ def test_every_invariant_holds_for_each_family(family: tuple[str, Any]) -> None:
 
 
 def test_loss_modes(family: tuple[str, Any]) -> None:
-    _, tokenizer = family
+    tokenizer = family[1]
     eot = chat_template.end_of_turn_token(tokenizer)
     counts = {}
     for loss in tokenization.LOSS_MODES:
@@ -113,7 +113,7 @@ def test_gate_catches_pad_equal_to_eos(name: str, tmp_path: Path) -> None:
 
 
 def test_gate_catches_double_bos_empty_turns_and_overlong_sequences(family: tuple[str, Any]) -> None:
-    name, tokenizer = family
+    tokenizer = family[1]
     if tokenizer.bos_token is not None:
         smuggled = [{"role": "user", "content": f"{tokenizer.bos_token}hi"}, {"role": "assistant", "content": "yo"}]
         assert "bos_count: 1 sequence(s), e.g. test/bos (2 BOS, expected 1" in gate_error(

@@ -62,7 +62,7 @@ def unused_special_tokens(tokenizer: Any) -> list[str]:
              {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
     try:
         rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates that refuse a system role
+    except Exception:  # noqa: BLE001 - jinja's own errors and raise_exception(): templates that refuse a system role
         rendered = tokenizer.apply_chat_template(probe[1:], tokenize=False, add_generation_prompt=True)
     taken = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, end_of_turn_token(tokenizer)}
     vocab = tokenizer.get_added_vocab()

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from skytune.checkpoints import PREEMPTED_EXIT_CODE, PREEMPTED_FILE_ENV
+from skytune.checkpoints import ENV_DIR, PREEMPTED_EXIT_CODE, PREEMPTED_FILE_ENV
 from skytune.params import ParamsError, load_params
 
 CONFIG_DIR = Path("configs/accelerate")
@@ -56,10 +56,12 @@ def world_from_env(env: dict[str, str] | os._Environ[str], gpus: int) -> World:
     )
 
 
-def command(module: str, world: World, *, gpu: bool, config: Path) -> list[str]:
-    """The command that starts `module` on this node's processes."""
+def command(module: str, world: World, *, gpu: bool, config: Path, precision: str = "bf16") -> list[str]:
+    """The command that starts `module` on this node's processes (`precision`: accelerate's mixed precision, which
+    follows train.compute_dtype)."""
     if gpu:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                "--mixed_precision", precision,
                 "--num_machines", str(world.nnodes), "--machine_rank", str(world.node_rank),
                 "--num_processes", str(world.size), "--main_process_ip", world.master_addr,
                 "--main_process_port", str(world.master_port), "--module", module]
@@ -82,19 +84,35 @@ def main(argv: list[str]) -> int:
     if world.size == 1:
         os.execv(sys.executable, [sys.executable, "-m", module])
     try:
-        config = CONFIG_DIR / f"{load_params().train.distributed}.yaml"
+        train = load_params().train
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    config = CONFIG_DIR / f"{train.distributed}.yaml"
+    from skytune.models import compute_dtype  # imported late: the single-process path above needs no torch
+
+    dtype = compute_dtype(train.compute_dtype)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    if world.nnodes > 1 and not os.environ.get(ENV_DIR):
+        print(f"error: {world.nnodes} nodes need a checkpoint directory every node sees (a bucket mount): set "
+              f"{ENV_DIR}; node-local checkpoints would let the nodes resume from different steps", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="skytune-launch-") as tmp:
-        flag = Path(tmp) / "preempted"
-        env = {**os.environ, PREEMPTED_FILE_ENV: str(flag)}
+        # Reuse the flag of a caller that waits on us (skytune.cli preemptible around dvc exp run).
+        flag = Path(os.environ.get(PREEMPTED_FILE_ENV) or Path(tmp) / "preempted")
+        # The workers get SIGTERM from the agent and need time to finish a step and write a checkpoint before the
+        # agent's SIGKILL (30 s by default).
+        env = {**os.environ, PREEMPTED_FILE_ENV: str(flag), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
         print(f"skytune.launch: {world.size} processes ({world.nnodes} node(s) x {world.nproc_per_node}), "
               f"this node {world.node_rank}, head {world.master_addr}:{world.master_port}", file=sys.stderr)
-        child = subprocess.Popen(command(module, world, gpu=gpus > 0, config=config), env=env)
+        pending: list[int] = []  # a SIGTERM that arrives before the child exists is passed on once it does
+        signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
+        child = subprocess.Popen(command(module, world, gpu=gpus > 0, config=config, precision=precision), env=env)
         signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+        if pending:
+            child.send_signal(signal.SIGTERM)
         code = child.wait()
-        return PREEMPTED_EXIT_CODE if flag.exists() else code
+        return PREEMPTED_EXIT_CODE if flag.exists() else (code if code >= 0 else 128 - code)
 
 
 if __name__ == "__main__":

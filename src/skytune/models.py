@@ -199,10 +199,15 @@ def fit_embeddings(model: Any, tokenizer: Any) -> bool:
     return True
 
 
+def fsdp_enabled() -> bool:
+    """Whether this process was started by `accelerate launch` with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def device_map() -> dict[str, Any] | None:
     """Where a process puts the whole model: its own GPU (LOCAL_RANK under torchrun/accelerate), or the CPU.
     None under FSDP, which shards the model itself."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if fsdp_enabled():
         return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}

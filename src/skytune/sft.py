@@ -12,12 +12,12 @@ import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainerCallback
 
-from skytune import attention, checkpoints
+from skytune import attention, checkpoints, models
 from skytune.params import TrainParams
 from skytune.tokenization import Encoded
 
@@ -127,7 +127,8 @@ def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[En
         peft_config=lora_config(p),
         callbacks=callbacks or [],
     )
-    if p.method != "full":
+    if p.method != "full" and not models.fsdp_enabled():
+        # (Under FSDP the adapter stays in the storage dtype: one flat parameter cannot mix dtypes.)
         # TRL casts the adapter of a 4-bit model to bf16, but PEFT loads it back in fp32 when training resumes from a
         # checkpoint: keep it in fp32 from the start (PEFT's own default) so a resumed run computes exactly what an
         # uninterrupted one does (measured on CPU: val loss off by 5e-3 otherwise). LoRA weights are a few MB.
@@ -155,7 +156,7 @@ class LiveLog(TrainerCallback):
     """DVCLive metrics keyed by the optimizer step: train loss, learning rate and grad norm every logging step, val
     loss and perplexity every eval. A metric is never logged twice at a step, also across a resume (dvclive#781)."""
 
-    NAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+    NAMES: ClassVar[dict[str, str]] = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
              "eval_loss": "eval/loss"}
 
     def __init__(self, live: Any) -> None:

@@ -236,5 +236,5 @@ def render_samples(records: list[Encoded], n: int, *, loss: str) -> str:
         out.append(text[pos:])
         trained = sum(label != IGNORE for label in record.labels)
         parts.append(f"## {record.source}/{record.id}: {len(record.input_ids)} tokens, {trained} trained\n\n"
-                     f"~~~~text\n{''.join(out)}\n~~~~\n")
+                      f"~~~~text\n{''.join(out)}\n~~~~\n")
     return "\n".join(parts)

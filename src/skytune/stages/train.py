@@ -60,7 +60,7 @@ def _load_model(params: Params, base: models.BaseModel, tokenizer: Any, dtype: t
     model, quantization = models.load_for_training(
         base, four_bit=p.method == "qlora", quant_type=p.quant_type, double_quant=p.double_quant, dtype=dtype)
     models.fit_embeddings(model, tokenizer)
-    if quantization in ("nf4", "fp4"):
+    if quantization in ("nf4", "fp4") and not models.fsdp_enabled():  # FSDP+QLoRA keeps the storage dtype
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
     return model, quantization
 
@@ -126,17 +126,19 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
         checkpoints.exit_preempted()
     after = trainer.evaluate()["eval_loss"]
     log.info("val loss after training: %.4f (before %.4f)", after, state["val_loss_before"])
+    weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under FSDP
     if live is None:
         return
     live.end()
-    _write_outputs(params, base, trainer, tokenizer, quantization)
+    _write_outputs(params, base, trainer, tokenizer, quantization, weights)
     _write_metrics(params, trainer, train, gate_metrics, state["val_loss_before"], after, quantization,
                    seconds, start_step, world_size)
 
 
-def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokenizer: Any, quantization: str) -> None:
+def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokenizer: Any, quantization: str,
+                   weights: dict[str, Any]) -> None:
     with atomic_dir(params.paths.adapter_dir) as out:
-        trainer.model.save_pretrained(out)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out, state_dict=weights)
         tokenizer.save_pretrained(out)
         (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
             "base_model": asdict(base),
@@ -165,7 +167,7 @@ def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,  # mean of the logged losses
         "steps": state.global_step,
         "resumed_from_step": start_step,
-        "world_size": world_size,
+        "world_size": trainer.args.world_size,
         "distributed": params.train.distributed if world_size > 1 else "none",
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "quantization": quantization,
