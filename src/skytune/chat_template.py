@@ -183,6 +183,22 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def template_pieces(tokenizer: Any, roles: tuple[str, ...]) -> list[str] | None:
+    """The fixed text the chat template writes around the contents of a conversation with these roles: piece 0,
+    content 0, piece 1, ..., content n-1, piece n. None when the template does not write the contents in order
+    (it moves, drops or repeats one). Found by rendering sentinels in place of the contents."""
+    marks = [f"\x02{i}\x03" for i in range(len(roles))]
+    text = tokenizer.apply_chat_template([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)],
+                                         tokenize=False)
+    pieces = []
+    for mark in marks:
+        head, found, text = text.partition(mark)
+        if not found or any(m in head for m in marks):
+            return None
+        pieces.append(head)
+    return [*pieces, text]
+
+
 class Renderer:
     """Renders conversations with a tokenizer's chat template, fast and exactly.
 
@@ -202,21 +218,10 @@ class Renderer:
     def jinja(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
 
-    def _pieces(self, roles: tuple[str, ...]) -> list[str] | None:
-        marks = [f"\x02{i}\x03" for i in range(len(roles))]
-        text = self.jinja([{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)])
-        pieces = []
-        for mark in marks:
-            head, found, text = text.partition(mark)
-            if not found or any(m in head for m in marks):
-                return None
-            pieces.append(head)
-        return pieces + [text]
-
     def __call__(self, messages: list[dict[str, str]]) -> str:
         roles = tuple(m["role"] for m in messages)
         if roles not in self.pieces:
-            self.pieces[roles] = self._pieces(roles)
+            self.pieces[roles] = template_pieces(self.tokenizer, roles)
         pieces = self.pieces[roles]
         if pieces is None:
             return self.jinja(messages)

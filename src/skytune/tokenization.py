@@ -16,11 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from skytune.chat_template import end_of_turn_token, renders_bos
+from skytune.chat_template import end_of_turn_token, renders_bos, template_pieces
 
 IGNORE = -100  # the label of a token outside the loss
 LOSS_MODES = ("assistant_only", "completion_only", "full")
-SENTINEL = "\x02{}\x03"
 
 
 class TemplateError(ValueError):
@@ -71,19 +70,13 @@ class Encoder:
 
     def _pieces(self, roles: tuple[str, ...]) -> list[str]:
         if roles not in self.pieces:
-            marks = [SENTINEL.format(i) for i in range(len(roles))]
-            text = self.tokenizer.apply_chat_template(
-                [{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)], tokenize=False)
-            pieces = []
-            for mark in marks:
-                head, found, text = text.partition(mark)
-                if not found or any(m in head for m in marks):
-                    raise TemplateError(
-                        f"the chat template does not write the messages of a {'/'.join(roles)} conversation in order "
-                        "(it moves or drops one): the loss masks cannot be derived from it. Use model.chat_template: "
-                        "chatml or a templates/<file>.jinja")
-                pieces.append(head)
-            self.pieces[roles] = [*pieces, text]
+            pieces = template_pieces(self.tokenizer, roles)
+            if pieces is None:
+                raise TemplateError(
+                    f"the chat template does not write the messages of a {'/'.join(roles)} conversation in order "
+                    "(it moves or drops one): the loss masks cannot be derived from it. Use model.chat_template: "
+                    "chatml or a templates/<file>.jinja")
+            self.pieces[roles] = pieces
         return self.pieces[roles]
 
     def locate(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
