@@ -116,7 +116,7 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     if "val_loss_before" not in state:
         state["val_loss_before"] = trainer.evaluate()["eval_loss"]
     log.info("val loss before training: %.4f", state["val_loss_before"])
-    start_step = trainer.state.global_step if resume is None else int(resume.name.split("-")[-1])
+    start_step = checkpoints.step_of(resume) if resume else 0
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
