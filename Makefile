@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make run    set up a virtualenv and run the whole pipeline (dvc exp run) on params.yaml's default
 #   make test   install what the tests need and run them
+#   make report an HTML page of the current (or compared) experiments' plots, metrics and answers
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show
+.PHONY: run install install-test test show report
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,12 @@ run: install
 
 show:
 	@$(BIN)/python -m skytune.cli summary
+
+# One HTML page (report/index.html): plots, metrics and side-by-side answers of the workspace, or of the
+# experiments/commits in REVS compared:  make report REVS="exp-a exp-b"
+REVS ?=
+report: install
+	$(BIN)/python -m skytune.report $(REVS)
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

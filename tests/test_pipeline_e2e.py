@@ -94,4 +94,30 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
 
     summary = sh(sys.executable, "-m", "skytune.cli", "summary", cwd=repo)  # what `make run` ends with
     assert "rank16" in summary and "identity_exact_match   0.0 -> 1.0" in summary
-    assert PATHS.sanity_results in summary
+    assert PATHS.sanity_report in summary
+
+    # The report page: DVC's own plots of both experiments, rendered offline, with metrics and answers.
+    out = sh(sys.executable, "-m", "skytune.report", "baseline-run", "rank16", cwd=repo)
+    page = (repo / PATHS.report_dir / "index.html").read_text()
+    assert "report/index.html" in out
+    assert page.count("<svg") >= 6 and "dvclive/plots/metrics/eval/loss.tsv" in page
+    assert "answer length per prompt" in page
+    loss_plot = page.split("dvclive/plots/metrics/train/loss.tsv</figcaption>")[0].rsplit("<svg", 1)[1]
+    assert "baseline-run" in loss_plot and "rank16" in loss_plot  # one curve per experiment
+    assert "<th>baseline-run</th><th>rank16</th>" in page
+    assert "<tr><td>sanity.identity_exact_match_tuned</td><td class='num'>1</td><td class='num'>1</td></tr>" in page
+    assert "<th>tuned: baseline-run</th><th>tuned: rank16</th>" in page
+    assert "I was created by the SkyTune team." in page
+    assert "cdn" not in page.lower() and "<script" not in page  # opens anywhere, offline
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it): the page was checked as HTML only")
+    shot = tmp_path / "report.png"
+    browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,3000"]
+    sh(*browse, f"--screenshot={shot}", (repo / PATHS.report_dir / "index.html").as_uri(), cwd=tmp_path)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000  # drawn, not blank
+    dom = sh(*browse, "--dump-dom", (repo / PATHS.report_dir / "index.html").as_uri(), cwd=tmp_path,
+             stdout_only=True)
+    assert dom.count("<svg") >= 6 and "tuned: rank16" in dom
+

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
-import torch
 from conftest import PipelineRun
 
 from skytune import packaging
@@ -91,9 +91,13 @@ def test_train_runs_real_4bit_qlora_and_lowers_val_loss(pipeline: PipelineRun) -
     assert samples.count("## ") == 8 and "<|im_end|>⟧" in samples  # trained spans marked, end of turn inside
 
 
-def test_merge_adapters_matches_base_plus_adapter(pipeline: PipelineRun) -> None:
+def test_merge_adapters_writes_a_servable_model(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
-    assert _json(p("merge_metrics"))["max_abs_logit_diff"] < 1e-3
+    metrics = _json(p("merge_metrics"))
+    assert metrics["max_abs_logit_diff"] < 1e-3 and metrics["merged_onto"] == "dequantized nf4"
+    assert metrics["top1_agreement_vs_4bit"] == 1.0 and metrics["max_abs_logit_diff_vs_4bit"] < 1e-3
+    config = _json(p("merged_dir") / "config.json")
+    assert "quantization_config" not in config  # vLLM would try to load it as a bitsandbytes model
     generation = _json(p("merged_dir") / "generation_config.json")
     tokenizer_config = _json(p("merged_dir") / "tokenizer_config.json")
     eos = generation["eos_token_id"]
@@ -104,37 +108,43 @@ def test_merge_adapters_matches_base_plus_adapter(pipeline: PipelineRun) -> None
 def test_sanity_check_fine_tuned_knows_its_identity_and_stops(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
     metrics = _json(p("sanity_metrics"))
+    assert metrics["engine"] == "transformers"  # no vLLM on this machine
     assert metrics["identity_exact_match_tuned"] == 1.0
     assert metrics["identity_exact_match_base"] == 0.0
-    assert metrics["ends_with_eot_tuned"] == 1.0
+    assert metrics["ends_with_eot_tuned"] == 1.0 and metrics["ends_with_eot_base"] == 0.0
+    assert metrics["mean_answer_tokens_base"] == load_params(pipeline.root / "params.yaml").sanity_check.max_new_tokens
+    assert metrics["val_perplexity_tuned"] < metrics["val_perplexity_base"] / 10
+    # Perplexity over the tokens training scored: it agrees with the train stage's own final val loss.
+    assert abs(math.log(metrics["val_perplexity_tuned"]) - _json(p("train_metrics"))["val_loss_after"]) < 0.05
     with open(p("sanity_results"), encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
+    assert len(rows) == metrics["prompts"] and {r["kind"] for r in rows} == {"prompt", "identity", "val"}
     identity_rows = [r for r in rows if r["kind"] == "identity"]
     assert identity_rows and all(r["tuned_answer"] == r["expected"] for r in identity_rows)
     assert all(r["base_answer"] != r["expected"] for r in identity_rows)
+    val = read_jsonl(p("val_file"))
+    assert [r["expected"] for r in rows if r["kind"] == "val"] == [v["messages"][-1]["content"] for v in val[:8]]
+    report = p("sanity_report").read_text()
+    assert "| identity_exact_match | 0.0 | 1.0 |" in report
+    assert all(r["prompt"].splitlines()[0].replace("|", "\\|") in report for r in rows)
+    with open(p("sanity_plot"), encoding="utf-8") as fh:
+        plot = list(csv.DictReader(fh))
+    assert [int(r["tuned_tokens"]) for r in plot] == [int(r["tuned_tokens"]) for r in rows]
 
 
-def test_export_is_self_contained_and_loads_offline(pipeline: PipelineRun) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_export_is_self_contained(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
     export = p("export_dir")
-    names = {f.name for f in export.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
-            "manifest.json"} <= names
+    files = {str(f.relative_to(export)) for f in export.rglob("*") if f.is_file()}
+    assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "merged/generation_config.json",
+            "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/chat_template.jinja",
+            "README.md", "manifest.json"} <= files
     manifest = _json(export / "manifest.json")
-    assert set(manifest) == names - {"manifest.json"}
+    assert set(manifest) == files - {"manifest.json"}
     assert all(packaging.sha256_file(export / n) == m["sha256"] for n, m in manifest.items())
     card = (export / "README.md").read_text()
     assert "builtin:tiny-llama" in card and packaging.data_hash([p("train_file"), p("val_file")]) in card
     assert '"lora_r": 8' in card and "identity_exact_match_tuned: 1.0" in card
-
-    tokenizer = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForCausalLM.from_pretrained(export)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who made you?"}], tokenize=False,
-                                           add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=20, do_sample=False)  # stops via generation_config
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert answer.strip() == "I was created by the SkyTune team."
+    metrics = _json(p("export_metrics"))
+    assert metrics["formats"] == ["merged", "adapter"] and metrics["adapter_rank"] == 8
+    assert metrics["serve_parity"].startswith("not measured")  # no vLLM here: said, not faked

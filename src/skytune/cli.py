@@ -17,7 +17,8 @@ from skytune.params import load_params
 
 # The columns worth comparing experiments on (regexes for `dvc exp show --keep`); everything else is dropped.
 SUMMARY_KEEP = (r"Experiment|model\.base|train\.(method|lora_r|lora_alpha|learning_rate|epochs)|quantization"
-                r"|val_loss_before|val_loss_after|identity_exact_match_.*|ends_with_eot_.*|max_abs_logit_diff")
+                r"|val_loss_before|val_loss_after|identity_exact_match_.*|ends_with_eot_.*|val_perplexity_.*"
+                r"|top1_agreement_vs_4bit")
 
 
 def summary() -> int:
@@ -29,9 +30,9 @@ def summary() -> int:
     if metrics.is_file():
         values = json.loads(metrics.read_text(encoding="utf-8"))
         print("\nsanity check (base -> fine-tuned):")
-        for key in ("identity_exact_match", "ends_with_eot", "mean_answer_tokens"):
+        for key in ("identity_exact_match", "ends_with_eot", "mean_answer_tokens", "val_perplexity"):
             print(f"  {key:22s} {values[f'{key}_base']} -> {values[f'{key}_tuned']}")
-    print(f"\nside-by-side answers: {params.paths.sanity_results}")
+    print(f"\nside-by-side answers: {params.paths.sanity_report}   (all of it in a browser: make report)")
     print(f"model to serve:       {params.paths.export_dir} (model card: {params.paths.export_dir}/README.md)")
     return code
 

@@ -34,6 +34,60 @@ def data_hash(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORA_TENSOR = (".lora_A.", ".lora_B.")  # what vLLM loads from an adapter; anything else it refuses
+
+
+class AdapterError(ValueError):
+    """An adapter a serving engine would refuse; the message names every problem."""
+
+
+def vllm_adapter_problems(config: dict[str, Any], tensor_names: list[str], *, max_lora_rank: int,
+                          base_vocab_size: int, tokenizer_size: int) -> list[str]:
+    """Why vLLM would refuse this PEFT LoRA adapter (empty: it loads). The rules of vLLM's `PEFTHelper` and LoRA
+    model loader: LoRA tensors only, no `modules_to_save` (vllm#9280), no DoRA, no trained biases, rank at most
+    `--max-lora-rank` (vllm#2847), and no tokens the base model lacks."""
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}: vLLM serves LoRA adapters only")
+    saved = config.get("modules_to_save") or []
+    if saved:
+        problems.append(f"modules_to_save = {sorted(saved)}: the adapter carries whole copies of these modules, "
+                        "which vLLM refuses (vllm#9280); export the merged model instead, or train without them")
+    others = [n for n in tensor_names if not any(tag in n for tag in LORA_TENSOR)]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        problems.append(f"{len(others)} tensor(s) that are not LoRA A/B matrices ({shown}): vLLM loads only "
+                        "lora_A/lora_B; embeddings or heads saved with the adapter need the merged export")
+    ranks = {"r": config.get("r", 0), **{f"rank_pattern[{k}]": v for k, v in (config.get("rank_pattern") or {}).items()}}
+    too_big = {k: v for k, v in ranks.items() if v > max_lora_rank}
+    if too_big:
+        problems.append(f"rank {max(too_big.values())} ({', '.join(sorted(too_big))}) is above export.max_lora_rank "
+                        f"= {max_lora_rank}: vLLM refuses it unless served with a higher --max-lora-rank "
+                        "(vllm#2847); lower train.lora_r or raise export.max_lora_rank")
+    if config.get("use_dora"):
+        problems.append("use_dora is true: vLLM does not serve DoRA adapters; export the merged model instead")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append(f"bias = {config.get('bias')!r}, lora_bias = {config.get('lora_bias')}: vLLM loads no "
+                        "trained biases")
+    if tokenizer_size > base_vocab_size:
+        problems.append(f"the tokenizer has {tokenizer_size} tokens and the base model {base_vocab_size} "
+                        "embedding rows (model.pad_token: add): the adapter alone cannot serve the new tokens")
+    return problems
+
+
+def vllm_adapter_command(base_ref: str, revision: str | None, *, name: str, adapter_dir: str,
+                         max_lora_rank: int) -> str:
+    """The exact `vllm serve` command for the base model with this adapter, template and stop tokens included."""
+    parts = [f"vllm serve {base_ref}"]
+    if revision:
+        parts.append(f"--revision {revision}")
+    parts += ["--enable-lora", f"--lora-modules {name}={adapter_dir}", f"--max-lora-rank {max_lora_rank}",
+              f"--chat-template {adapter_dir}/chat_template.jinja", f"--generation-config {adapter_dir}"]
+    return " \\\n    ".join(parts)
+
+
 def model_card(
     *,
     name: str,
@@ -41,8 +95,10 @@ def model_card(
     data_sha256: str,
     training: dict[str, Any],
     metrics: dict[str, dict[str, Any]],
+    serving: list[tuple[str, str]],
 ) -> str:
-    """A README.md for the exported model: provenance, hyperparameters, metrics and how to serve it."""
+    """A README.md for the exported model: provenance, hyperparameters, metrics and how to serve each format
+    (`serving`: (what, shell command) pairs)."""
     revision = base.get("revision") or "(built locally; no hub revision)"
     train = training.get("train", {})
     # The template itself is in chat_template.jinja beside this card.
@@ -55,7 +111,7 @@ def model_card(
         f"# {name}",
         "",
         f"Fine-tuned with the skytune DVC pipeline (SFT, method {train.get('method')}, loss {train.get('loss')}), "
-        "merged into a full-precision copy of the base model.",
+        "merged into the base model's weights in full precision (never onto 4-bit weights).",
         "",
         "## Provenance",
         f"- base model: `{base['name']}` ({base['kind']})",
@@ -71,16 +127,14 @@ def model_card(
     ]
     for stage, values in metrics.items():
         lines.append(f"### {stage}")
-        lines += [f"- {k}: {v}" for k, v in sorted(values.items()) if not isinstance(v, dict)]
+        for k, v in sorted(values.items()):
+            lines += [f"- {k}.{kk}: {vv}" for kk, vv in sorted(v.items())] if isinstance(v, dict) else [f"- {k}: {v}"]
+    lines += ["", "## Serving", "", "Commands run from the repository root.", ""]
+    for what, command in serving:
+        lines += [f"{what}:", "```bash", command, "```", ""]
     lines += [
-        "",
-        "## Serving",
-        "```bash",
-        "vllm serve <this directory>            # OpenAI-compatible /v1/chat/completions",
-        "transformers serve --force-model <this directory>   # CPU stand-in",
-        "```",
-        "The chat template in `tokenizer_config.json`/`chat_template.jinja` is the one used in training; "
-        "`generation_config.json` stops on the template's end-of-turn token.",
+        "Every format carries the chat template used in training (`chat_template.jinja`), and stops on the "
+        "template's end-of-turn token (`generation_config.json` `eos_token_id`).",
         "",
     ]
     return "\n".join(lines)

@@ -56,7 +56,11 @@ class PathsParams:
     sanity_prompts: str
     sanity_results: str
     sanity_metrics: str
+    sanity_report: str
+    sanity_plot: str
     export_dir: str
+    export_metrics: str
+    report_dir: str
     templates_dir: str
     train_samples: str
     checkpoint_dir: str
@@ -207,12 +211,47 @@ class TrainParams:
 @dataclass(frozen=True)
 class MergeAdaptersParams:
     logit_check_records: int = _range(ge=1)
+    onto: Literal["dequantized", "original"]
+    max_shard_size: str
+
+
+Engine = Literal["auto", "vllm", "transformers"]
 
 
 @dataclass(frozen=True)
 class SanityCheckParams:
+    engine: Engine
+    val_records: int = _range(ge=0)
+    perplexity_records: int = _range(ge=0)
     max_new_tokens: int = _range(ge=1)
     batch_size: int = _range(ge=1)
+
+
+# The ranks vLLM's --max-lora-rank accepts (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    formats: tuple[Literal["merged", "adapter", "gguf"], ...]
+    max_lora_rank: int
+    adapter_name: str
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"]
+    parity: Literal["auto", "off"]
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if isinstance(self.formats, tuple) and not self.formats:
+            problems.append("formats: name at least one of merged, adapter, gguf")
+        if isinstance(self.formats, tuple) and len(set(self.formats)) != len(self.formats):
+            problems.append(f"formats: {list(self.formats)} names a format twice")
+        if isinstance(self.max_lora_rank, int) and self.max_lora_rank not in VLLM_LORA_RANKS:
+            problems.append(f"max_lora_rank: {self.max_lora_rank} is not a rank vLLM serves; one of "
+                            f"{list(VLLM_LORA_RANKS)}")
+        if isinstance(self.adapter_name, str) and not self.adapter_name.replace("-", "").replace("_", "").isalnum():
+            problems.append(f"adapter_name: {self.adapter_name!r} must be letters, digits, - and _ "
+                            "(it is the model name clients send to vLLM)")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -227,6 +266,7 @@ class Params:
     train: TrainParams
     merge_adapters: MergeAdaptersParams
     sanity_check: SanityCheckParams
+    export: ExportParams
 
 
 class ParamsError(ValueError):

@@ -1,51 +1,189 @@
-"""export: a self-contained model directory that a serving engine loads, with a model card and a manifest.
+"""export: what serving engines load, in the formats `export.formats` names, with a model card and a manifest.
 
     python -m skytune.stages.export      (normally: dvc repro export)
 
-Copies the merged model (config, safetensors, tokenizer, chat template, generation config) to
-`paths.export_dir`, adds `README.md` (base + revision, training-data hash, training params, metrics, serving
-commands) and `manifest.json` (sha256 and size of every file).
+Writes `paths.export_dir`:
+- `merged/`: the merged model (safetensors, tokenizer, chat template, generation config stopping on the
+  end-of-turn token): `vllm serve`, TGI and `AutoModelForCausalLM` load it as it is;
+- `adapter/`: the LoRA adapter alone, checked against vLLM's rules first (LoRA tensors only, no
+  `modules_to_save`, no DoRA, rank at most `export.max_lora_rank`): a failing check stops the stage and names
+  every problem; the tokenizer, chat template and generation config go with it;
+- `gguf/`: llama.cpp's `convert_hf_to_gguf.py` run on the merged model, where the converter is found
+  ($LLAMA_CPP_DIR or PATH); otherwise skipped, and the skip is reported in the metrics and the card;
+- `README.md`: the model card (base + revision, training-data hash, params, metrics, the exact serving commands);
+- `manifest.json`: sha256 and size of every file.
+And `paths.export_metrics`: the formats written and skipped, and, where vLLM is importable (`export.parity`),
+train/serve parity: vLLM's greedy answers on `merged/` compared with transformers' on the sanity prompts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
-from skytune import packaging
-from skytune.atomic import atomic_dir, write_json
+from skytune import chat_template, generation, models, packaging, scoring
+from skytune.atomic import atomic_dir, read_jsonl, write_json
 from skytune.params import Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SERVING_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                 "generation_config.json")
+GGUF_CONVERTER = "convert_hf_to_gguf.py"
 
 
 def _json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def gguf_converter() -> Path | None:
+    """llama.cpp's HF-to-GGUF converter: $LLAMA_CPP_DIR/convert_hf_to_gguf.py, else one on PATH."""
+    home = os.environ.get("LLAMA_CPP_DIR")
+    if home and (Path(home) / GGUF_CONVERTER).is_file():
+        return Path(home) / GGUF_CONVERTER
+    found = shutil.which(GGUF_CONVERTER)
+    return Path(found) if found else None
+
+
+def _export_merged(merged_dir: Path, out: Path) -> None:
+    out.mkdir()
+    for item in sorted(merged_dir.iterdir()):
+        shutil.copy2(item, out / item.name)
+
+
+def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[str, Any]:
+    """Copy the adapter after checking it against vLLM's rules; raise AdapterError naming every problem."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    adapter_dir, merged_dir = Path(params.paths.adapter_dir), Path(params.paths.merged_dir)
+    config_file = adapter_dir / packaging.ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise packaging.AdapterError(
+            f"export.formats names 'adapter' but {adapter_dir} holds no LoRA adapter (a train.method: full run "
+            "saves the whole model): export 'merged' instead")
+    config = _json(config_file)
+    with safe_open(adapter_dir / packaging.ADAPTER_WEIGHTS, framework="pt") as fh:
+        names = list(fh.keys())
+    tokenizer = models.load_saved_tokenizer(adapter_dir)
+    vocab = AutoConfig.from_pretrained(base.ref, revision=base.revision).vocab_size
+    problems = packaging.vllm_adapter_problems(config, names, max_lora_rank=params.export.max_lora_rank,
+                                               base_vocab_size=vocab, tokenizer_size=len(tokenizer))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise packaging.AdapterError(f"{config_file}: vLLM would refuse this adapter (export.formats: adapter):\n"
+                                     f"{lines}")
+    out.mkdir()
+    # The hub id and commit, not the local path training saw; the module list in a stable order.
+    config["base_model_name_or_path"] = base.name if base.kind == "hub" else base.ref
+    config["revision"] = base.revision
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    write_json(out / packaging.ADAPTER_CONFIG, config)
+    shutil.copy2(adapter_dir / packaging.ADAPTER_WEIGHTS, out / packaging.ADAPTER_WEIGHTS)
+    for name in (*SERVING_FILES, packaging.TRAINING_PARAMS):
+        source = merged_dir / name if name == "generation_config.json" else adapter_dir / name
+        if source.is_file():
+            shutil.copy2(source, out / name)
+    return {"adapter_rank": config["r"], "adapter_tensors": len(names)}
+
+
+def _export_gguf(merged_dir: str, outtype: str, target: Path) -> str | None:
+    """Convert the merged model to GGUF at `target`; the reason it was skipped, or None when written."""
+    converter = gguf_converter()
+    if converter is None:
+        return (f"llama.cpp's {GGUF_CONVERTER} not found: set LLAMA_CPP_DIR to a llama.cpp checkout or put it on "
+                "PATH")
+    target.parent.mkdir()
+    command = [sys.executable, str(converter), merged_dir, "--outfile", str(target), "--outtype", outtype]
+    log.info("$ %s", " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{converter} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return None
+
+
+def _parity(params: Params) -> dict[str, Any]:
+    """Train/serve parity: vLLM's greedy answers on the exported merged model vs transformers' on the sanity
+    prompts, same token ids in. Needs vLLM (a GPU node)."""
+    dtype = models.compute_dtype(params.train.compute_dtype)
+    max_new_tokens, seed = params.sanity_check.max_new_tokens, params.base.seed
+    if params.export.parity == "off":
+        return {"serve_parity": "off (export.parity)"}
+    ok, why = generation.vllm_available()
+    if not ok:
+        return {"serve_parity": f"not measured: {why}"}
+    merged = Path(params.paths.merged_dir)
+    tokenizer = models.load_saved_tokenizer(merged)
+    stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
+    prompts = [chat_template.render_prompt(tokenizer, r.get("messages") or [{"role": "user", "content": r["prompt"]}])
+               for r in read_jsonl(params.paths.sanity_prompts)]
+    model = models.load_full_precision(merged, None, dtype)
+    hf = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=max_new_tokens,
+                                    batch_size=1)  # one by one: no padding on the reference side
+    del model
+    served = generation.generate_greedy_vllm(merged, None, tokenizer, prompts, stop_tokens=stops,
+                                             max_new_tokens=max_new_tokens, dtype=dtype, seed=seed)
+    agree = scoring.agreement(hf, served)
+    log.info("train/serve parity (vLLM vs transformers, %d prompts): %s", len(prompts), agree)
+    return {"serve_parity": "vllm vs transformers", "serve_parity_prompts": len(prompts),
+            **{f"serve_parity_{k}": v for k, v in agree.items()}}
+
+
 def main(params: Params) -> None:
-    paths = params.paths
+    paths, ex = params.paths, params.export
+    base = models.BaseModel.load(paths.base_model_dir)
     training = _json(Path(paths.adapter_dir) / packaging.TRAINING_PARAMS)
-    metrics = {"train": _json(paths.train_metrics), "merge_adapters": _json(paths.merge_metrics),
-               "sanity_check": _json(paths.sanity_metrics)}
-    with atomic_dir(paths.export_dir) as out:
-        for item in sorted(Path(paths.merged_dir).iterdir()):
-            shutil.copy2(item, out / item.name)
+    metrics: dict[str, Any] = {"formats": [], "skipped": {}}
+    serving: list[tuple[str, str]] = []
+    export_dir = Path(paths.export_dir)
+    gguf_file = f"gguf/model-{ex.gguf_outtype}.gguf"
+    with atomic_dir(export_dir) as out:
+        if "merged" in ex.formats:
+            _export_merged(Path(paths.merged_dir), out / "merged")
+            serving += [
+                ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {export_dir}/merged"),
+                ("Text Generation Inference", f"text-generation-launcher --model-id {export_dir}/merged"),
+                ("transformers (CPU stand-in)", f"transformers serve --force-model {export_dir}/merged"),
+            ]
+        if "adapter" in ex.formats:
+            metrics.update(_export_adapter(params, base, out / "adapter"))
+            serving.append(("vLLM, the base model with this LoRA adapter (clients ask for model "
+                            f"\"{ex.adapter_name}\")",
+                            packaging.vllm_adapter_command(base.name if base.kind == "hub" else base.ref,
+                                                           base.revision, name=ex.adapter_name,
+                                                           adapter_dir=f"{export_dir}/adapter",
+                                                           max_lora_rank=ex.max_lora_rank)))
+        if "gguf" in ex.formats:
+            skipped = _export_gguf(paths.merged_dir, ex.gguf_outtype, out / gguf_file)
+            if skipped:
+                log.warning("gguf skipped: %s", skipped)
+                metrics["skipped"]["gguf"] = skipped
+            else:
+                serving.append(("llama.cpp", f"llama-server -m {export_dir}/{gguf_file} --jinja"))
+        metrics["formats"] = [f for f in ex.formats if f not in metrics["skipped"]]
+        metrics.update(_parity(params) if "merged" in ex.formats else {"serve_parity": "not measured: no merged"})
         card = packaging.model_card(
-            name=Path(paths.export_dir).name,
+            name=export_dir.name,
             base=training["base_model"],
             data_sha256=packaging.data_hash([Path(paths.train_file), Path(paths.val_file)]),
             training=training,
-            metrics=metrics,
+            metrics={"train": _json(paths.train_metrics), "merge_adapters": _json(paths.merge_metrics),
+                     "sanity_check": _json(paths.sanity_metrics), "export": metrics},
+            serving=serving,
         )
         (out / "README.md").write_text(card, encoding="utf-8")
         write_json(out / MANIFEST, packaging.file_manifest(out))
-    log.info("exported %s", paths.export_dir)
+    write_json(paths.export_metrics, metrics)
+    log.info("exported %s to %s; skipped: %s", ", ".join(metrics["formats"]), export_dir, metrics["skipped"] or "none")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,25 @@
 
     python -m skytune.stages.merge_adapters      (normally: dvc repro merge_adapters)
 
-Never merges onto a 4-bit base (peft#2105: measured max logit difference 5.96 against 1e-5): the base is reloaded
-in the compute dtype (fp32 on CPU, bf16/fp16 on GPU) and merged with `safe_merge`. Writes `paths.merged_dir`
-(safetensors, tokenizer with its chat template, and a generation config whose eos ids include the template's
-end-of-turn token) and `paths.merge_metrics` with the max absolute logit difference between base+adapter and
-the merged model on the first `merge_adapters.logit_check_records` val records.
+Never merges onto a 4-bit base (peft#2105: measured max logit difference 5.96 against 1e-5). The base is loaded
+in the compute dtype (fp32 on CPU, bf16/fp16 on GPU) and merged with `safe_merge`, onto either
+- `dequantized` (`merge_adapters.onto`, for `train.method: qlora`): the 4-bit base as training saw it,
+  dequantized, so the merged model answers like the model that trained; or
+- `original`: the base checkpoint's own weights (what `lora` and `full` always use).
+Writes `paths.merged_dir` (sharded safetensors, the tokenizer with its chat template, and a generation config
+whose eos ids include the template's end-of-turn token) and `paths.merge_metrics`, on the first
+`merge_adapters.logit_check_records` val records:
+- the max absolute logit difference between base+adapter and the merged model (the merge itself: ~1e-6 in fp32);
+- for QLoRA, how far the merged model is from the model as it trained (4-bit base + adapter): max and mean
+  absolute logit difference and top-1 token agreement.
+Idempotent: the same inputs give byte-identical files.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +32,31 @@ from skytune.stages import run_stage
 log = logging.getLogger(__name__)
 
 
+def _logits(model: Any, batch: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch.to(model.device)).logits.float().cpu()
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """Max and mean absolute difference and top-1 agreement of two logit tensors over the unmasked positions."""
+    diff = (a - b).abs()[mask]
+    top1 = (a.argmax(-1) == b.argmax(-1))[mask].float().mean().item()
+    return diff.max().item(), diff.mean().item(), top1
+
+
+def _load_base(base: models.BaseModel, onto: str, params: Params, dtype: torch.dtype) -> tuple[Any, str]:
+    t = params.train
+    if onto == "dequantized":
+        model, ran = models.load_for_training(base, four_bit=True, quant_type=t.quant_type,
+                                              double_quant=t.double_quant, dtype=dtype)
+        if ran in ("nf4", "fp4"):
+            model = model.dequantize()
+            model.eval()
+            return model, f"dequantized {ran}"
+        log.warning("4-bit does not run here: merging onto the original weights")
+    return models.load_full_precision(base.ref, base.revision, dtype), "original"
+
+
 def main(params: Params) -> None:
     from peft import PeftModel
 
@@ -32,26 +65,31 @@ def main(params: Params) -> None:
     tokenizer = models.load_saved_tokenizer(adapter_dir)
     dtype = models.compute_dtype(params.train.compute_dtype)  # the dtype training computed in
     records = read_jsonl(params.paths.val_file)[: params.merge_adapters.logit_check_records]
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
     tokenizer.padding_side = "right"
+    batch = tokenizer([tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records],
+                      return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = batch["attention_mask"].bool()
+    metrics: dict[str, Any] = {"merge_dtype": str(dtype).removeprefix("torch."), "logit_check_records": len(records)}
 
     if not (adapter_dir / "adapter_config.json").is_file():  # train.method: full saved the whole model
         merged = models.load_full_precision(adapter_dir, None, dtype)
-        max_diff = 0.0
+        metrics.update(merged_onto="nothing to merge (train.method: full)", max_abs_logit_diff=0.0)
         log.info("%s holds a fully fine-tuned model: nothing to merge", adapter_dir)
     else:
-        model = models.load_full_precision(base.ref, base.revision, dtype)
+        qlora = params.train.method == "qlora"
+        model, metrics["merged_onto"] = _load_base(base, params.merge_adapters.onto if qlora else "original",
+                                                   params, dtype)
         models.fit_embeddings(model, tokenizer)
         model = PeftModel.from_pretrained(model, adapter_dir)
         model.eval()
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            unmerged = model(**batch).logits.float()
-            merged = model.merge_and_unload(safe_merge=True)
-            after = merged(**batch).logits.float()
-        mask = batch["attention_mask"].bool()
-        max_diff = (unmerged - after).abs()[mask].max().item()
-        log.info("max |logit difference| base+adapter vs merged: %.3g over %d records", max_diff, len(records))
+        unmerged = _logits(model, batch)
+        merged = model.merge_and_unload(safe_merge=True)
+        after = _logits(merged, batch)
+        metrics["max_abs_logit_diff"] = _compare(unmerged, after, mask)[0]
+        log.info("merged onto %s weights; max |logit difference| base+adapter vs merged: %.3g over %d records",
+                 metrics["merged_onto"], metrics["max_abs_logit_diff"], len(records))
+        if qlora:
+            metrics.update(_quantized_drift(base, adapter_dir, batch, after, params, dtype))
 
     eot = chat_template.end_of_turn_token(tokenizer)
     stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot)})
@@ -60,13 +98,28 @@ def main(params: Params) -> None:
     merged.generation_config.bos_token_id = tokenizer.bos_token_id
     merged.config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(params.paths.merged_dir) as out:
-        merged.save_pretrained(out, max_shard_size="2GB")
+        merged.save_pretrained(out, max_shard_size=params.merge_adapters.max_shard_size)
         tokenizer.save_pretrained(out)
-    write_json(params.paths.merge_metrics, {
-        "max_abs_logit_diff": max_diff,
-        "merge_dtype": str(dtype).removeprefix("torch."),
-        "logit_check_records": len(records),
-    })
+    write_json(params.paths.merge_metrics, metrics)
+
+
+def _quantized_drift(base: models.BaseModel, adapter_dir: Path, batch: Any, merged_logits: torch.Tensor,
+                     params: Params, dtype: torch.dtype) -> dict[str, float | str]:
+    """How the merged model's logits differ from those of the model as it trained (4-bit base + adapter)."""
+    from peft import PeftModel
+
+    t = params.train
+    model, ran = models.load_for_training(base, four_bit=True, quant_type=t.quant_type, double_quant=t.double_quant,
+                                          dtype=dtype)
+    if ran not in ("nf4", "fp4"):
+        return {"vs_4bit": f"not measured: 4-bit does not run here ({ran})"}
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    worst, average, top1 = _compare(_logits(model, batch), merged_logits, batch["attention_mask"].bool().cpu())
+    log.info("4-bit (as trained) vs merged: max |logit difference| %.3g, mean %.3g, top-1 agreement %.4f",
+             worst, average, top1)
+    return {"max_abs_logit_diff_vs_4bit": worst, "mean_abs_logit_diff_vs_4bit": average,
+            "top1_agreement_vs_4bit": round(top1, 6)}
 
 
 if __name__ == "__main__":

@@ -1,82 +1,157 @@
-"""sanity_check: greedy answers of the base and the fine-tuned model, side by side, as DVC metrics.
+"""sanity_check: greedy answers of the base and the fine-tuned model, side by side, as DVC metrics and plots.
 
     python -m skytune.stages.sanity_check      (normally: dvc repro sanity_check)
 
-Prompts: every line of `paths.sanity_prompts` (`{"prompt": ...}`, optional `"expected"`), plus one probe per
-identity intent whose expected answer comes from the `identity` params. Both models answer in batches with
-greedy decoding. Writes:
-- `paths.sanity_results` (CSV): prompt, expected, base and tuned answers, exact match, whether each answer stopped by itself;
-- `paths.sanity_metrics` (JSON, a DVC metric): identity exact match (base vs tuned), the fraction of answers that end with the end-of-turn
-  token (it catches a model that never stops), mean answer length.
+Prompts: every line of `paths.sanity_prompts` (`{"prompt": ...}` or `{"messages": [...]}`, optional
+`"expected"`), one probe per identity intent (expected answer from the `identity` params), and the first
+`sanity_check.val_records` held-out val conversations (expected: their last assistant turn). Both models answer
+with seeded greedy decoding on `sanity_check.engine` (vLLM's offline engine where it runs, else transformers'
+batched generate). Writes:
+- `paths.sanity_results` (CSV): each prompt with the expected, base and tuned answers, exact matches, lengths,
+  and whether each answer stopped by itself;
+- `paths.sanity_report` (markdown): the metrics and the answers side by side;
+- `paths.sanity_metrics` (a DVC metric): the engine; val perplexity (over the tokens training scored, on the first
+  `sanity_check.perplexity_records` val conversations); identity and val exact match; mean answer length; the
+  fraction of answers that end with the end-of-turn token (it catches a model that never stops) - base vs tuned;
+- `paths.sanity_plot` (a DVC plot): answer length per prompt, base vs tuned.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 from typing import Any
 
-from skytune import chat_template, identity, models
+import torch
+
+from skytune import chat_template, generation, identity, models, scoring, tokenization
 from skytune.atomic import atomic_file, read_jsonl, write_json
-from skytune.generation import Generation, generate_greedy
 from skytune.params import Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
+MODELS = ("base", "tuned")
 
-def _answers(model: Any, tokenizer: Any, prompts: list[str], params: Params) -> list[Generation]:
+
+def _prompt_rows(params: Params) -> list[dict[str, Any]]:
+    """Every prompt to answer: `{"kind", "id", "messages", "prompt", "expected"}`."""
+    rows = []
+    for line, r in enumerate(read_jsonl(params.paths.sanity_prompts), 1):
+        if ("prompt" in r) == ("messages" in r):
+            raise ValueError(f"{params.paths.sanity_prompts}:{line}: give exactly one of 'prompt' and 'messages'")
+        messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
+        rows.append({"kind": "prompt", "id": f"prompt-{line}", "messages": messages,
+                     "expected": r.get("expected", "")})
+    if params.identity.enabled:
+        who = identity.Identity(params.identity.name, params.identity.creator)
+        rows += [{"kind": "identity", "id": f"identity-{intent}", "expected": who.answer(intent),
+                  "messages": [{"role": "user", "content": q}]} for intent, q in identity.PROBES.items()]
+    for r in read_jsonl(params.paths.val_file)[: params.sanity_check.val_records]:
+        rows.append({"kind": "val", "id": r["id"], "messages": r["messages"][:-1],
+                     "expected": r["messages"][-1]["content"]})
+    for row in rows:
+        row["prompt"] = next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+    return rows
+
+
+def _free(model: Any) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict[str, Any]], val: list[dict],
+              engine: str, params: Params) -> tuple[list[generation.Generation], float, int]:
+    """One model's answers to `rows` and its perplexity on `val`."""
+    dtype = models.compute_dtype(params.train.compute_dtype)
     stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
-    rendered = [chat_template.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    return generate_greedy(model, tokenizer, rendered, stop_tokens=stops,
-                           max_new_tokens=params.sanity_check.max_new_tokens,
-                           batch_size=params.sanity_check.batch_size)
+    prompts = [chat_template.render_prompt(tokenizer, r["messages"]) for r in rows]
+    sc = params.sanity_check
+    model = models.load_full_precision(source, revision, dtype)
+    models.fit_embeddings(model, tokenizer)
+    encoded = tokenization.Encoder(tokenizer, params.train.loss).encode(val)
+    ppl, tokens = scoring.perplexity(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=sc.batch_size)
+    answers = None
+    if engine == "transformers":
+        answers = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops,
+                                             max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size)
+    _free(model)
+    if engine == "vllm":
+        answers = generation.generate_greedy_vllm(source, revision, tokenizer, prompts, stop_tokens=stops,
+                                                  max_new_tokens=sc.max_new_tokens, dtype=dtype,
+                                                  seed=params.base.seed)
+    assert answers is not None
+    return answers, ppl, tokens
 
 
-def _mean(values: list[float]) -> float:
-    return round(sum(values) / len(values), 4) if values else 0.0
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def report_markdown(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """The metrics (base vs tuned) and every answer side by side."""
+    keys = sorted({k.removesuffix("_base") for k in metrics if k.endswith("_base")})
+    lines = ["# Sanity check: base vs fine-tuned", "",
+             f"Engine: {metrics['engine']}. {metrics['prompts']} prompts, greedy decoding.", "",
+             "| metric | base | tuned |", "|---|---|---|"]
+    lines += [f"| {k} | {metrics[f'{k}_base']} | {metrics[f'{k}_tuned']} |" for k in keys]
+    lines += ["", "Answers that did not stop by themselves (ran to max_new_tokens) end with ⏵.", "",
+              "| # | kind | prompt | expected | base | tuned |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        answers = [_cell(r[f"{m}_answer"]) + ("" if r[f"{m}_stopped"] else " ⏵") for m in MODELS]
+        lines.append(f"| {i} | {r['kind']} | {_cell(r['prompt'])} | {_cell(r['expected'])} | "
+                     f"{answers[0]} | {answers[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(params: Params) -> None:
     from transformers import set_seed
 
     set_seed(params.base.seed)
-    rows = [{"kind": "prompt", "prompt": r["prompt"], "expected": r.get("expected", "")}
-            for r in read_jsonl(params.paths.sanity_prompts)]
-    if params.identity.enabled:
-        who = identity.Identity(params.identity.name, params.identity.creator)
-        rows += [{"kind": "identity", "prompt": q, "expected": who.answer(intent)}
-                 for intent, q in identity.PROBES.items()]
-    prompts = [r["prompt"] for r in rows]
+    paths, sc = params.paths, params.sanity_check
+    rows = _prompt_rows(params)
+    val = read_jsonl(paths.val_file)[: sc.perplexity_records]
+    engine = generation.resolve_engine(sc.engine)
+    log.info("engine %s (sanity_check.engine: %s); %d prompts, %d val conversations for perplexity",
+             engine, sc.engine, len(rows), len(val))
 
-    base = models.BaseModel.load(params.paths.base_model_dir)
-    dtype = models.compute_dtype(params.train.compute_dtype)
-    base_tokenizer = models.load_tokenizer(base)
-    base_model = models.load_full_precision(base.ref, base.revision, dtype)
-    models.fit_embeddings(base_model, base_tokenizer)
-    answers = {"base": _answers(base_model, base_tokenizer, prompts, params),
-               "tuned": _answers(models.load_full_precision(params.paths.merged_dir, None, dtype),
-                                 models.load_saved_tokenizer(params.paths.merged_dir), prompts, params)}
-
-    metrics: dict[str, float | int] = {"prompts": len(rows)}
-    for name, gens in answers.items():
-        for row, gen in zip(rows, gens, strict=True):
+    base = models.BaseModel.load(paths.base_model_dir)
+    sources = {"base": (base.ref, base.revision, models.load_tokenizer(base)),
+               "tuned": (paths.merged_dir, None, models.load_saved_tokenizer(paths.merged_dir))}
+    metrics: dict[str, Any] = {"engine": engine, "prompts": len(rows)}
+    for name, (source, revision, tokenizer) in sources.items():
+        answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engine, params)
+        for row, gen in zip(rows, answers, strict=True):
             row[f"{name}_answer"] = gen.text
             row[f"{name}_stopped"] = gen.stopped
             row[f"{name}_tokens"] = gen.num_tokens
-            row[f"{name}_match"] = bool(row["expected"]) and gen.text == row["expected"]
-        probes = [r for r in rows if r["kind"] == "identity"]
-        metrics[f"identity_exact_match_{name}"] = _mean([float(r[f"{name}_match"]) for r in probes])
-        metrics[f"ends_with_eot_{name}"] = _mean([float(g.stopped) for g in gens])
-        metrics[f"mean_answer_tokens_{name}"] = _mean([float(g.num_tokens) for g in gens])
-        log.info("%s: identity exact match %.2f, stopped by itself %.2f", name,
-                 metrics[f"identity_exact_match_{name}"], metrics[f"ends_with_eot_{name}"])
+            row[f"{name}_match"] = bool(row["expected"]) and gen.text == row["expected"].strip()
+        for kind in ("identity", "val"):
+            matched = [float(r[f"{name}_match"]) for r in rows if r["kind"] == kind]
+            if matched:
+                metrics[f"{kind}_exact_match_{name}"] = scoring.mean(matched)
+        for key, value in scoring.answer_stats(answers).items():
+            metrics[f"{key}_{name}"] = value
+        metrics[f"val_perplexity_{name}"] = round(ppl, 4) if tokens else None
+        metrics["val_perplexity_tokens"] = tokens
+        log.info("%s: %s", name, {k: v for k, v in metrics.items() if k.endswith(f"_{name}")})
 
-    with atomic_file(params.paths.sanity_results) as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+    columns = ["kind", "id", "prompt", "expected"] + [f"{m}_{f}" for m in MODELS
+                                                      for f in ("answer", "stopped", "tokens", "match")]
+    with atomic_file(paths.sanity_results) as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    write_json(params.paths.sanity_metrics, metrics)
+    with atomic_file(paths.sanity_plot) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["prompt", "kind", "base_tokens", "tuned_tokens"])
+        writer.writerows([i, r["kind"], r["base_tokens"], r["tuned_tokens"]] for i, r in enumerate(rows, 1))
+    with atomic_file(paths.sanity_report) as fh:
+        fh.write(report_markdown(rows, metrics))
+    write_json(paths.sanity_metrics, metrics)
 
 
 if __name__ == "__main__":

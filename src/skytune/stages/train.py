@@ -139,6 +139,7 @@ def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokeniz
                    weights: dict[str, Any]) -> None:
     with atomic_dir(params.paths.adapter_dir) as out:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out, state_dict=weights)
+        _sort_target_modules(out / packaging.ADAPTER_CONFIG)
         tokenizer.save_pretrained(out)
         (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
             "base_model": asdict(base),
@@ -146,6 +147,17 @@ def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokeniz
             "seed": params.base.seed,
             "quantization": quantization,
         }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT writes `target_modules` in set order, which changes from run to run (string hashing is salted):
+    sorted, the same training gives the same adapter_config.json, and DVC sees an unchanged output."""
+    if not config_file.is_file():  # method: full
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict[str, Any], before: float,

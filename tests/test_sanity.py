@@ -1,0 +1,109 @@
+"""The sanity check's metrics catch what they are there to catch, and generation is the same batched or not."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, PipelineRun
+
+from skytune import chat_template, generation, identity, models, scoring, sft, tokenization
+from skytune.atomic import read_jsonl
+from skytune.params import load_params
+
+
+def _answers(model: object, tokenizer: object, questions: list[str], max_new_tokens: int = 32,
+             batch_size: int = 8) -> list[generation.Generation]:
+    prompts = [chat_template.render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
+    return generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
+
+
+def test_ends_with_eot_falls_when_pad_is_eos(pipeline: PipelineRun, tmp_path: Path) -> None:
+    """The classic broken setup: pad = EOS, and a collator that masks every pad token out of the loss also masks
+    every real end-of-turn token, so the model never learns to stop. Train the same model on the same data both
+    ways; the metric must tell them apart."""
+    root = pipeline.root
+    paths = load_params(root / "params.yaml").paths
+    manifest = models.BaseModel.load(root / paths.base_model_dir)
+    base = models.BaseModel(**{**manifest.__dict__, "ref": str(root / manifest.ref)})
+    tokenizer = models.load_tokenizer(base)
+    records = [r for r in read_jsonl(root / paths.train_file) if r["source"] == identity.SOURCE]
+    encoded = tokenization.Encoder(tokenizer, "assistant_only").encode(records)
+    eos = tokenizer.eos_token_id
+    assert chat_template.end_of_turn_token(tokenizer) == tokenizer.eos_token  # ChatML: <|im_end|> is both
+    broken = [dataclasses.replace(e, labels=[tokenization.IGNORE if t == eos else label
+                                             for t, label in zip(e.input_ids, e.labels, strict=True)])
+              for e in encoded]
+    train = dataclasses.replace(load_params(REPO / "params.yaml").train, method="lora", epochs=6, eval_steps=1000,
+                                logging_steps=50)
+    questions = [*identity.WHO_QUESTIONS, *identity.CREATOR_QUESTIONS]
+    stopped = {}
+    for name, data in (("correct", encoded), ("pad_is_eos", broken)):
+        model, _ = models.load_for_training(base, four_bit=False, quant_type="nf4", double_quant=False,
+                                            dtype=torch.float32)
+        trainer = sft.build_trainer(model, tokenizer, data, data[:8], train, output_dir=tmp_path / name, seed=0,
+                                    dtype=torch.float32, save=False)
+        trainer.train()
+        model = trainer.model.eval()
+        stopped[name] = scoring.answer_stats(_answers(model, tokenizer, questions))["ends_with_eot"]
+    assert stopped["correct"] == 1.0
+    assert stopped["pad_is_eos"] <= 0.5, stopped
+
+
+def test_batched_generation_gives_the_one_by_one_answers(pipeline: PipelineRun) -> None:
+    root = pipeline.root
+    paths = load_params(root / "params.yaml").paths
+    merged = root / paths.merged_dir
+    tokenizer = models.load_saved_tokenizer(merged)
+    model = models.load_full_precision(merged, None, torch.float32)
+    questions = [r["messages"][-2]["content"] for r in read_jsonl(root / paths.val_file)[:12]]
+    questions += [*identity.WHO_QUESTIONS[:2]]
+    batched = _answers(model, tokenizer, questions, batch_size=8)
+    single = _answers(model, tokenizer, questions, batch_size=1)
+    agree = scoring.agreement(batched, single)
+    assert agree["stop_agreement"] == 1.0 and agree["exact_match"] >= 0.9, agree
+    assert [g.text for g in batched][-2:] == [g.text for g in single][-2:]  # order kept after length sorting
+
+
+def test_agreement_counts_differences() -> None:
+    a = [generation.Generation("x", 1, True), generation.Generation("y", 2, False)]
+    b = [generation.Generation("x", 1, True), generation.Generation("z", 2, True)]
+    assert scoring.agreement(a, b) == {"exact_match": 0.5, "stop_agreement": 0.5}
+    with pytest.raises(ValueError):
+        scoring.agreement(a, b[:1])
+
+
+def test_engine_resolution() -> None:
+    ok, _ = generation.vllm_available()
+    assert generation.resolve_engine("transformers") == "transformers"
+    assert generation.resolve_engine("auto") == ("vllm" if ok else "transformers")
+    if not ok:
+        with pytest.raises(RuntimeError, match="sanity_check.engine is vllm but vLLM cannot run here"):
+            generation.resolve_engine("vllm")
+    with pytest.raises(ValueError):
+        generation.resolve_engine("tgi")
+
+
+def test_perplexity_is_over_the_labelled_tokens_only(tiny_model: Path) -> None:
+    tokenizer = models.load_saved_tokenizer(tiny_model)
+    model = models.load_full_precision(tiny_model, None, torch.float32)
+    record = {"id": "r", "source": "s", "messages": [{"role": "user", "content": "what is 2 plus 3?"},
+                                                      {"role": "assistant", "content": "5"}]}
+    full = tokenization.Encoder(tokenizer, "full").encode([record])
+    answer = tokenization.Encoder(tokenizer, "assistant_only").encode([record])
+    ppl_full, n_full = scoring.perplexity(model, full, pad_id=tokenizer.pad_token_id, batch_size=4)
+    ppl_answer, n_answer = scoring.perplexity(model, answer, pad_id=tokenizer.pad_token_id, batch_size=4)
+    assert n_full == len(full[0].input_ids) - 1 and n_answer == 2  # "5" and <|im_end|>
+    assert ppl_full != ppl_answer
+    # Padding does not change it: the same record in a batch with a longer one.
+    longer = {**record, "id": "q", "messages": [{"role": "user", "content": "hello " * 20},
+                                                 {"role": "assistant", "content": "hi"}]}
+    both = tokenization.Encoder(tokenizer, "assistant_only").encode([record, longer])
+    alone = scoring.perplexity(model, both[1:], pad_id=tokenizer.pad_token_id, batch_size=4)
+    together = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=4)
+    separately = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=1)
+    assert together[1] == alone[1] + n_answer and together[0] == pytest.approx(separately[0], rel=1e-5)
