@@ -2,6 +2,7 @@
 #   make run    set up a virtualenv and run the whole pipeline (dvc exp run) on params.yaml's default
 #   make test   install what the tests need and run them
 #   make report an HTML page of the current (or compared) experiments' plots, metrics and answers
+#   make gguf-tools  llama.cpp's converter in its own environment, for export.formats: gguf
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,13 +10,14 @@ BIN := $(VENV)/bin
 # https://download.pytorch.org/whl/cpu"` takes the small CPU wheel instead of the CUDA one.
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
+GGUF_VENV ?= .venv-gguf
 
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show report
+.PHONY: run install install-test test show report gguf-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +30,31 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-test.txt
 	touch $@
+
+# llama.cpp's converter for `export.formats: [..., gguf]`, in its own environment. The export stage finds it through
+# LLAMA_CPP_DIR and LLAMA_CPP_PYTHON, which this Makefile sets once it is built.
+LLAMA_CPP_SDIST := llama-cpp-python==0.3.16
+$(GGUF_VENV)/.installed: requirements-gguf.txt
+	$(PYTHON) -m venv $(GGUF_VENV)
+	$(GGUF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GGUF_VENV)/bin/pip install --quiet $(PIP_EXTRA) -r requirements-gguf.txt
+	rm -rf $(GGUF_VENV)/src && mkdir -p $(GGUF_VENV)/src
+	$(GGUF_VENV)/bin/pip download --quiet --no-deps --no-binary :all: -d $(GGUF_VENV)/src $(LLAMA_CPP_SDIST)
+	tar xzf $(GGUF_VENV)/src/*.tar.gz -C $(GGUF_VENV)/src --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/gguf-py/*'
+	rm $(GGUF_VENV)/src/*.tar.gz
+	$(GGUF_VENV)/bin/pip install --quiet --no-deps $(GGUF_VENV)/src/gguf-py
+	touch $@
+
+gguf-tools: $(GGUF_VENV)/.installed
+
+ifneq ($(wildcard $(GGUF_VENV)/.installed),)
+export LLAMA_CPP_DIR ?= $(abspath $(GGUF_VENV)/src)
+export LLAMA_CPP_PYTHON ?= $(abspath $(GGUF_VENV)/bin/python)
+endif
 
 install-test: $(VENV)/.installed-test
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import PipelineRun, run_stages, write_params
+from conftest import REPO, PipelineRun, run_stages, write_params
 
 from skytune import models, packaging, tokenization
 from skytune.atomic import read_jsonl
@@ -205,6 +205,9 @@ def test_vllm_adapter_rules() -> None:
     assert any("DoRA" in p for p in problems({**ok, "use_dora": True}))
     assert any("biases" in p for p in problems({**ok, "bias": "lora_only"}))
     assert any("rank_pattern[q_proj]" in p for p in problems({**ok, "rank_pattern": {"q_proj": 64}}))
+    assert any("per-module ranks" in p for p in problems({**ok, "alpha_pattern": {"q_proj": 4}}))
+    assert any("init_lora_weights = 'pissa'" in p for p in problems({**ok, "init_lora_weights": "pissa"}))
+    assert problems(ok, [*lora, "base_model.model.model.embed_tokens.lora_embedding_A"]) == []
     assert any("not LoRA A/B" in p for p in problems(ok, [*lora, "base_model.model.model.embed_tokens.weight"]))
     assert any("pad_token: add" in p for p in problems(ok, size=101))
     assert len(problems({**ok, "r": 32, "use_dora": True, "modules_to_save": ["embed_tokens"]})) == 3
@@ -221,3 +224,49 @@ def test_gguf_without_a_converter_is_skipped_and_reported(pipeline: PipelineRun,
     assert metrics["formats"] == ["merged"] and "convert_hf_to_gguf.py not found" in metrics["skipped"]["gguf"]
     assert "skipped.gguf: llama.cpp's convert_hf_to_gguf.py not found" in (ws / paths.export_dir / "README.md").read_text()
     assert not (ws / paths.export_dir / "adapter").exists() and not (ws / paths.export_dir / "gguf").exists()
+
+
+GGUF_ENV = REPO / ".venv-gguf"  # `make gguf-tools` (a prerequisite of `make test`)
+SENTENCEPIECE_LLAMA = """
+import sys
+from pathlib import Path
+import sentencepiece, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out = Path(sys.argv[1]); out.mkdir()
+(out / "corpus.txt").write_text("\\n".join(f"what is {i} plus {i + 1}? it is {2 * i + 1}." for i in range(300)))
+sentencepiece.SentencePieceTrainer.train(input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"),
+    vocab_size=300, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    minloglevel=2)
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                     tie_word_embeddings=False)
+LlamaForCausalLM(config).save_pretrained(out)
+"""
+
+
+@pytest.mark.skipif(not (GGUF_ENV / ".installed").is_file(), reason="llama.cpp's converter: run `make gguf-tools`")
+def test_gguf_export_converts_and_reads_back(pipeline: PipelineRun, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(GGUF_ENV / "src"))
+    monkeypatch.setenv("LLAMA_CPP_PYTHON", str(GGUF_ENV / "bin" / "python"))
+    # A Llama with a SentencePiece tokenizer, the kind llama.cpp's converter knows without a hub download.
+    model_dir = tmp_path / "spm-llama"
+    subprocess.run([str(GGUF_ENV / "bin" / "python"), "-c", SENTENCEPIECE_LLAMA, str(model_dir)], check=True)
+    target = tmp_path / "gguf" / "model-f16.gguf"
+    assert export._export_gguf(str(model_dir), "f16", target) is None
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    theirs = logits(AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name, dtype=torch.float32),
+                    {"input_ids": ids})
+    ours = logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), {"input_ids": ids})
+    assert (theirs - ours).abs().max().item() < 1e-2  # f16 weights
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+    # The built-in model's byte-level BPE tokenizer is one llama.cpp does not know: skipped, with its reason.
+    ws = workspace(pipeline, tmp_path / "ws", lambda d: d["export"].update(formats=["merged", "gguf"]))
+    run_stages(ws, export)
+    paths = load_params(ws / "params.yaml").paths
+    skipped = _json(ws / paths.export_metrics)["skipped"]["gguf"]
+    assert "convert_hf_to_gguf.py failed" in skipped and "pre-tokenizer was not recognized" in skipped

@@ -23,33 +23,41 @@ def _answers(model: object, tokenizer: object, questions: list[str], max_new_tok
 
 
 def test_ends_with_eot_falls_when_pad_is_eos(pipeline: PipelineRun, tmp_path: Path) -> None:
-    """The classic broken setup: pad = EOS, and a collator that masks every pad token out of the loss also masks
-    every real end-of-turn token, so the model never learns to stop. Train the same model on the same data both
-    ways; the metric must tell them apart."""
+    """The classic broken setup (the ancestor's): the tokenizer's pad token is EOS, and the language-modelling
+    collator masks every pad token out of the loss, which masks every real end-of-turn token too (ChatML's
+    end-of-turn is EOS), so the model never learns to stop. Train the same model on the same data both ways; the
+    metric must tell them apart."""
+    from transformers import DataCollatorForLanguageModeling
+
     root = pipeline.root
     paths = load_params(root / "params.yaml").paths
     manifest = models.BaseModel.load(root / paths.base_model_dir)
     base = models.BaseModel(**{**manifest.__dict__, "ref": str(root / manifest.ref)})
-    tokenizer = models.load_tokenizer(base)
     records = [r for r in read_jsonl(root / paths.train_file) if r["source"] == identity.SOURCE]
-    encoded = tokenization.Encoder(tokenizer, "assistant_only").encode(records)
-    eos = tokenizer.eos_token_id
-    assert chat_template.end_of_turn_token(tokenizer) == tokenizer.eos_token  # ChatML: <|im_end|> is both
-    broken = [dataclasses.replace(e, labels=[tokenization.IGNORE if t == eos else label
-                                             for t, label in zip(e.input_ids, e.labels, strict=True)])
-              for e in encoded]
     train = dataclasses.replace(load_params(REPO / "params.yaml").train, method="lora", epochs=6, eval_steps=1000,
                                 logging_steps=50)
     questions = [*identity.WHO_QUESTIONS, *identity.CREATOR_QUESTIONS]
     stopped = {}
-    for name, data in (("correct", encoded), ("pad_is_eos", broken)):
+    for name in ("correct", "pad_is_eos"):
+        tokenizer = models.load_tokenizer(base)
+        assert chat_template.end_of_turn_token(tokenizer) == tokenizer.eos_token  # ChatML: <|im_end|> is both
+        encoded = tokenization.Encoder(tokenizer, "assistant_only").encode(records)
+        if name == "pad_is_eos":
+            tokenizer.pad_token = tokenizer.eos_token
+            collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)  # labels: input ids, pad masked
+            masked = [collate([{"input_ids": e.input_ids}])["labels"][0].tolist() for e in encoded]
+            encoded = [dataclasses.replace(e, labels=[label if keep != tokenization.IGNORE else keep
+                                                      for label, keep in zip(e.labels, m, strict=True)])
+                       for e, m in zip(encoded, masked, strict=True)]
+            assert all(tokenizer.eos_token_id not in [x for x in e.labels if x != tokenization.IGNORE]
+                       for e in encoded)
         model, _ = models.load_for_training(base, four_bit=False, quant_type="nf4", double_quant=False,
                                             dtype=torch.float32)
-        trainer = sft.build_trainer(model, tokenizer, data, data[:8], train, output_dir=tmp_path / name, seed=0,
+        trainer = sft.build_trainer(model, tokenizer, encoded, encoded[:8], train, output_dir=tmp_path / name, seed=0,
                                     dtype=torch.float32, save=False)
         trainer.train()
-        model = trainer.model.eval()
-        stopped[name] = scoring.answer_stats(_answers(model, tokenizer, questions))["ends_with_eot"]
+        stopped[name] = scoring.answer_stats(_answers(trainer.model.eval(), tokenizer, questions))["ends_with_eot"]
+    print(f"ends_with_eot after training: {stopped}")
     assert stopped["correct"] == 1.0
     assert stopped["pad_is_eos"] <= 0.5, stopped
 

@@ -108,6 +108,7 @@ def generate_greedy_vllm(
     max_new_tokens: int,
     dtype: torch.dtype,
     seed: int,
+    gpu_memory_utilization: float = 0.85,
 ) -> list[Generation]:
     """Greedy completions with vLLM's offline engine on the model at `source` (a directory or a hub id at
     `revision`), fed the token ids `tokenizer` gives, so its inputs are exactly the transformers engine's.
@@ -120,7 +121,7 @@ def generate_greedy_vllm(
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest = max(len(i) for i in ids) + max_new_tokens
     llm = LLM(model=str(source), revision=revision, dtype=str(dtype).removeprefix("torch."), seed=seed,
-              max_model_len=longest, gpu_memory_utilization=0.5, enforce_eager=True)
+              max_model_len=longest, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True)
     try:
         sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids,
                                   skip_special_tokens=False, seed=seed)
@@ -128,6 +129,25 @@ def generate_greedy_vllm(
         return [_finish(tokenizer, list(out.outputs[0].token_ids), stop_ids, out.outputs[0].finish_reason == "stop")
                 for out in outputs]
     finally:
-        del llm
-        gc.collect()
+        _shutdown(llm)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop a vLLM engine and give its GPU memory back (vllm#6544), so the next model fits."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    del llm
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    except ImportError:  # older vLLM
+        release_memory()
+    else:
+        cleanup_dist_env_and_memory()
+
+
+def release_memory() -> None:
+    """Give freed GPU memory back to the device: vLLM sizes its cache from what the device reports free."""
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()

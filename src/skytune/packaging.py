@@ -36,7 +36,9 @@ def data_hash(files: list[Path]) -> str:
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-LORA_TENSOR = (".lora_A.", ".lora_B.")  # what vLLM loads from an adapter; anything else it refuses
+# What vLLM loads from an adapter (vllm/lora/utils.py parse_fine_tuned_lora_name); anything else it refuses.
+LORA_TENSOR = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+PLAIN_LORA_INIT = (True, False, "gaussian")  # PiSSA, OLoRA, CorDA, LoftQ inits change the base weights too
 
 
 class AdapterError(ValueError):
@@ -66,6 +68,13 @@ def vllm_adapter_problems(config: dict[str, Any], tensor_names: list[str], *, ma
         problems.append(f"rank {max(too_big.values())} ({', '.join(sorted(too_big))}) is above export.max_lora_rank "
                         f"= {max_lora_rank}: vLLM refuses it unless served with a higher --max-lora-rank "
                         "(vllm#2847); lower train.lora_r or raise export.max_lora_rank")
+    patterns = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
+    if patterns:
+        problems.append(f"{' and '.join(patterns)} set: not every vLLM release honours per-module ranks or alphas "
+                        "(older ones silently scale every module alike); export the merged model instead")
+    if config.get("init_lora_weights", True) not in PLAIN_LORA_INIT:
+        problems.append(f"init_lora_weights = {config['init_lora_weights']!r}: this init changes the base weights "
+                        "too, so the adapter alone on the original base is not the trained model; vLLM refuses it")
     if config.get("use_dora"):
         problems.append("use_dora is true: vLLM does not serve DoRA adapters; export the merged model instead")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
@@ -111,7 +120,8 @@ def model_card(
         f"# {name}",
         "",
         f"Fine-tuned with the skytune DVC pipeline (SFT, method {train.get('method')}, loss {train.get('loss')}), "
-        "merged into the base model's weights in full precision (never onto 4-bit weights).",
+        f"merged in {metrics.get('merge_adapters', {}).get('merge_dtype', 'the compute dtype')} onto the base's "
+        f"{metrics.get('merge_adapters', {}).get('merged_onto', 'original')} weights (the merge itself never runs on 4-bit weights).",
         "",
         "## Provenance",
         f"- base model: `{base['name']}` ({base['kind']})",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,6 +214,12 @@ class MergeAdaptersParams:
     logit_check_records: int = _range(ge=1)
     onto: Literal["dequantized", "original"]
     max_shard_size: str
+
+    def _problems(self) -> list[str]:
+        if isinstance(self.max_shard_size, str) and not re.fullmatch(r"\d+(\.\d+)?(KB|MB|GB|KiB|MiB|GiB)",
+                                                                     self.max_shard_size):
+            return [f"max_shard_size: {self.max_shard_size!r} is not a size like 2GB or 500MB"]
+        return []
 
 
 Engine = Literal["auto", "vllm", "transformers"]

@@ -8,8 +8,10 @@ Writes `paths.export_dir`:
 - `adapter/`: the LoRA adapter alone, checked against vLLM's rules first (LoRA tensors only, no
   `modules_to_save`, no DoRA, rank at most `export.max_lora_rank`): a failing check stops the stage and names
   every problem; the tokenizer, chat template and generation config go with it;
-- `gguf/`: llama.cpp's `convert_hf_to_gguf.py` run on the merged model, where the converter is found
-  ($LLAMA_CPP_DIR or PATH); otherwise skipped, and the skip is reported in the metrics and the card;
+- `gguf/`: llama.cpp's `convert_hf_to_gguf.py` run on the merged model (with $LLAMA_CPP_PYTHON), where the
+  converter is found ($LLAMA_CPP_DIR or PATH; `make gguf-tools` builds both); when it is not found, or refuses
+  the model (it knows only the tokenizers of known model families), the format is skipped and the reason is
+  reported in the metrics and the card;
 - `README.md`: the model card (base + revision, training-data hash, params, metrics, the exact serving commands);
 - `manifest.json`: sha256 and size of every file.
 And `paths.export_metrics`: the formats written and skipped, and, where vLLM is importable (`export.parity`),
@@ -74,7 +76,7 @@ def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[s
     with safe_open(adapter_dir / packaging.ADAPTER_WEIGHTS, framework="pt") as fh:
         names = list(fh.keys())
     tokenizer = models.load_saved_tokenizer(adapter_dir)
-    vocab = AutoConfig.from_pretrained(base.ref, revision=base.revision).vocab_size
+    vocab = AutoConfig.from_pretrained(base.ref, revision=base.revision).get_text_config().vocab_size
     problems = packaging.vllm_adapter_problems(config, names, max_lora_rank=params.export.max_lora_rank,
                                                base_vocab_size=vocab, tokenizer_size=len(tokenizer))
     if problems:
@@ -103,11 +105,15 @@ def _export_gguf(merged_dir: str, outtype: str, target: Path) -> str | None:
         return (f"llama.cpp's {GGUF_CONVERTER} not found: set LLAMA_CPP_DIR to a llama.cpp checkout or put it on "
                 "PATH")
     target.parent.mkdir()
-    command = [sys.executable, str(converter), merged_dir, "--outfile", str(target), "--outtype", outtype]
+    python = os.environ.get("LLAMA_CPP_PYTHON") or sys.executable  # the converter's own environment (make gguf-tools)
+    command = [python, str(converter), merged_dir, "--outfile", str(target), "--outtype", outtype]
     log.info("$ %s", " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{converter} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        shutil.rmtree(target.parent)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        log.warning("%s failed (exit %d):\n%s", converter, done.returncode, done.stderr[-4000:])
+        return f"{converter} failed (exit {done.returncode}): {last}"
     return None
 
 
@@ -130,6 +136,7 @@ def _parity(params: Params) -> dict[str, Any]:
     hf = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=max_new_tokens,
                                     batch_size=1)  # one by one: no padding on the reference side
     del model
+    generation.release_memory()
     served = generation.generate_greedy_vllm(merged, None, tokenizer, prompts, stop_tokens=stops,
                                              max_new_tokens=max_new_tokens, dtype=dtype, seed=seed)
     agree = scoring.agreement(hf, served)
@@ -149,10 +156,14 @@ def main(params: Params) -> None:
     with atomic_dir(export_dir) as out:
         if "merged" in ex.formats:
             _export_merged(Path(paths.merged_dir), out / "merged")
+            # Merged on a CPU, the weights are fp32; vLLM's "auto" would serve them as fp16, which overflows on
+            # models trained in bf16.
+            saved = _json(Path(paths.merged_dir) / "config.json").get("dtype")
+            dtype = " --dtype bfloat16" if saved == "float32" else ""
             serving += [
-                ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {export_dir}/merged"),
+                ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {export_dir}/merged{dtype}"),
                 ("Text Generation Inference", f"text-generation-launcher --model-id {export_dir}/merged"),
-                ("transformers (CPU stand-in)", f"transformers serve --force-model {export_dir}/merged"),
+                ("transformers (CPU stand-in)", f"transformers serve {export_dir}/merged"),
             ]
         if "adapter" in ex.formats:
             metrics.update(_export_adapter(params, base, out / "adapter"))

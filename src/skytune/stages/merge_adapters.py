@@ -4,8 +4,9 @@
 
 Never merges onto a 4-bit base (peft#2105: measured max logit difference 5.96 against 1e-5). The base is loaded
 in the compute dtype (fp32 on CPU, bf16/fp16 on GPU) and merged with `safe_merge`, onto either
-- `dequantized` (`merge_adapters.onto`, for `train.method: qlora`): the 4-bit base as training saw it,
-  dequantized, so the merged model answers like the model that trained; or
+- `dequantized` (`merge_adapters.onto`, when the adapter trained on a 4-bit base, as its training_params.json
+  records): that 4-bit base, dequantized to the compute dtype, so the merged model answers like the model that
+  trained; or
 - `original`: the base checkpoint's own weights (what `lora` and `full` always use).
 Writes `paths.merged_dir` (sharded safetensors, the tokenizer with its chat template, and a generation config
 whose eos ids include the template's end-of-turn token) and `paths.merge_metrics`, on the first
@@ -18,13 +19,14 @@ Idempotent: the same inputs give byte-identical files.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from skytune import chat_template, models
+from skytune import chat_template, models, packaging
 from skytune.atomic import atomic_dir, read_jsonl, write_json
 from skytune.params import Params
 from skytune.stages import run_stage
@@ -44,11 +46,15 @@ def _compare(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[floa
     return diff.max().item(), diff.mean().item(), top1
 
 
-def _load_base(base: models.BaseModel, onto: str, params: Params, dtype: torch.dtype) -> tuple[Any, str]:
-    t = params.train
+def _load_four_bit(base: models.BaseModel, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
+    """The 4-bit base exactly as the adapter trained on it (quantization settings from training_params.json)."""
+    return models.load_for_training(base, four_bit=True, quant_type=trained["quantization"],
+                                    double_quant=trained["train"]["double_quant"], dtype=dtype)
+
+
+def _load_base(base: models.BaseModel, onto: str, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
     if onto == "dequantized":
-        model, ran = models.load_for_training(base, four_bit=True, quant_type=t.quant_type,
-                                              double_quant=t.double_quant, dtype=dtype)
+        model, ran = _load_four_bit(base, trained, dtype)
         if ran in ("nf4", "fp4"):
             model = model.dequantize()
             model.eval()
@@ -65,6 +71,9 @@ def main(params: Params) -> None:
     tokenizer = models.load_saved_tokenizer(adapter_dir)
     dtype = models.compute_dtype(params.train.compute_dtype)  # the dtype training computed in
     records = read_jsonl(params.paths.val_file)[: params.merge_adapters.logit_check_records]
+    if not records:
+        raise ValueError(f"{params.paths.val_file} is empty: merge_adapters checks the merge on val records "
+                         "(split.val_fraction must leave some)")
     tokenizer.padding_side = "right"
     batch = tokenizer([tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records],
                       return_tensors="pt", padding=True, add_special_tokens=False)
@@ -76,9 +85,11 @@ def main(params: Params) -> None:
         metrics.update(merged_onto="nothing to merge (train.method: full)", max_abs_logit_diff=0.0)
         log.info("%s holds a fully fine-tuned model: nothing to merge", adapter_dir)
     else:
-        qlora = params.train.method == "qlora"
+        # What really trained (a QLoRA run falls back to plain LoRA where 4-bit cannot run), not what was asked for.
+        trained = json.loads((adapter_dir / packaging.TRAINING_PARAMS).read_text(encoding="utf-8"))
+        qlora = trained["quantization"] in ("nf4", "fp4")
         model, metrics["merged_onto"] = _load_base(base, params.merge_adapters.onto if qlora else "original",
-                                                   params, dtype)
+                                                   trained, dtype)
         models.fit_embeddings(model, tokenizer)
         model = PeftModel.from_pretrained(model, adapter_dir)
         model.eval()
@@ -89,10 +100,14 @@ def main(params: Params) -> None:
         log.info("merged onto %s weights; max |logit difference| base+adapter vs merged: %.3g over %d records",
                  metrics["merged_onto"], metrics["max_abs_logit_diff"], len(records))
         if qlora:
-            metrics.update(_quantized_drift(base, adapter_dir, batch, after, params, dtype))
+            metrics.update(_quantized_drift(base, adapter_dir, batch, after, trained, dtype))
 
+    # The template's end-of-turn token is added to the stop ids the base already has (Llama 3.1 also stops on
+    # <|eom_id|> and <|end_of_text|>), never put in their place.
     eot = chat_template.end_of_turn_token(tokenizer)
-    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot)})
+    known = merged.generation_config.eos_token_id
+    known = [known] if isinstance(known, int) else list(known or [])
+    stop_ids = sorted({*known, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot)})
     merged.generation_config.eos_token_id = stop_ids
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -104,13 +119,11 @@ def main(params: Params) -> None:
 
 
 def _quantized_drift(base: models.BaseModel, adapter_dir: Path, batch: Any, merged_logits: torch.Tensor,
-                     params: Params, dtype: torch.dtype) -> dict[str, float | str]:
+                     trained: dict[str, Any], dtype: torch.dtype) -> dict[str, float | str]:
     """How the merged model's logits differ from those of the model as it trained (4-bit base + adapter)."""
     from peft import PeftModel
 
-    t = params.train
-    model, ran = models.load_for_training(base, four_bit=True, quant_type=t.quant_type, double_quant=t.double_quant,
-                                          dtype=dtype)
+    model, ran = _load_four_bit(base, trained, dtype)
     if ran not in ("nf4", "fp4"):
         return {"vs_4bit": f"not measured: 4-bit does not run here ({ran})"}
     model = PeftModel.from_pretrained(model, adapter_dir)

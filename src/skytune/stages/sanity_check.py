@@ -19,11 +19,8 @@ batched generate). Writes:
 from __future__ import annotations
 
 import csv
-import gc
 import logging
 from typing import Any
-
-import torch
 
 from skytune import chat_template, generation, identity, models, scoring, tokenization
 from skytune.atomic import atomic_file, read_jsonl, write_json
@@ -52,15 +49,12 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
         rows.append({"kind": "val", "id": r["id"], "messages": r["messages"][:-1],
                      "expected": r["messages"][-1]["content"]})
     for row in rows:
-        row["prompt"] = next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+        users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
+        if not users:
+            raise ValueError(f"sanity prompt {row['id']} ({params.paths.sanity_prompts} or {params.paths.val_file}): "
+                             "no user message to answer")
+        row["prompt"] = users[-1]
     return rows
-
-
-def _free(model: Any) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict[str, Any]], val: list[dict],
@@ -78,7 +72,8 @@ def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict
     if engine == "transformers":
         answers = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops,
                                              max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size)
-    _free(model)
+    del model
+    generation.release_memory()
     if engine == "vllm":
         answers = generation.generate_greedy_vllm(source, revision, tokenizer, prompts, stop_tokens=stops,
                                                   max_new_tokens=sc.max_new_tokens, dtype=dtype,
