@@ -3,6 +3,7 @@
 #   make test   install what the tests need and run them
 #   make report an HTML page of the current (or compared) experiments' plots, metrics and answers
 #   make gguf-tools  llama.cpp's converter in its own environment, for export.formats: gguf
+#   make launcher    SkyPilot in its own environment (.venv-sky), for the sky/ YAMLs
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,13 +12,15 @@ BIN := $(VENV)/bin
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 GGUF_VENV ?= .venv-gguf
+SKY_VENV ?= .venv-sky
+SKY_EXTRAS ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show report gguf-tools
+.PHONY: run install install-test test show report gguf-tools launcher validate-sky serve preflight sweep sweep-pull
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +33,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.installed
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.installed $(SKY_VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-test.txt
 	touch $@
 
@@ -51,6 +54,38 @@ $(GGUF_VENV)/.installed: requirements-gguf.txt
 
 gguf-tools: $(GGUF_VENV)/.installed
 
+# SkyPilot, for `sky jobs launch sky/train.yaml` from this machine, in its own environment (see
+# requirements-launcher.txt). Then: $(SKY_VENV)/bin/sky check
+$(SKY_VENV)/.installed: requirements-launcher.txt
+	$(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SKY_VENV)/bin/pip install --quiet -r requirements-launcher.txt $(if $(SKY_EXTRAS),"skypilot[$(SKY_EXTRAS)]==0.14.1")
+	touch $@
+
+launcher: $(SKY_VENV)/.installed
+	@echo "SkyPilot installed: $(abspath $(SKY_VENV))/bin/sky  (next: $(SKY_VENV)/bin/sky check)"
+
+# Before a cloud run: params, SkyPilot and `sky check`, the DVC bucket with the AWS_* credentials, the base model with
+# HF_TOKEN, the git remote. Seconds, and no money spent.
+preflight: install $(SKY_VENV)/.installed
+	$(BIN)/python -m skytune.preflight
+
+# A grid fanned out to parallel managed jobs, one DVC experiment each; then pulled and compared:
+#   make sweep NAME=rank GRID="train.lora_r=4,8,16,32" SKY_ARGS="--secret HF_TOKEN --secret GIT_TOKEN ..."
+#   make sweep-pull NAME=rank
+NAME ?= sweep
+GRID ?= train.lora_r=4,8,16,32
+SKY_ARGS ?=
+sweep: install $(SKY_VENV)/.installed
+	$(BIN)/python -m skytune.sweep launch $(NAME) $(GRID) -- $(SKY_ARGS)
+
+sweep-pull: install
+	$(BIN)/python -m skytune.sweep pull $(NAME)
+
+# Every sky/*.yaml through SkyPilot's own parser, offline.
+validate-sky: $(SKY_VENV)/.installed
+	$(SKY_VENV)/bin/python sky/validate.py sky/*.yaml
+
 ifneq ($(wildcard $(GGUF_VENV)/.installed),)
 export LLAMA_CPP_DIR ?= $(abspath $(GGUF_VENV)/src)
 export LLAMA_CPP_PYTHON ?= $(abspath $(GGUF_VENV)/bin/python)
@@ -64,6 +99,21 @@ run: install
 
 show:
 	@$(BIN)/python -m skytune.cli summary
+
+# The exported model behind an OpenAI-compatible endpoint (http://localhost:$(SERVE_PORT)/v1): vLLM where it is
+# installed (a GPU node), else `transformers serve` on the CPU. Clients ask for model "$(SERVE_NAME)" (for
+# transformers serve, which names a model by its path, .serve/$(SERVE_NAME) links to the model).
+SERVE_MODEL ?= models/export/merged
+SERVE_PORT ?= 8000
+SERVE_NAME ?= skytune
+serve: install
+	@mkdir -p "$${HF_HUB_CACHE:-$$HOME/.cache/huggingface/hub}"
+	@if command -v vllm >/dev/null 2>&1; then \
+		exec vllm serve $(SERVE_MODEL) --served-model-name $(SERVE_NAME) --port $(SERVE_PORT); \
+	else \
+		mkdir -p .serve && ln -sfn "$(abspath $(SERVE_MODEL))" .serve/$(SERVE_NAME) && cd .serve && \
+		exec $(abspath $(BIN))/transformers serve $(SERVE_NAME) --host 127.0.0.1 --port $(SERVE_PORT); \
+	fi
 
 # One HTML page (report/index.html): plots, metrics and side-by-side answers of the workspace, or of the
 # experiments/commits in REVS compared:  make report REVS="exp-a exp-b"

@@ -35,6 +35,7 @@ def test_world_from_skypilot_variables() -> None:
 def test_world_defaults_and_overrides() -> None:
     assert launch.world_from_env({}, gpus=0).size == 1
     assert launch.world_from_env({}, gpus=4).nproc_per_node == 4  # one process per visible GPU
+    assert launch.world_from_env({"SKYPILOT_NUM_GPUS_PER_NODE": "0"}, gpus=0).nproc_per_node == 1  # a CPU node
     cpu = launch.world_from_env({"SKYTUNE_NPROC_PER_NODE": "2", "SKYTUNE_MASTER_PORT": "1234"}, gpus=0)
     command = launch.command("m", cpu, gpu=False, config=Path("unused"))
     assert command[1:3] == ["-m", "torch.distributed.run"]  # accelerate launch --cpu would start one process

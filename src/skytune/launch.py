@@ -50,7 +50,7 @@ def world_from_env(env: dict[str, str] | os._Environ[str], gpus: int) -> World:
     return World(
         nnodes=int(env.get("SKYPILOT_NUM_NODES", "1")),
         node_rank=int(env.get("SKYPILOT_NODE_RANK", "0")),
-        nproc_per_node=int(nproc),
+        nproc_per_node=max(int(nproc), 1),  # a CPU node reports SKYPILOT_NUM_GPUS_PER_NODE=0: one process
         master_addr=ips[0] if ips else "127.0.0.1",
         master_port=int(env.get("SKYTUNE_MASTER_PORT", "29500")),
     )

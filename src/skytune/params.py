@@ -391,11 +391,16 @@ def _build_dataclass(tp: Any, node: yaml.Node, key: str, path: Path, problems: l
 
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _build_scalar(tp: type, node: yaml.Node, key: str, path: Path, problems: list[str]) -> Any:
     value = _scalar(node)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if tp is float and isinstance(value, str) and node.style is None and _FLOAT.fullmatch(value):
+        value, ok = float(value), True  # YAML 1.1 reads a plain 1e-4 (as `dvc exp run -S` writes it) as a string
     if tp is str and isinstance(value, str):
         ok = True
     if not ok:
