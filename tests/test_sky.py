@@ -259,3 +259,36 @@ def test_sweep_fans_a_grid_out_to_one_job_each() -> None:
         sweep.launch("rank", ["train.lora_rank=4,8"], dry_run=True, sky=Path("sky"), extra=[])
     with pytest.raises(ValueError, match="expected key=value1,value2"):
         sweep.grid(["train.lora_r"])
+
+
+@pytest.mark.slow
+def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str, str]) -> None:
+    """sky/train-multinode.yaml's setup and run on two "nodes" on localhost (two clones, SKYPILOT_NODE_RANK 0 and 1,
+    one CPU process each): the train stage runs as one 2-process gloo job across them; the head node pushes."""
+    origin = tmp_path / "origin.git"
+    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
+    project = clone_project(tmp_path / "project")
+    sh("git", "push", "-q", str(origin), "main", cwd=project)
+    config = yaml.safe_load((project / "sky" / "train-multinode.yaml").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {**node_env(tmp_path, s3), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
+            "SKYTUNE_MASTER_PORT": str(port), "OVERRIDES": "train.epochs=1 train.batch_size=4", "GIT_REMOTE": str(origin),
+            "SKYPILOT_TASK_ID": "sky-managed-2026-11-24_skytune-train-multinode_3"}
+    nodes = {rank: new_node(tmp_path, f"node{rank}", origin) for rank in (0, 1)}
+    for rank, node in nodes.items():
+        done = subprocess.run(["bash", "-c", config["setup"]], cwd=node, env=base, capture_output=True, text=True,
+                              timeout=900, check=False)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = {rank: subprocess.Popen(["bash", "-c", config["run"]], cwd=node,
+                                   env={**base, "SKYPILOT_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+            for rank, node in nodes.items()}
+    outputs = {rank: run.communicate(timeout=900)[0] for rank, run in runs.items()}
+    errors = {r: [line for line in o.splitlines() if "rror" in line][:12] for r, o in outputs.items()}
+    assert all(run.returncode == 0 for run in runs.values()), errors
+    train = json.loads((nodes[0] / PATHS.train_metrics).read_text())
+    assert train["world_size"] == 2  # one job across both nodes, not two jobs
+    assert "pushed experiment sky-managed-2026-11-24_skytune-train-multinode_3" in outputs[0]
+    assert "pushed experiment" not in outputs[1]  # workers never push
