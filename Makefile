@@ -63,6 +63,7 @@ $(SKY_VENV)/.installed: requirements-launcher.txt
 	touch $@
 
 launcher: $(SKY_VENV)/.installed
+	$(if $(SKY_EXTRAS),$(SKY_VENV)/bin/pip install --quiet "skypilot[$(SKY_EXTRAS)]==0.14.1")
 	@echo "SkyPilot installed: $(abspath $(SKY_VENV))/bin/sky  (next: $(SKY_VENV)/bin/sky check)"
 
 # Before a cloud run: params, SkyPilot and `sky check`, the DVC bucket with the AWS_* credentials, the base model with

@@ -55,8 +55,16 @@ case "${1:-}" in
     if dvc exp list --name-only | grep -qx "$name"; then
       echo "experiment $name already ran (a recovery after it finished): pushing it"
     else
-      # exit 75 when training was preempted (checkpoint saved): SkyPilot's recover_on_exit_codes relaunches
-      python -m skytune.cli preemptible -- dvc exp run -n "$name" "${sets[@]}"
+      # exit 75 when training was preempted (checkpoint saved): SkyPilot's recover_on_exit_codes relaunches.
+      # A SIGTERM to this script is passed on and waited for, so its exit code is the run's (75), not bash's 143.
+      python -m skytune.cli preemptible -- dvc exp run -n "$name" "${sets[@]}" &
+      child=$!
+      trap 'kill -TERM "$child" 2>/dev/null' TERM
+      status=0
+      wait "$child" || status=$?
+      while kill -0 "$child" 2>/dev/null; do wait "$child" || status=$?; done  # wait again after a trapped signal
+      trap - TERM
+      [ "$status" = 0 ] || exit "$status"
     fi
     dvc exp push origin "$name"
     echo "pushed experiment $name: dvc exp pull origin $name && dvc exp show"

@@ -292,3 +292,29 @@ def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str,
     assert train["world_size"] == 2  # one job across both nodes, not two jobs
     assert "pushed experiment sky-managed-2026-11-24_skytune-train-multinode_3" in outputs[0]
     assert "pushed experiment" not in outputs[1]  # workers never push
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dict[str, str]) -> None:
+    """SIGTERM to the job (what a spot preemption notice becomes) while training: the train stage saves a
+    checkpoint, and `bash sky/node.sh run` exits 75, the code train.yaml's recover_on_exit_codes names, not 143."""
+    origin = tmp_path / "origin.git"
+    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
+    project = clone_project(tmp_path / "project")
+    sh("git", "push", "-q", str(origin), "main", cwd=project)
+    config = yaml.safe_load((project / "sky" / "train.yaml").read_text())
+    env = node_env(tmp_path, s3)
+    node = new_node(tmp_path, "vm", origin)
+    run = subprocess.Popen(["bash", "-c", config["run"]], cwd=node, env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = Path(env["SKYTUNE_CHECKPOINT_DIR"])
+    deadline = time.monotonic() + 600
+    while not any(checkpoints.rglob("COMPLETE.json")):
+        assert run.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.2)
+    before = len(list(checkpoints.rglob("COMPLETE.json")))
+    os.killpg(run.pid, signal.SIGTERM)
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert len(list(checkpoints.rglob("COMPLETE.json"))) >= before  # the notice saved (or kept) a checkpoint
+    assert "pushed experiment" not in output  # an unfinished experiment is never pushed
