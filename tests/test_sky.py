@@ -124,6 +124,15 @@ def node_env(tmp_path: Path, s3: dict[str, str]) -> dict[str, str]:
             "GIT_AUTHOR_EMAIL": "node@localhost", "GIT_COMMITTER_NAME": "node", "GIT_COMMITTER_EMAIL": "node@localhost"}
 
 
+def published_project(tmp_path: Path) -> tuple[Path, Path]:
+    """The project committed in a fresh repository and pushed to a bare origin: (origin, the repository)."""
+    origin = tmp_path / "origin.git"
+    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
+    project = clone_project(tmp_path / "project")
+    sh("git", "push", "-q", str(origin), "main", cwd=project)
+    return origin, project
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant, wherever their sessions are (skytune.cli preemptible starts DVC in
     its own session), as a VM that is gone takes all its processes with it."""
@@ -153,11 +162,7 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     """sky/train.yaml's setup and run, as SkyPilot runs them on a node, against a real S3 server and a bare git
     origin: the first VM is killed mid-training, a fresh one resumes from the bucket checkpoint and pushes the
     experiment, and a second clone pulls it and shows it."""
-    origin = tmp_path / "origin.git"
-    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
-    project = clone_project(tmp_path / "project")
-    sh("git", "remote", "add", "origin", str(origin), cwd=project)
-    sh("git", "push", "-q", "origin", "main", cwd=project)
+    origin, project = published_project(tmp_path)
     config = yaml.safe_load((project / "sky" / "train.yaml").read_text())
     env = node_env(tmp_path, s3)
     name = "sky-managed-2026-11-24_skytune-train_7"
@@ -219,10 +224,7 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
 
 
 def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, str]) -> None:
-    origin = tmp_path / "origin.git"
-    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
-    project = clone_project(tmp_path / "project")
-    sh("git", "push", "-q", str(origin), "main", cwd=project)
+    origin, project = published_project(tmp_path)
     env = {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")}}
 
     def preflight(*args: str, **changes: str) -> subprocess.CompletedProcess:
@@ -265,10 +267,7 @@ def test_sweep_fans_a_grid_out_to_one_job_each() -> None:
 def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str, str]) -> None:
     """sky/train-multinode.yaml's setup and run on two "nodes" on localhost (two clones, SKYPILOT_NODE_RANK 0 and 1,
     one CPU process each): the train stage runs as one 2-process gloo job across them; the head node pushes."""
-    origin = tmp_path / "origin.git"
-    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
-    project = clone_project(tmp_path / "project")
-    sh("git", "push", "-q", str(origin), "main", cwd=project)
+    origin, project = published_project(tmp_path)
     config = yaml.safe_load((project / "sky" / "train-multinode.yaml").read_text())
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -277,7 +276,7 @@ def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str,
             "SKYTUNE_MASTER_PORT": str(port), "OVERRIDES": "train.epochs=1 train.batch_size=4", "GIT_REMOTE": str(origin),
             "SKYPILOT_TASK_ID": "sky-managed-2026-11-24_skytune-train-multinode_3"}
     nodes = {rank: new_node(tmp_path, f"node{rank}", origin) for rank in (0, 1)}
-    for rank, node in nodes.items():
+    for node in nodes.values():
         done = subprocess.run(["bash", "-c", config["setup"]], cwd=node, env=base, capture_output=True, text=True,
                               timeout=900, check=False)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -298,10 +297,7 @@ def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str,
 def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dict[str, str]) -> None:
     """SIGTERM to the job (what a spot preemption notice becomes) while training: the train stage saves a
     checkpoint, and `bash sky/node.sh run` exits 75, the code train.yaml's recover_on_exit_codes names, not 143."""
-    origin = tmp_path / "origin.git"
-    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
-    project = clone_project(tmp_path / "project")
-    sh("git", "push", "-q", str(origin), "main", cwd=project)
+    origin, project = published_project(tmp_path)
     config = yaml.safe_load((project / "sky" / "train.yaml").read_text())
     env = node_env(tmp_path, s3)
     node = new_node(tmp_path, "vm", origin)
