@@ -20,7 +20,7 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show report gguf-tools launcher validate-sky serve preflight sweep sweep-pull
+.PHONY: run install install-test test show report gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,17 +71,31 @@ launcher: $(SKY_VENV)/.installed
 preflight: install $(SKY_VENV)/.installed
 	$(BIN)/python -m skytune.preflight
 
+# One managed spot job (sky/train.yaml) at the pushed HEAD; the secrets the YAML names that are set here go along:
+#   make launch OVERRIDES="train.lora_r=16" [EXP=name] [YAML=sky/train-multinode.yaml] [SKY_ARGS="--env K=V"]
+OVERRIDES ?=
+EXP ?=
+YAML ?= sky/train.yaml
+SKY_ARGS ?=
+launch: install $(SKY_VENV)/.installed
+	$(BIN)/python -m skytune.jobs launch --overrides "$(OVERRIDES)" --yaml $(YAML) $(if $(EXP),--name $(EXP)) -- $(SKY_ARGS)
+
 # A grid fanned out to parallel managed jobs, one DVC experiment each; then pulled and compared:
-#   make sweep NAME=rank GRID="train.lora_r=4,8,16,32" SKY_ARGS="--secret HF_TOKEN --secret GIT_TOKEN ..."
+#   make sweep NAME=rank GRID="train.lora_r=4,8,16,32" [SKY_ARGS=...]
 #   make sweep-pull NAME=rank
 NAME ?= sweep
 GRID ?= train.lora_r=4,8,16,32
-SKY_ARGS ?=
 sweep: install $(SKY_VENV)/.installed
 	$(BIN)/python -m skytune.sweep launch $(NAME) $(GRID) -- $(SKY_ARGS)
 
 sweep-pull: install
 	$(BIN)/python -m skytune.sweep pull $(NAME)
+
+# The exported model to the bucket sky/serve.yaml serves from (AWS_* credentials; AWS_ENDPOINT_URL for OCI/MinIO):
+#   make publish-model MODEL_URL=s3://<bucket>/<experiment>/merged
+MODEL_URL ?=
+publish-model: install
+	$(BIN)/python -m skytune.buckets publish $(MODEL_URL) --source $(SERVE_MODEL)
 
 # Every sky/*.yaml through SkyPilot's own parser, offline.
 validate-sky: $(SKY_VENV)/.installed

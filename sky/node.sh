@@ -3,10 +3,13 @@
 #   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install)
 #   bash sky/node.sh setup-serve   vLLM's environment (CUDA only)
 #   bash sky/node.sh run           the DVC experiment: dvc exp run with $OVERRIDES, then dvc exp push origin
-# Environment: OVERRIDES ("train.lora_r=16 train.epochs=2"), EXP_NAME (default: from SKYPILOT_TASK_ID, which stays
-# the same across a managed job's recoveries, so a restarted job resumes into the same experiment), GIT_REMOTE and
-# GIT_TOKEN (where the experiment's git refs go), AWS_ENDPOINT_URL (the DVC remote's S3-compatible endpoint),
-# SKYTUNE_CHECKPOINT_DIR (default: /checkpoints/<experiment>, the bucket mount), VENV (default .venv).
+# Environment: OVERRIDES ("train.lora_r=16 train.epochs=2", shell-quoted: "'model.system_prompt=Be brief.'"),
+# EXP_NAME (default: from SKYPILOT_TASK_ID, which stays the same across a managed job's recoveries, so a restarted
+# job resumes into the same experiment), GIT_REMOTE (the https URL the experiment is pushed to, with no token in it;
+# default: GIT_URL, the repository SkyPilot cloned the workdir from; an SSH URL would make SkyPilot ship your SSH key), GIT_TOKEN (secret: read by sky/git-askpass.sh when git or DVC asks,
+# never written to disk), AWS_ENDPOINT_URL and DVC_REMOTE_REGION (the DVC remote's S3-compatible endpoint and
+# region, written to .dvc/config.local), SKYTUNE_CHECKPOINT_DIR (default: /checkpoints/<experiment>, the bucket
+# mount), VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -27,24 +30,46 @@ case "${1:-}" in
     ;;
   setup-serve)
     python3 -m venv .venv-serve
-    .venv-serve/bin/pip install --quiet "vllm~=0.32.0"   # pins torch 2.13.0, as the pipeline does
+    # vllm 0.32.0 (checked on PyPI: its wheel requires torch==2.13.0, as the pipeline pins, and transformers
+    # >=5.16.1,<5.20, below the pipeline's 5.23: hence an environment of its own)
+    .venv-serve/bin/pip install --quiet "vllm==0.32.0"
     ;;
   run)
     if [[ $VENV == /* ]]; then export PATH="$VENV/bin:$PATH"; else export PATH="$PWD/$VENV/bin:$PATH"; fi
+    if ! git rev-parse --git-dir >/dev/null 2>&1; then
+      echo "sky/node.sh: $PWD is not a git repository, and dvc exp run needs one: give the task a git workdir" \
+           "(workdir: {url: \${GIT_REMOTE}, ref: \${GIT_REF}}, as sky/train.yaml does)" >&2
+      exit 2
+    fi
     name=$(experiment_name)
     export SKYTUNE_CHECKPOINT_DIR=${SKYTUNE_CHECKPOINT_DIR:-/checkpoints/$name}
-    if [ -n "${GIT_REMOTE:-}" ]; then
-      url=$GIT_REMOTE
-      if [ -n "${GIT_TOKEN:-}" ] && [[ $url == https://* ]]; then url="https://x-access-token:${GIT_TOKEN}@${url#https://}"; fi
-      git remote remove origin 2>/dev/null || true
-      git remote add origin "$url"
+    remote=${GIT_REMOTE:-${GIT_URL:-}}
+    if [ -n "$remote" ]; then
+      # Token-free: SkyPilot's clone wrote https://<token>@host into origin; the token comes from the askpass.
+      git remote set-url origin "$remote" 2>/dev/null || git remote add origin "$remote"
     fi
+    if [ -n "${GIT_TOKEN:-}" ]; then export GIT_ASKPASS="$PWD/sky/git-askpass.sh" GIT_TERMINAL_PROMPT=0; fi
+    if [ -f "$(git rev-parse --git-dir)/shallow" ]; then git fetch --quiet --unshallow origin; fi  # a branch ref
     if [ -n "${AWS_ENDPOINT_URL:-}" ]; then
       dvc remote modify --local "$(dvc remote default)" endpointurl "$AWS_ENDPOINT_URL"
     fi
+    if [ -n "${DVC_REMOTE_REGION:-}" ]; then
+      dvc remote modify --local "$(dvc remote default)" region "$DVC_REMOTE_REGION"
+    fi
+    python -m skytune.overrides >/dev/null || exit 2   # a malformed OVERRIDES stops here, named
     sets=()
-    for kv in ${OVERRIDES:-}; do sets+=(-S "$kv"); done
+    while IFS= read -r -d '' kv; do sets+=(-S "$kv"); done < <(python -m skytune.overrides)
     rank=${SKYPILOT_NODE_RANK:-0}
+    pushed=$(dvc exp list origin --rev "$(git rev-parse HEAD)" --name-only) || {
+      echo "sky/node.sh: cannot list the experiments on origin (${remote:-origin}): check GIT_REMOTE" \
+           "and the GIT_TOKEN secret" >&2
+      exit 3
+    }
+    if grep -qx "$name" <<<"$pushed"; then
+      # A recovery (or a worker of one) after the experiment was pushed: nothing left to do on any node.
+      echo "experiment $name is already on origin: nothing to run (dvc exp pull origin $name)"
+      exit 0
+    fi
     if [ "$rank" != 0 ]; then
       # A worker node: the same data stages (deterministic) with the same overrides, then the train stage's
       # workers, which join the head node's run through skytune.launch (SKYPILOT_* variables).
@@ -53,16 +78,20 @@ case "${1:-}" in
       exec python -m skytune.launch skytune.stages.train
     fi
     if dvc exp list --name-only | grep -qx "$name"; then
-      echo "experiment $name already ran (a recovery after it finished): pushing it"
+      # Only where the workdir outlives a run (sky launch on a kept cluster); a managed job's recovery is a new VM.
+      echo "experiment $name already ran here (a restart after it finished): pushing it"
     else
       # exit 75 when training was preempted (checkpoint saved): SkyPilot's recover_on_exit_codes relaunches.
       # A SIGTERM to this script is passed on and waited for, so its exit code is the run's (75), not bash's 143.
       python -m skytune.cli preemptible -- dvc exp run -n "$name" "${sets[@]}" &
       child=$!
-      trap 'kill -TERM "$child" 2>/dev/null' TERM
+      trap 'kill -TERM "$child" 2>/dev/null; signalled=1' TERM
+      signalled=0
       status=0
       wait "$child" || status=$?
-      while kill -0 "$child" 2>/dev/null; do wait "$child" || status=$?; done  # wait again after a trapped signal
+      # A trapped signal ends `wait` early (status 143): wait again for the run's own code; bash keeps the status
+      # of a child it has already reaped, so this holds even when the run ended in between.
+      while [ "$signalled" = 1 ]; do signalled=0; status=0; wait "$child" || status=$?; done
       trap - TERM
       [ "$status" = 0 ] || exit "$status"
     fi

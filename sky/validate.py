@@ -2,8 +2,8 @@
 environment: `make launcher`, then `.venv-sky/bin/python sky/validate.py sky/*.yaml`).
 
 Task, resources, storage mounts, job recovery and (for SkyServe) the service section are validated against
-SkyPilot's schema; secrets and envs that must be given at launch are filled with placeholders. Exits 1 naming every
-file that fails.
+SkyPilot's schema; envs that must be given at launch are filled with placeholders, and every ${VAR} in the workdir
+and file mounts must have been substituted. Exits 1 naming every file that fails.
 """
 
 from __future__ import annotations
@@ -39,13 +39,17 @@ def check(path: Path) -> str | None:
     problem = _job_recovery_problem(config)
     if problem:
         return problem
-    placeholders = {section: [(k, "placeholder") for k, v in (config.get(section) or {}).items() if v is None]
-                    for section in ("envs", "secrets")}
+    # Envs left null must be given at launch (--env): filled here. Null secrets are SkyPilot's managed references,
+    # accepted as they are.
+    placeholders = [(k, "placeholder") for k, v in (config.get("envs") or {}).items() if v is None]
     try:
-        task = sky.Task.from_yaml_config(config, env_overrides=placeholders["envs"],
-                                         secrets_overrides=placeholders["secrets"])
+        task = sky.Task.from_yaml_config(config, env_overrides=placeholders)
         if "service" in config and task.service is None:
             return "the service section was not parsed"
+        left = [f"{where}: {text}" for where, text in (("workdir", task.workdir), ("file_mounts", task.file_mounts))
+                if "${" in str(text)]
+        if left:
+            return f"a variable was not substituted (not in envs?): {left}"
     except Exception as exc:  # noqa: BLE001 - SkyPilot raises several types for an invalid YAML
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -93,3 +97,33 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
             importlib.import_module(f"skytune.stages.{stage}").main(tracked)
             run.reads[stage] = tracked.reads
     return run
+
+
+BUCKETS = ("skytune-dvc", "skytune-models")  # .dvc/config's remote; what make publish-model fills for serve.yaml
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server on loopback: `rclone serve s3` (the rclone SkyPilot's MOUNT_CACHED uses), serving
+    a directory in which each sub-directory is a bucket. Yields the environment a client needs."""
+    root = tmp_path / "s3"
+    for bucket in BUCKETS:
+        (root / bucket).mkdir(parents=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "rclone"), "serve", "s3", "--auth-key",
+                               "AKSKYTUNE,sky-secret", "--addr", f"127.0.0.1:{port}", str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    try:
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKSKYTUNE",
+               "AWS_SECRET_ACCESS_KEY": "sky-secret", "S3_ROOT": str(root)}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

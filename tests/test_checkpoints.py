@@ -53,6 +53,19 @@ def test_prune_keeps_the_newest_complete_ones_only(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
 
 
+def test_a_bucket_mount_keeps_the_checkpoint_before_the_newest(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On MOUNT_CACHED the newest checkpoint may still be uploading when the VM dies: the one before it stays."""
+    monkeypatch.delenv(checkpoints.ENV_DIR, raising=False)
+    assert checkpoints.keep_count(1) == 1
+    monkeypatch.setenv(checkpoints.ENV_DIR, str(tmp_path / "bucket"))
+    assert checkpoints.keep_count(1) == 2 and checkpoints.keep_count(3) == 3
+    for step in (10, 20):
+        make(tmp_path, step)
+    checkpoints.prune(tmp_path, keep=checkpoints.keep_count(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20"]
+
+
 def test_fingerprint_is_stable_and_input_sensitive() -> None:
     a = checkpoints.fingerprint({"train": {"lr": 1e-4, "r": 8}, "data": ["abc"]})
     assert a == checkpoints.fingerprint({"data": ["abc"], "train": {"r": 8, "lr": 1e-4}})

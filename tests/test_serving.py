@@ -1,4 +1,5 @@
-"""`make serve`: the exported model behind an OpenAI-compatible endpoint, asked with the real `openai` client."""
+"""`make serve`: the exported model behind an OpenAI-compatible endpoint, asked with the real `openai` client, after
+the trip sky/serve.yaml makes: `make publish-model` to a bucket, then a copy down (serve.yaml's COPY mount)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import yaml
 from conftest import REPO, PipelineRun
 
 from skytune.params import load_params
@@ -21,14 +24,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_make_serve_answers_chat_completions(pipeline: PipelineRun, tmp_path: Path) -> None:
+def test_published_model_is_served_and_answers_chat_completions(pipeline: PipelineRun, tmp_path: Path,
+                                                                s3: dict[str, str]) -> None:
     from openai import OpenAI
 
     paths = load_params(pipeline.root / "params.yaml").paths
+    merged = pipeline.root / paths.export_dir / "merged"
+    serve = yaml.safe_load((REPO / "sky" / "serve.yaml").read_text())
+    bucket, model_path = "skytune-models", "exp-1/export/merged"
+    assert serve["file_mounts"]["/model"] == "${MODEL_URL}" and "vllm serve /model " in serve["run"]
+    aws = {k: v for k, v in s3.items() if k.startswith("AWS_")}
+    done = subprocess.run(["make", "--no-print-directory", "publish-model", f"MODEL_URL=s3://{bucket}/{model_path}",
+                           f"SERVE_MODEL={merged}"], cwd=REPO, env={**os.environ, **aws}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"--env MODEL_URL=s3://{bucket}/{model_path}" in done.stdout
+    # serve.yaml's copy of MODEL_URL to /model, done by rclone (not by our code): then serve what came down.
+    served = tmp_path / "model"
+    subprocess.run([str(Path(sys.executable).parent / "rclone"), "copy", f":s3:{bucket}/{model_path}", str(served),
+                    "--s3-provider", "Other", "--s3-endpoint", aws["AWS_ENDPOINT_URL"], "--s3-access-key-id",
+                    aws["AWS_ACCESS_KEY_ID"], "--s3-secret-access-key", aws["AWS_SECRET_ACCESS_KEY"]],
+                   check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in served.iterdir()) == sorted(p.name for p in merged.iterdir())
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     server = subprocess.Popen(["make", "--no-print-directory", "serve", f"SERVE_PORT={port}",
-                               f"SERVE_MODEL={pipeline.root / paths.export_dir / 'merged'}"],
+                               f"SERVE_MODEL={served}"],
                               cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:

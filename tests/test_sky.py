@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import git_http
 import pytest
 import yaml
-from conftest import REPO
+from conftest import BUCKETS, REPO
 from test_pipeline_e2e import PATHS, clone_project, sh
 
 from skytune.checkpoints import PREEMPTED_EXIT_CODE
@@ -42,12 +46,14 @@ def test_every_sky_yaml_passes_skypilots_validation(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("ok ") == len(YAMLS)
     # ... and the validation is real: typos in a service, a storage mode and job recovery are caught.
-    broken = {
-        "serve.yaml": ("readiness_probe:", "readines_probe:", "did you mean 'readiness_probe'"),
-        "train.yaml": ("mode: MOUNT_CACHED", "mode: MOUNT_CACHE", "'MOUNT_CACHE' is not one of"),
-        "train-multinode.yaml": ("recover_on_exit_codes", "recover_on_exit_code", "unknown key(s)"),
-    }
-    for name, (old, new, expected) in broken.items():
+    broken = [
+        ("serve.yaml", "readiness_probe:", "readines_probe:", "did you mean 'readiness_probe'"),
+        ("train.yaml", "mode: MOUNT_CACHED", "mode: MOUNT_CACHE", "'MOUNT_CACHE' is not one of"),
+        ("train.yaml", "ref: ${GIT_REF}", "ref: ${GIT_COMMIT}", "a variable was not substituted"),
+        ("train-multinode.yaml", "recover_on_exit_codes", "recover_on_exit_code", "unknown key(s)"),
+    ]
+    for name, old, new, expected in broken:
+        assert old in (REPO / "sky" / name).read_text()
         bad = tmp_path / name
         bad.write_text((REPO / "sky" / name).read_text().replace(old, new))
         done = validate(bad)
@@ -79,58 +85,59 @@ def test_training_yamls_keep_the_projects_promises(path: Path) -> None:
 def test_the_dvc_remote_is_the_bucket_the_tests_serve() -> None:
     config = (REPO / ".dvc" / "config").read_text()
     assert "remote = storage" in config and f"url = {DVC_REMOTE_URL}" in config
+    assert urlparse(DVC_REMOTE_URL).netloc in BUCKETS
 
 
 def test_skyignore_keeps_environments_and_outputs_off_the_upload() -> None:
     ignored = (REPO / ".skyignore").read_text().splitlines()
     assert {".venv/", ".venv-*/", "models/checkpoints/", ".dvc/cache/"} <= set(ignored)
-    assert ".git/" not in ignored  # dvc exp run needs the commit on the node
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_editable_install() -> Iterator[None]:
+    """A simulated node's `setup` (make install into this environment) points the editable install at the node's
+    clone, which is then deleted: put it back, so later tests import this repository's code."""
+    pth = list(Path(sys.executable).parents[1].glob("lib/python3*/site-packages/__editable__*skytune*.pth"))
+    saved = {path: path.read_text() for path in pth}
+    yield
+    for path, text in saved.items():
+        path.write_text(text)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The project pushed to a bare repository served over git's smart HTTP: anyone reads, the token pushes."""
+
+    url: str
+    commit: str
+    token: str
+    pushes: list[str]
+    project: Path
 
 
 @pytest.fixture
-def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A real S3-compatible server on loopback: `rclone serve s3` (the rclone SkyPilot's MOUNT_CACHED uses), serving
-    a directory in which each sub-directory is a bucket. Yields the environment a client needs."""
-    root = tmp_path / "s3"
-    bucket = urlparse(DVC_REMOTE_URL).netloc
-    (root / bucket).mkdir(parents=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "rclone"), "serve", "s3", "--auth-key",
-                               "AKSKYTUNE,sky-secret", "--addr", f"127.0.0.1:{port}", str(root)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as client:
-            if client.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    try:
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKSKYTUNE",
-               "AWS_SECRET_ACCESS_KEY": "sky-secret", "S3_ROOT": str(root)}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+def origin(tmp_path: Path) -> Iterator[Origin]:
+    root = tmp_path / "git"
+    sh("git", "init", "-q", "--bare", "-b", "main", str(root / "skytune.git"), cwd=tmp_path)
+    project = clone_project(tmp_path / "project")
+    sh("git", "push", "-q", str(root / "skytune.git"), "main", cwd=project)
+    commit = sh("git", "rev-parse", "HEAD", cwd=project, stdout_only=True).strip()
+    with git_http.serve(root, token="ghp-test-token") as (base, pushes):
+        url = f"{base}/skytune.git"
+        sh("git", "remote", "add", "origin", url, cwd=project)
+        yield Origin(url, commit, "ghp-test-token", pushes, project)
 
 
-def node_env(tmp_path: Path, s3: dict[str, str]) -> dict[str, str]:
-    """What SkyPilot gives sky/train.yaml's commands on a one-node, CPU-only job (secrets included)."""
+def node_env(tmp_path: Path, s3: dict[str, str], origin: Origin) -> dict[str, str]:
+    """What SkyPilot gives sky/train.yaml's commands on a one-node, CPU-only job: its envs (GIT_REMOTE and GIT_REF as
+    `make launch` passes them, GIT_URL as SkyPilot derives it from the git workdir) and secrets."""
     return {**os.environ, **s3, "VENV": str(Path(sys.executable).parents[1]),
             "SKYPILOT_TASK_ID": "sky-managed-2026-11-24_skytune-train_7", "SKYPILOT_NODE_RANK": "0",
             "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_GPUS_PER_NODE": "0",
             "OVERRIDES": "train.lora_r=4 train.epochs=3 train.save_steps=20",
+            "GIT_REMOTE": origin.url, "GIT_REF": origin.commit, "GIT_URL": origin.url, "GIT_TOKEN": origin.token,
             "SKYTUNE_CHECKPOINT_DIR": str(tmp_path / "bucket-mount"), "GIT_AUTHOR_NAME": "node",
             "GIT_AUTHOR_EMAIL": "node@localhost", "GIT_COMMITTER_NAME": "node", "GIT_COMMITTER_EMAIL": "node@localhost"}
-
-
-def published_project(tmp_path: Path) -> tuple[Path, Path]:
-    """The project committed in a fresh repository and pushed to a bare origin: (origin, the repository)."""
-    origin = tmp_path / "origin.git"
-    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path)
-    project = clone_project(tmp_path / "project")
-    sh("git", "push", "-q", str(origin), "main", cwd=project)
-    return origin, project
 
 
 def kill_tree(pid: int) -> None:
@@ -149,22 +156,30 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def new_node(tmp_path: Path, name: str, origin: Path) -> Path:
-    """A fresh VM: the workdir as SkyPilot uploads it (the repository at the pushed commit), nothing else."""
+def new_node(tmp_path: Path, name: str, origin: Origin) -> Path:
+    """A fresh VM's workdir as SkyPilot makes it from sky/train.yaml's git workdir: SkyPilot's own git_clone.sh
+    with the environment SkyPilot gives it (GIT_URL, GIT_COMMIT_HASH for a commit ref, the GIT_TOKEN secret)."""
     node = tmp_path / name
-    sh("git", "clone", "-q", str(origin), str(node), cwd=tmp_path)
+    script = next((SKY_ENV / "lib").glob("python3*/site-packages/sky/utils/git_clone.sh"))
+    env = {**os.environ, "GIT_URL": origin.url, "GIT_COMMIT_HASH": origin.commit, "GIT_TOKEN": origin.token}
+    done = subprocess.run(["bash", str(script), str(node)], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # For an https URL git_clone.sh clones from https://<token>@host/..., which stays in origin; node.sh must undo
+    # that. The test server is plain http, so put the token there as SkyPilot would.
+    sh("git", "remote", "set-url", "origin", origin.url.replace("http://", f"http://{origin.token}@"), cwd=node)
     return node
 
 
 @pytest.mark.slow
 def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere(
-        tmp_path: Path, s3: dict[str, str]) -> None:
+        tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """sky/train.yaml's setup and run, as SkyPilot runs them on a node, against a real S3 server and a bare git
     origin: the first VM is killed mid-training, a fresh one resumes from the bucket checkpoint and pushes the
     experiment, and a second clone pulls it and shows it."""
-    origin, project = published_project(tmp_path)
-    config = yaml.safe_load((project / "sky" / "train.yaml").read_text())
-    env = node_env(tmp_path, s3)
+    config = yaml.safe_load((origin.project / "sky" / "train.yaml").read_text())
+    assert config["workdir"] == {"url": "${GIT_REMOTE}", "ref": "${GIT_REF}"}  # what new_node simulates
+    env = node_env(tmp_path, s3, origin)
     name = "sky-managed-2026-11-24_skytune-train_7"
 
     # VM 1: setup, then run until the first checkpoint is complete in the bucket, then the VM disappears.
@@ -188,14 +203,19 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
                               timeout=900, check=False)
         assert done.returncode == 0, f"{step}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert f"pushed experiment {name}" in done.stdout
+    assert origin.pushes  # through the token-checking server: sky/git-askpass.sh answered DVC with GIT_TOKEN
+    assert origin.token not in (second / ".git" / "config").read_text()  # node.sh took it out of origin
     train = json.loads((second / PATHS.train_metrics).read_text())
     assert train["resumed_from_step"] >= 20 and train["steps"] > train["resumed_from_step"]
     assert list((Path(s3["S3_ROOT"]) / urlparse(DVC_REMOTE_URL).netloc).rglob("*"))  # the DVC cache is in S3
 
-    # A recovery after the experiment finished pushes again instead of training again.
-    again = subprocess.run(["bash", "-c", config["run"]], cwd=second, env=env, capture_output=True, text=True,
+    # A recovery after the experiment was pushed (a fresh VM) has nothing to do: no training, no push.
+    third = new_node(tmp_path, "vm3", origin)
+    pushes = len(origin.pushes)
+    again = subprocess.run(["bash", "-c", config["run"]], cwd=third, env=env, capture_output=True, text=True,
                            timeout=600, check=False)
-    assert again.returncode == 0 and "already ran" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "already on origin" in again.stdout, again.stdout + again.stderr
+    assert len(origin.pushes) == pushes and not (third / "dvc.lock").exists()
 
     # Anyone else: clone, point the remote at the endpoint, pull the experiment, compare.
     laptop = new_node(tmp_path, "laptop", origin)
@@ -215,65 +235,157 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     assert data["metrics"][PATHS.train_metrics]["data"]["resumed_from_step"] >= 20
     assert {"val_perplexity_tuned", "ends_with_eot_tuned"} <= set(data["metrics"][PATHS.sanity_metrics]["data"])
     subprocess.run(["dvc", "exp", "apply", name], check=True, env=client, capture_output=True, **sh_env)
+    sh("git", "checkout", "-q", "--", ".", cwd=laptop)  # back to the commit, for the launch below
     assert (laptop / PATHS.adapter_dir / "adapter_model.safetensors").is_file()  # its bytes came from S3
 
     # The sweep's comparison command on what was pushed (a sweep's experiments share a name prefix).
     table = subprocess.run([sys.executable, "-m", "skytune.sweep", "pull", "sky-managed"], check=True, env=client,
                            capture_output=True, text=True, **sh_env).stdout
     assert f"| {name} | 4 |" in table and "gpu_hours" in table
+    # Launching that name again at the same commit is refused on the laptop (the node would skip it as done).
+    again = subprocess.run([sys.executable, "-m", "skytune.jobs", "launch", "--name", name, "--dry-run"], env=client,
+                           capture_output=True, text=True, check=False, **sh_env)
+    assert again.returncode == 1 and f"experiment name(s) {name} already on origin" in again.stderr, again.stderr
 
 
-def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, str]) -> None:
-    origin, project = published_project(tmp_path)
-    env = {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")}}
+def test_a_workdir_uploaded_without_git_stops_with_a_clear_error(tmp_path: Path, s3: dict[str, str],
+                                                                origin: Origin) -> None:
+    """What `sky jobs launch` does to `workdir: .` (uploaded through a bucket, .git left out): node.sh says so
+    instead of failing inside DVC; sky/train.yaml therefore uses a git workdir."""
+    upload = tmp_path / "upload"
+    shutil.copytree(origin.project, upload, ignore=shutil.ignore_patterns(".git"))
+    done = subprocess.run(["bash", "sky/node.sh", "run"], cwd=upload, env=node_env(tmp_path, s3, origin),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "not a git repository" in done.stderr and "git workdir" in done.stderr
+
+
+def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
+    project = origin.project
+    env = {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")}, "GIT_TOKEN": origin.token}
 
     def preflight(*args: str, **changes: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "skytune.preflight", "--remote", str(origin),
-                               "--sky", str(SKY_ENV / "bin" / "sky"), "--no-sky-check", *args], cwd=project,
-                              env={**env, **changes}, capture_output=True, text=True, timeout=300, check=False)
+        return subprocess.run([sys.executable, "-m", "skytune.preflight", "--sky", str(SKY_ENV / "bin" / "sky"),
+                               "--no-sky-check", *args], cwd=project, env={**env, **changes}, capture_output=True,
+                              text=True, timeout=300, check=False)
 
     done = preflight()
     assert done.returncode == 0 and "preflight: 5/5 passed" in done.stdout, done.stdout + done.stderr
     assert "DVC remote storage: s3://skytune-dvc/skytune listed" in done.stdout
-    wrong = preflight(AWS_SECRET_ACCESS_KEY="not-the-secret")
+    assert f"HEAD {origin.commit[:12]} is on {origin.url}; pushing there is allowed" in done.stdout
+    assert not origin.pushes  # a dry run: authenticated, nothing written
+    wrong = preflight(AWS_SECRET_ACCESS_KEY="not-the-secret", GIT_TOKEN="not-the-token")
     assert wrong.returncode == 1 and "FAIL  bucket" in wrong.stdout and "signature" in wrong.stdout
-    missing = preflight("--remote", str(tmp_path / "nowhere.git"), "--sky", str(tmp_path / "sky"))
+    assert "FAIL  git" in wrong.stdout and "cannot push" in wrong.stdout and "GIT_TOKEN" in wrong.stdout
+    missing = preflight("--remote", "nowhere", "--sky", str(tmp_path / "sky"))
     assert "FAIL  git" in missing.stdout and "FAIL  launcher" in missing.stdout and "make launcher" in missing.stdout
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("lora_r:", "lora_rank:"))
     typo = preflight()
     assert typo.returncode == 1 and "did you mean 'train.lora_r'" in typo.stdout
+    assert "uncommitted changes (params.yaml)" in typo.stdout  # the node would not see the edit
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@l", "commit", "-qam", "unpushed", cwd=project)
+    unpushed = preflight()
+    assert "is not on origin" in unpushed.stdout and "git push origin" in unpushed.stdout
 
 
-def test_sweep_fans_a_grid_out_to_one_job_each() -> None:
-    from skytune import sweep
+def test_sky_check_summary_is_read_as_skypilot_prints_it() -> None:
+    """preflight reads `sky check`'s closing summary; the texts come from SkyPilot's own formatter."""
+    from skytune.preflight import enabled_infra
+
+    code = ("from sky import check, clouds; C = clouds.CloudCapability; "
+            "print(check._summary_message({}, {}, 'default', True, []), '\\n\\n=====', "
+            "check._summary_message({'AWS': [C.COMPUTE, C.STORAGE], 'Cloudflare': [C.STORAGE]}, {}, 'default', "
+            "True, []))")
+    done = subprocess.run([str(SKY_ENV / "bin" / "python"), "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    none, some = done.stdout.split("=====")
+    assert enabled_infra("Checking credentials...\n  AWS: disabled\n" + none) == []
+    clouds = enabled_infra(some)
+    assert len(clouds) == 2 and [c for c in clouds if "compute" in c.lower()] == [clouds[0]] and "AWS" in clouds[0]
+
+
+def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from skytune import jobs, overrides, sweep
 
     points = sweep.grid(["train.lora_r=4,8,16,32", "train.learning_rate=1e-4,2e-4"])
     assert len(points) == 8 and points[0] == {"train.lora_r": "4", "train.learning_rate": "1e-4"}
-    commands = sweep.launch_commands("rank", points, sky=Path("sky"), extra=["--secret", "HF_TOKEN"])
-    assert len({c[c.index("--name") + 1] for c in commands}) == 8  # one managed job, one experiment each
-    first = commands[0]
-    assert first[:3] == ["sky", "jobs", "launch"] and "sky/train.yaml" in first and "--detach-run" in first
-    assert "OVERRIDES=train.lora_r=4 train.learning_rate=1e-4" in first and "EXP_NAME=rank-00" in first
-    assert first[-2:] == ["--secret", "HF_TOKEN"]
     for point in points:
-        sweep.check_point(point, REPO / "params.yaml")  # 1e-4 as -S writes it is a float
+        overrides.check(point, REPO / "params.yaml")  # 1e-4 as -S writes it is a float
+    monkeypatch.chdir(origin.project)
+    for name in ("HF_TOKEN", "GIT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    axes = ["train.lora_r=4,8", "identity.creator=The Lab"]
+    with pytest.raises(SystemExit, match="GIT_TOKEN not set here"):  # SkyPilot would fail every job on it
+        sweep.launch("rank", axes, dry_run=True, sky=Path("sky"), remote="origin", extra=[])
+    monkeypatch.setenv("GIT_TOKEN", "token")
+    assert sweep.launch("rank", axes, dry_run=True, sky=Path("sky"), remote="origin",
+                        extra=["--env", "CHECKPOINT_BUCKET=mine"]) == 0
+    printed = capsys.readouterr().out
+    assert f"2 managed job(s) at {origin.commit[:12]}" in printed
+    secrets = "--secret HF_TOKEN= --secret GIT_TOKEN --secret AWS_ACCESS_KEY_ID --secret AWS_SECRET_ACCESS_KEY"
+    assert printed.count(f"{secrets} --env CHECKPOINT_BUCKET=mine") == 2, printed
+    source = jobs.pushed_commit("origin", origin.project)
+    command = jobs.launch_command("rank-01", [("train.lora_r", "8"), ("identity.creator", "The Lab")],
+                                  "rank-01", source, sky=Path("sky"), extra=["--secret", "HF_TOKEN"])
+    assert command[:3] == ["sky", "jobs", "launch"] and "--detach-run" in command and "sky/train.yaml" in command
+    assert f"GIT_REF={origin.commit}" in command and f"GIT_REMOTE={origin.url}" in command
+    assert "EXP_NAME=rank-01" in command and command[-2:] == ["--secret", "HF_TOKEN"]
+    # The value with a space survives the trip through OVERRIDES to the node's -S arguments.
+    rendered = next(c for c in command if c.startswith("OVERRIDES=")).removeprefix("OVERRIDES=")
+    assert overrides.parse(rendered) == [("train.lora_r", "8"), ("identity.creator", "The Lab")]
     with pytest.raises(SystemExit, match="train.lora_rank: unknown key; did you mean 'train.lora_r'"):
-        sweep.launch("rank", ["train.lora_rank=4,8"], dry_run=True, sky=Path("sky"), extra=[])
+        sweep.launch("rank", ["train.lora_rank=4,8"], dry_run=True, sky=Path("sky"), remote="origin", extra=[])
     with pytest.raises(ValueError, match="expected key=value1,value2"):
         sweep.grid(["train.lora_r"])
 
 
+def test_overrides_parse_quote_and_name_the_bad_word() -> None:
+    from skytune import overrides
+
+    pairs = overrides.parse("train.lora_r=16 'identity.creator=Be brief, and kind.' train.learning_rate=1e-4")
+    assert pairs == [("train.lora_r", "16"), ("identity.creator", "Be brief, and kind."),
+                     ("train.learning_rate", "1e-4")]
+    assert overrides.parse(overrides.render(pairs)) == pairs
+    with pytest.raises(overrides.OverridesError, match="'lora_r=16' is not section.key=value"):
+        overrides.parse("lora_r=16")
+    with pytest.raises(overrides.OverridesError, match="No closing quotation"):
+        overrides.parse("'identity.creator=Be brief")
+    # Checked as dvc exp run -S reads them (Hydra): a comma is a sweep, an apostrophe does not parse.
+    overrides.check([("identity.creator", "The Lab"), ("train.learning_rate", "1e-4")], REPO / "params.yaml")
+    overrides.check([("identity.creator", '"The Lab, Inc."')], REPO / "params.yaml")
+    with pytest.raises(overrides.OverridesError, match="would be a Hydra sweep"):
+        overrides.check([("identity.creator", "Be brief, and kind.")], REPO / "params.yaml")
+    with pytest.raises(overrides.OverridesError, match="cannot parse it"):
+        overrides.check([("identity.creator", "it's us")], REPO / "params.yaml")
+    env = {**os.environ, "OVERRIDES": "train.lora_r=16 'identity.creator=a b'"}
+    out = subprocess.run([sys.executable, "-m", "skytune.overrides"], env=env, capture_output=True, check=True).stdout
+    assert out == b"train.lora_r=16\0identity.creator=a b\0"
+
+
+def test_git_remote_urls_become_https_for_the_node() -> None:
+    from skytune.jobs import https_url
+
+    assert https_url("git@github.com:org/repo.git") == "https://github.com/org/repo.git"
+    assert https_url("ssh://git@gitlab.com:2222/org/repo.git") == "https://gitlab.com/org/repo.git"
+    assert https_url("https://github.com/org/repo.git") == "https://github.com/org/repo.git"
+    assert https_url("https://me:ghp_secret@github.com/org/repo.git") == "https://github.com/org/repo.git"
+    assert https_url("http://tok@127.0.0.1:8080/r.git") == "http://127.0.0.1:8080/r.git"
+
+
 @pytest.mark.slow
-def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str, str]) -> None:
+def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """sky/train-multinode.yaml's setup and run on two "nodes" on localhost (two clones, SKYPILOT_NODE_RANK 0 and 1,
     one CPU process each): the train stage runs as one 2-process gloo job across them; the head node pushes."""
-    origin, project = published_project(tmp_path)
-    config = yaml.safe_load((project / "sky" / "train-multinode.yaml").read_text())
+    config = yaml.safe_load((origin.project / "sky" / "train-multinode.yaml").read_text())
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    base = {**node_env(tmp_path, s3), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
-            "SKYTUNE_MASTER_PORT": str(port), "OVERRIDES": "train.epochs=1 train.batch_size=4", "GIT_REMOTE": str(origin),
+    base = {**node_env(tmp_path, s3, origin), "SKYPILOT_NUM_NODES": "2",
+            "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1", "SKYTUNE_MASTER_PORT": str(port),
+            "OVERRIDES": "train.epochs=1 train.batch_size=4",
             "SKYPILOT_TASK_ID": "sky-managed-2026-11-24_skytune-train-multinode_3"}
     nodes = {rank: new_node(tmp_path, f"node{rank}", origin) for rank in (0, 1)}
     for node in nodes.values():
@@ -285,21 +397,25 @@ def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str,
                                    stderr=subprocess.STDOUT, text=True)
             for rank, node in nodes.items()}
     outputs = {rank: run.communicate(timeout=900)[0] for rank, run in runs.items()}
-    errors = {r: [line for line in o.splitlines() if "rror" in line][:12] for r, o in outputs.items()}
-    assert all(run.returncode == 0 for run in runs.values()), errors
+    failed = {rank: outputs[rank][-4000:] for rank, run in runs.items() if run.returncode != 0}
+    assert not failed, "\n".join(f"--- node {rank}:\n{tail}" for rank, tail in failed.items())
     train = json.loads((nodes[0] / PATHS.train_metrics).read_text())
     assert train["world_size"] == 2  # one job across both nodes, not two jobs
     assert "pushed experiment sky-managed-2026-11-24_skytune-train-multinode_3" in outputs[0]
     assert "pushed experiment" not in outputs[1]  # workers never push
+    # A recovery after the push: a worker on a fresh VM exits at once instead of waiting for a head that never comes.
+    late = new_node(tmp_path, "node1-recovered", origin)
+    done = subprocess.run(["bash", "-c", config["run"]], cwd=late, env={**base, "SKYPILOT_NODE_RANK": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "already on origin" in done.stdout, done.stdout + done.stderr
 
 
 @pytest.mark.slow
-def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dict[str, str]) -> None:
+def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """SIGTERM to the job (what a spot preemption notice becomes) while training: the train stage saves a
     checkpoint, and `bash sky/node.sh run` exits 75, the code train.yaml's recover_on_exit_codes names, not 143."""
-    origin, project = published_project(tmp_path)
-    config = yaml.safe_load((project / "sky" / "train.yaml").read_text())
-    env = node_env(tmp_path, s3)
+    config = yaml.safe_load((origin.project / "sky" / "train.yaml").read_text())
+    env = node_env(tmp_path, s3, origin)
     node = new_node(tmp_path, "vm", origin)
     run = subprocess.Popen(["bash", "-c", config["run"]], cwd=node, env=env, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -314,3 +430,18 @@ def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dic
     assert run.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
     assert len(list(checkpoints.rglob("COMPLETE.json"))) >= before  # the notice saved (or kept) a checkpoint
     assert "pushed experiment" not in output  # an unfinished experiment is never pushed
+
+
+def test_every_command_of_the_readme_cloud_path_exists() -> None:
+    """The README's cloud path names only make targets, modules and files that exist."""
+    readme = (REPO / "README.md").read_text()
+    cloud = readme[readme.index("## Cloud"):readme.index("\n## ", readme.index("## Cloud") + 1)]
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"\bmake ([a-z][a-z-]*)", cloud))
+    assert {"launcher", "preflight", "launch", "sweep", "sweep-pull", "serve", "report"} <= targets
+    for target in targets:
+        assert re.search(rf"^{re.escape(target)}:", makefile, re.MULTILINE), f"make {target}: no such target"
+    for path in set(re.findall(r"\b(sky/[\w.-]+\.(?:yaml|sh|py))", cloud)):
+        assert (REPO / path).is_file(), path
+    for module in set(re.findall(r"python -m (skytune\.\w+)", cloud + makefile)):
+        assert (REPO / "src" / (module.replace(".", "/") + ".py")).is_file(), module

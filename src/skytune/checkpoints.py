@@ -139,6 +139,17 @@ def prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def keep_count(configured: int) -> int:
+    """How many complete checkpoints to keep. On a bucket mount ($SKYTUNE_CHECKPOINT_DIR, MOUNT_CACHED) files upload
+    in the background after they are written, so the newest complete checkpoint may not be in the bucket yet when
+    the VM dies: the one before it is kept too, whatever train.save_total_limit says."""
+    if configured < 2 and os.environ.get(ENV_DIR):
+        log.warning("train.save_total_limit %d on a bucket mount (%s): keeping 2, so an upload still in flight "
+                    "never leaves the bucket without a complete checkpoint", configured, ENV_DIR)
+        return 2
+    return configured
+
+
 def exit_preempted() -> NoReturn:
     """Exit with PREEMPTED_EXIT_CODE, telling a launcher that waits on this process (skytune.launch) as well."""
     flag = os.environ.get(PREEMPTED_FILE_ENV)

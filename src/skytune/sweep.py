@@ -5,9 +5,10 @@
     python -m skytune.sweep pull NAME      # dvc exp pull origin <every experiment of the sweep>, then a table
     make sweep NAME=r GRID="train.lora_r=4,8,16,32"      make sweep-pull NAME=r
 
-Each grid point is one `sky jobs launch sky/train.yaml` with OVERRIDES set to its values and EXP_NAME
-`<NAME>-<index>`, so each job trains on its own spot VM and pushes its own DVC experiment. Every grid point is
-checked against the params schema before the first job is launched: a typo costs nothing.
+Each grid point is one `sky jobs launch sky/train.yaml` (skytune.jobs: at the pushed HEAD) with OVERRIDES set to
+its values and EXP_NAME `<NAME>-<index>`, so each job trains on its own spot VM and pushes its own DVC experiment.
+Every grid point is checked against the params schema before the first job is launched: a typo costs nothing.
+Values are split on commas; a value holding a comma is not expressible in a grid (launch it with skytune.jobs).
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
+from skytune import jobs, overrides
+from skytune.params import ParamsError
 
-from skytune.params import PARAMS_FILE, ParamsError, load_params
-
-SKY = Path(".venv-sky/bin/sky")  # `make launcher`
-TRAIN_YAML = "sky/train.yaml"
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 COLUMNS = ("val_loss_after", "val_perplexity_tuned", "identity_exact_match_tuned", "ends_with_eot_tuned")
 
@@ -44,50 +41,31 @@ def grid(axes: list[str]) -> list[dict[str, str]]:
     return [dict(point) for point in itertools.product(*parsed)]
 
 
-def check_point(point: dict[str, str], params_file: Path = PARAMS_FILE) -> None:
-    """Raise ParamsError when params.yaml with these overrides would not load (unknown key, wrong type, range)."""
-    data = yaml.safe_load(params_file.read_text(encoding="utf-8"))
-    for key, value in point.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    with tempfile.TemporaryDirectory() as tmp:
-        trial = Path(tmp) / params_file.name
-        trial.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        load_params(trial)
-
-
-def launch_commands(name: str, points: list[dict[str, str]], *, sky: Path, extra: list[str]) -> list[list[str]]:
-    commands = []
-    for index, point in enumerate(points):
-        overrides = " ".join(f"{k}={v}" for k, v in point.items())
-        commands.append([str(sky), "jobs", "launch", "--yes", "--detach-run", "--name", f"{name}-{index:02d}",
-                         TRAIN_YAML, "--env", f"OVERRIDES={overrides}", "--env", f"EXP_NAME={name}-{index:02d}",
-                         *extra])
-    return commands
-
-
-def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, extra: list[str]) -> int:
+def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, remote: str, extra: list[str]) -> int:
     if not NAME.fullmatch(name):
         raise SystemExit(f"sweep name {name!r}: letters, digits, - and _, starting with a letter")
     points = grid(axes)
     for point in points:
         try:
-            check_point(point)
-        except ParamsError as exc:
+            overrides.check(point)
+        except (ParamsError, overrides.OverridesError) as exc:
             raise SystemExit(f"grid point {point} is invalid, nothing launched:\n{exc}") from None
-    commands = launch_commands(name, points, sky=sky, extra=extra)
-    print(f"sweep {name}: {len(commands)} managed job(s)")
-    for command in commands:
-        print("$ " + " ".join(f"'{c}'" if " " in c else c for c in command))
-        if not dry_run:
-            if not sky.is_file():
-                raise SystemExit(f"{sky} not found: run `make launcher` first")
-            subprocess.run(command, check=True)
+    names = [f"{name}-{index:02d}" for index in range(len(points))]
+    try:
+        source = jobs.pushed_commit(remote)
+        jobs.refuse_existing(names, source, remote)
+        secrets = jobs.secrets_to_pass()
+    except jobs.JobError as exc:
+        raise SystemExit(f"nothing launched: {exc}") from None
+    commands = [jobs.launch_command(job, list(point.items()), job, source, sky=sky, extra=[*secrets, *extra])
+                for job, point in zip(names, points, strict=True)]
+    print(f"sweep {name}: {len(commands)} managed job(s) at {source.commit[:12]}")
+    try:
+        jobs.run(commands, sky=sky, dry_run=dry_run)
+    except jobs.JobError as exc:
+        raise SystemExit(str(exc)) from None
     if not dry_run:
-        print(f"watch: {sky} jobs queue    compare when done: python -m skytune.sweep pull {name}")
+        print(f"compare when done: python -m skytune.sweep pull {name}")
     return 0
 
 
@@ -118,14 +96,14 @@ def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
 
 def pull(name: str) -> int:
     prefix = f"{name}-"
-    listed = _dvc("exp", "list", "origin", "--name-only").split()
+    listed = _dvc("exp", "list", "origin", "--all-commits", "--name-only").split()
     names = sorted(n for n in listed if n.startswith(prefix))
     if not names:
         raise SystemExit(f"no experiment named {prefix}* on origin yet (sky jobs queue shows the running jobs)")
     _dvc("exp", "pull", "origin", *names)
-    table = rows(json.loads(_dvc("exp", "show", "--json")), prefix)
+    table = rows(json.loads(_dvc("exp", "show", "--all-commits", "--json")), prefix)
     if not table:
-        raise SystemExit(f"pulled {names}, but dvc exp show lists none of them: are they experiments of HEAD?")
+        raise SystemExit(f"pulled {names}, but dvc exp show --all-commits lists none of them")
     header = list(table[0])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -144,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("name")
     up.add_argument("axes", nargs="+", help="key=value1,value2,... (params.yaml keys)")
     up.add_argument("--dry-run", action="store_true", help="check the grid and print the commands only")
-    up.add_argument("--sky", type=Path, default=Path(os.environ.get("SKY", SKY)))
+    up.add_argument("--sky", type=Path, default=Path(os.environ.get("SKY", jobs.SKY)))
+    up.add_argument("--remote", default="origin", help="the git remote the nodes clone and push to")
     down = sub.add_parser("pull", help="pull the sweep's experiments and print the comparison")
     down.add_argument("name")
     args = parser.parse_args(argv)
     if args.command == "launch":
-        return launch(args.name, args.axes, dry_run=args.dry_run, sky=args.sky, extra=extra)
+        return launch(args.name, args.axes, dry_run=args.dry_run, sky=args.sky, remote=args.remote, extra=extra)
     return pull(args.name)
 
 

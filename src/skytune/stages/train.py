@@ -108,7 +108,7 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     live = Live(dir=str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False,
                 report=None) if rank == 0 else None
     stop = sft.StopOnPreemption(notice)
-    callbacks = [sft.Checkpointing(live_dir, lambda: state, p.save_total_limit), stop]
+    callbacks = [sft.Checkpointing(live_dir, lambda: state, checkpoints.keep_count(p.save_total_limit)), stop]
     trainer = sft.build_trainer(
         model, tokenizer, train, val, p, output_dir=run_dir, seed=seed, dtype=dtype, world_size=world_size,
         callbacks=[sft.LiveLog(live), *callbacks] if live else callbacks)
