@@ -138,10 +138,16 @@ def run(commands: list[list[str]], *, sky: Path, dry_run: bool) -> None:
     print(f"watch: {sky} jobs queue; {sky} jobs logs <id>")
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_sky_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(our arguments, the extra `sky jobs launch` arguments after `--`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, extra = split_sky_args(argv)
     parser = argparse.ArgumentParser(prog="python -m skytune.jobs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("launch", help="one managed training job (sky/train.yaml) at the pushed HEAD")
