@@ -3,13 +3,13 @@
 #   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install)
 #   bash sky/node.sh setup-serve   vLLM's environment (CUDA only)
 #   bash sky/node.sh run           the DVC experiment: dvc exp run with $OVERRIDES, then dvc exp push origin
-# Environment: OVERRIDES ("train.lora_r=16 train.epochs=2", shell-quoted: "'model.system_prompt=Be brief.'"),
+# Environment: OVERRIDES ("train.lora_r=16 train.epochs=2", shell-quoted: "'identity.creator=The Lab'"),
 # EXP_NAME (default: from SKYPILOT_TASK_ID, which stays the same across a managed job's recoveries, so a restarted
 # job resumes into the same experiment), GIT_REMOTE (the https URL the experiment is pushed to, with no token in it;
-# default: GIT_URL, the repository SkyPilot cloned the workdir from; an SSH URL would make SkyPilot ship your SSH key), GIT_TOKEN (secret: read by sky/git-askpass.sh when git or DVC asks,
-# never written to disk), AWS_ENDPOINT_URL and DVC_REMOTE_REGION (the DVC remote's S3-compatible endpoint and
-# region, written to .dvc/config.local), SKYTUNE_CHECKPOINT_DIR (default: /checkpoints/<experiment>, the bucket
-# mount), VENV (default .venv).
+# default: GIT_URL, the repository SkyPilot cloned the workdir from; an SSH URL would make SkyPilot ship your SSH
+# key), GIT_TOKEN (secret: read by sky/git-askpass.sh when git or DVC asks, never written to disk), AWS_ENDPOINT_URL
+# and DVC_REMOTE_REGION (the DVC remote's S3-compatible endpoint and region, written to .dvc/config.local),
+# SKYTUNE_CHECKPOINT_DIR (default: /checkpoints/<experiment>, the bucket mount), VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

@@ -2,11 +2,12 @@
 
     python -m skytune.jobs launch [--overrides "train.lora_r=16"] [--name NAME] [--remote origin] [--dry-run]
                                   [-- extra `sky jobs launch` arguments]
-    make launch OVERRIDES="train.lora_r=16" [SKY_ARGS="--env CHECKPOINT_BUCKET=mine"]
+    make launch OVERRIDES="train.lora_r=16" [EXP=name] [YAML=sky/train-multinode.yaml] [SKY_ARGS="--env K=V"]
 
 sky/train.yaml's workdir is this repository cloned by SkyPilot at GIT_REF: the node runs exactly a commit that is
-on the git remote, never a laptop's uncommitted edits. So the launch refuses a dirty tree or a commit that is not
-pushed, checks the overrides against the params schema, and passes every secret the YAML names that is set here.
+on the git remote, never a laptop's uncommitted edits. So the launch refuses a dirty tree, a commit that is not
+pushed, overrides `dvc exp run -S` would refuse, a name already pushed for the commit, and a required secret that
+is not set here; it passes every secret the YAML names.
 """
 
 from __future__ import annotations
