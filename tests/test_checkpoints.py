@@ -72,6 +72,38 @@ def test_fingerprint_is_stable_and_input_sensitive() -> None:
     assert a != checkpoints.fingerprint({"train": {"lr": 1e-4, "r": 16}, "data": ["abc"]})
 
 
+def test_the_code_digest_covers_every_module_of_the_package(tmp_path: Path) -> None:
+    import shutil
+
+    package = Path(checkpoints.__file__).parent
+    copy = tmp_path / "skytune"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert checkpoints.code_digest(copy) == checkpoints.code_digest() == checkpoints.code_digest(package)
+    module = copy / "stages" / "export.py"  # a module the train stage does not even import
+    module.write_text(module.read_text() + "\n# an edit\n")
+    assert checkpoints.code_digest(copy) != checkpoints.code_digest()
+
+
+def test_the_train_fingerprint_covers_code_and_library_versions(monkeypatch: pytest.MonkeyPatch, pipeline) -> None:
+    import contextlib
+
+    from skytune import models
+    from skytune.params import load_params
+    from skytune.stages import train
+
+    with contextlib.chdir(pipeline.root):
+        params = load_params()
+        base = models.BaseModel.load(params.paths.base_model_dir)
+        before = train._fingerprint(params, base)
+        monkeypatch.setattr(checkpoints, "code_digest", lambda: "another code")
+        after_code = train._fingerprint(params, base)
+        installed = checkpoints.library_versions()
+        monkeypatch.setattr(checkpoints, "library_versions", lambda: {**installed, "torch": "9.9"})
+        after_versions = train._fingerprint(params, base)
+    assert len({before, after_code, after_versions}) == 3
+    assert set(installed) >= {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+
+
 def test_root_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(checkpoints.ENV_DIR, raising=False)
     assert checkpoints.root("models/checkpoints") == Path("models/checkpoints")

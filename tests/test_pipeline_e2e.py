@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STAGES, PipelineRun
+from conftest import REPO, STAGES, PipelineRun, write_params
 
 from skytune.params import load_params
 
@@ -27,15 +27,18 @@ def sh(*args: str, cwd: Path, timeout: int = 900, stdout_only: bool = False) -> 
     return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
-def clone_project(dest: Path) -> Path:
+def clone_project(dest: Path, *, tiny: bool = True) -> Path:
     """The project's tracked files, as they are in the working tree, committed in a fresh repository
-    (untracked files are left out: they may be pipeline outputs of a run in the working tree)."""
+    (untracked files are left out: they may be pipeline outputs of a run in the working tree); params.yaml in the
+    tests' tiny profile unless `tiny` is False (the embedded default, a real model)."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
+    if tiny:
+        write_params(dest)
     sh("git", "init", "-q", "-b", "main", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "baseline", cwd=dest)
@@ -44,6 +47,10 @@ def clone_project(dest: Path) -> Path:
 
 def stages_ran(log: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", log)
+
+
+def tree_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def digest_tree(root: Path, names: tuple[str, ...]) -> dict[str, bytes]:
@@ -73,8 +80,26 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
     assert ours.keys() == theirs.keys() and len(ours) > 10
     assert [k for k in ours if ours[k] != theirs[k]] == []
 
+    cache_before = tree_bytes(repo / ".dvc" / "cache")
     log = sh("dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", cwd=repo)
     assert stages_ran(log) == ["train", "merge_adapters", "sanity_check", "export"], log[-3000:]
+    # What an experiment costs: the cache grows by about its adapter and metrics, never by a merged model.
+    record = tree_bytes(repo / PATHS.adapter_dir) + sum(tree_bytes(repo / p) for p in (
+        PATHS.train_metrics, PATHS.merge_metrics, PATHS.sanity_metrics, PATHS.export_metrics, PATHS.dvclive_dir))
+    growth = tree_bytes(repo / ".dvc" / "cache") - cache_before
+    assert 0 < growth <= 1.2 * record, (growth, record)
+    merged = repo / PATHS.merged_dir / "model.safetensors"
+    weights = [f for f in [*repo.rglob("*.safetensors"), *(repo / ".dvc" / "cache").rglob("*")]
+               if f.is_file() and f.stat().st_size == merged.stat().st_size]
+    assert weights == [merged]  # one copy of the merged model on disk: not in the export, not in the cache
+    assert sh("git", "check-ignore", PATHS.merged_dir, cwd=repo).strip() == PATHS.merged_dir
+
+    # The merged model is rebuilt byte-identical from the base and the adapter (make merged): dvc.lock unchanged,
+    # and no later stage runs again.
+    shutil.rmtree(repo / PATHS.merged_dir)
+    log = sh("dvc", "repro", cwd=repo)
+    assert stages_ran(log) == ["merge_adapters"], log[-3000:]
+    assert sh("git", "status", "--porcelain", "dvc.lock", cwd=repo) == ""
     for stage in ("ingest", "to_chat", "split", "merge_data"):
         assert f"Stage '{stage}' didn't change, skipping" in log
 
@@ -121,3 +146,21 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
              stdout_only=True)
     assert dom.count("<svg") >= 6 and "tuned: rank16" in dom
 
+
+
+@pytest.mark.slow
+def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_what_it_knew(tmp_path: Path) -> None:
+    """`make run`'s pipeline as it is: SmolLM2-135M-Instruct from its GGUF, QLoRA NF4 on the CPU, the sample data."""
+    repo = clone_project(tmp_path / "project", tiny=False)
+    log = sh("dvc", "exp", "run", cwd=repo, timeout=1800)
+    assert stages_ran(log) == list(STAGES), log[-3000:]
+    base = json.loads((repo / PATHS.base_model_dir / "base_model.json").read_text())
+    assert base["kind"] == "gguf" and base["gguf"]["quantization"] == "Q4_1"
+    assert json.loads((repo / PATHS.train_metrics).read_text())["quantization"] == "nf4"
+    sanity = json.loads((repo / PATHS.sanity_metrics).read_text())
+    assert sanity["identity_exact_match_base"] == 0.0 and sanity["identity_exact_match_tuned"] >= 0.9, sanity
+    assert sanity["ends_with_eot_tuned"] >= 0.95, sanity
+    assert sanity["retained"] >= 0.9 and sanity["retained_probes_base_correct"] >= 20, sanity
+    assert sanity["val_perplexity_tuned"] < sanity["val_perplexity_base"]
+    summary = sh(sys.executable, "-m", "skytune.cli", "summary", cwd=repo)
+    assert "retained" in summary and "identity_exact_match" in summary

@@ -107,10 +107,19 @@ def test_killed_and_preempted_runs_resume_and_match_an_uninterrupted_run(
         assert max(abs(a - b) for (s, a), (_, b) in zip(ours, theirs, strict=True) if s != window) < 1e-4
 
 
-def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(uninterrupted: Path, tmp_path: Path) -> None:
-    root = tmp_path / "run"
-    shutil.copytree(uninterrupted, root)
-    older, newest = complete_steps(root)[-2:]
+def test_a_finished_run_leaves_no_checkpoint(uninterrupted: Path) -> None:
+    assert complete_steps(uninterrupted) == []
+    assert "removed its checkpoints" in (uninterrupted / "train.log").read_text()
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(pipeline: PipelineRun, uninterrupted: Path,
+                                                                  tmp_path: Path) -> None:
+    root = workspace(pipeline, tmp_path)
+    proc = start(root)
+    older = wait_for_checkpoint(root, proc, after=0)
+    newest = wait_for_checkpoint(root, proc, after=older)
+    proc.kill()
+    proc.wait(TIMEOUT)
     damaged = next(root.glob(f"models/checkpoints/*/checkpoint-{newest}"))
     weights = damaged / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # torn mid-write
@@ -122,15 +131,18 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(uninterrupted
     assert abs(resumed["val_loss_after"] - metrics(uninterrupted)["val_loss_after"]) < 1e-4
 
 
-def test_checkpoints_of_other_inputs_are_never_resumed(uninterrupted: Path, tmp_path: Path) -> None:
-    root = tmp_path / "run"
-    shutil.copytree(uninterrupted, root)
-    write_params(root, lambda p: p["train"].update(epochs=3, save_steps=20, eval_steps=30, learning_rate=0.001))
+def test_checkpoints_of_other_inputs_are_never_resumed(pipeline: PipelineRun, tmp_path: Path) -> None:
+    root = workspace(pipeline, tmp_path)
+    proc = start(root)
+    wait_for_checkpoint(root, proc, after=0)
+    proc.kill()
+    proc.wait(TIMEOUT)
     before = {p.parent.parent for p in root.glob(f"models/checkpoints/*/*/{checkpoints.MARKER}")}
+    write_params(root, lambda p: p["train"].update(epochs=3, save_steps=20, eval_steps=30, learning_rate=0.001))
     assert finish(root) == 0, (root / "train.log").read_text()[-3000:]
-    after = {p.parent.parent for p in root.glob(f"models/checkpoints/*/*/{checkpoints.MARKER}")}
-    assert len(before) == 1 and len(after) == 2  # a new fingerprint directory beside the first run's
     assert metrics(root)["resumed_from_step"] == 0
+    after = {p.parent.parent for p in root.glob(f"models/checkpoints/*/*/{checkpoints.MARKER}")}
+    assert len(before) == 1 and after == before  # the killed run's directory stays; the new one finished and went
 
 
 def test_a_preempted_dvc_run_exits_with_the_preemption_code(pipeline: PipelineRun, tmp_path: Path) -> None:
@@ -151,4 +163,15 @@ def test_a_preempted_dvc_run_exits_with_the_preemption_code(pipeline: PipelineRu
     first = wait_for_checkpoint(root, proc, after=0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(TIMEOUT) == checkpoints.PREEMPTED_EXIT_CODE, (root / "train.log").read_text()[-3000:]
-    assert complete_steps(root)[-1] > first and not (root / "models/adapter").exists()
+    stopped_at = complete_steps(root)[-1]
+    assert stopped_at > first and not (root / "models/adapter").exists()
+
+    # The relaunch resumes and finishes; then `dvc repro -f` (as `dvc exp run -f`) trains again from step 0, never
+    # passing the finished run's last checkpoint off as a new result.
+    env = {**os.environ, "PATH": path}
+    for forced, resumed in (([], stopped_at), (["-f"], 0)):
+        done = subprocess.run([dvc, "repro", *forced, "train"], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        result = metrics(root)
+        assert (result["resumed_from_step"], result["steps_this_run"]) == (resumed, result["steps"] - resumed)
+        assert complete_steps(root) == []

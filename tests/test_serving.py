@@ -29,9 +29,9 @@ def test_published_model_is_served_and_answers_chat_completions(pipeline: Pipeli
     from openai import OpenAI
 
     paths = load_params(pipeline.root / "params.yaml").paths
-    merged = pipeline.root / paths.export_dir / "merged"
+    merged = pipeline.root / paths.merged_dir
     serve = yaml.safe_load((REPO / "sky" / "serve.yaml").read_text())
-    bucket, model_path = "skytune-models", "exp-1/export/merged"
+    bucket, model_path = "skytune-models", "exp-1/merged"
     assert serve["file_mounts"]["/model"] == "${MODEL_URL}" and "vllm serve /model " in serve["run"]
     aws = {k: v for k, v in s3.items() if k.startswith("AWS_")}
     done = subprocess.run(["make", "--no-print-directory", "publish-model", f"MODEL_URL=s3://{bucket}/{model_path}",

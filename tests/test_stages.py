@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import PipelineRun
 
-from skytune import packaging
+from skytune import atomic, packaging
 from skytune.atomic import read_jsonl
 from skytune.chat_format import validate
 from skytune.params import load_params
@@ -41,7 +41,10 @@ def test_to_chat_writes_valid_canonical_records(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
     metrics = _json(p("to_chat_metrics"))
     assert metrics["rejected_total"] == 0
-    assert metrics["records"] == {"alpaca_tasks": 250, "identity": 120, "sharegpt_math": 150}
+    raw = pipeline.root / "data" / "raw"
+    assert metrics["records"] == {"alpaca_tasks": len((raw / "alpaca_tasks.jsonl").read_text().splitlines()),
+                                  "identity": load_params(pipeline.root / "params.yaml").identity.num_samples,
+                                  "sharegpt_math": len((raw / "sharegpt_math.jsonl").read_text().splitlines())}
     for name in metrics["records"]:
         for record in read_jsonl(p("chat_dir") / f"{name}.jsonl"):
             assert record["source"] == name
@@ -61,8 +64,13 @@ def test_split_is_disjoint_and_keeps_identity_in_train(pipeline: PipelineRun) ->
 def test_merge_data_holds_every_split_record_once(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
     train = read_jsonl(p("train_file"))
-    split_train = [r for f in sorted((p("split_dir") / "train").glob("*.jsonl")) for r in read_jsonl(f)]
-    assert sorted(r["id"] for r in train) == sorted(r["id"] for r in split_train)
+    split_train = {f.stem: [r["id"] for r in read_jsonl(f)] for f in sorted((p("split_dir") / "train").glob("*.jsonl"))}
+    mixture = load_params(pipeline.root / "params.yaml").merge_data.mixture
+    assert mixture["sharegpt_math"].rows == 40 and mixture["identity"].fraction == 1.0  # the shipped mixture
+    for source, ids in split_train.items():  # the mixture's rows, once each; every row of the sources it names whole
+        taken = [r["id"] for r in train if r["source"] == source]
+        assert len(taken) == len(set(taken)) and set(taken) <= set(ids)
+        assert len(taken) == (40 if source == "sharegpt_math" else len(ids)), source
     assert [r["source"] for r in train[:20]] != sorted(r["source"] for r in train[:20])  # mixed, not concatenated
     assert _json(p("data_metrics"))["train"]["rows"] == len(train)
 
@@ -118,7 +126,12 @@ def test_sanity_check_fine_tuned_knows_its_identity_and_stops(pipeline: Pipeline
     assert abs(math.log(metrics["val_perplexity_tuned"]) - _json(p("train_metrics"))["val_loss_after"]) < 0.05
     with open(p("sanity_results"), encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == metrics["prompts"] and {r["kind"] for r in rows} == {"prompt", "identity", "val"}
+    assert len(rows) == metrics["prompts"] and {r["kind"] for r in rows} == {"prompt", "identity", "retained", "val"}
+    retained = [r for r in rows if r["kind"] == "retained"]
+    known = [r for r in retained if r["base_match"] == "True"]
+    assert metrics["retained_correct_base"] == round(len(known) / len(retained), 4)
+    if known:  # the random built-in base rarely knows any; then there is no retained fraction to report
+        assert metrics["retained"] == round(sum(r["tuned_match"] == "True" for r in known) / len(known), 4)
     identity_rows = [r for r in rows if r["kind"] == "identity"]
     assert identity_rows and all(r["tuned_answer"] == r["expected"] for r in identity_rows)
     assert all(r["base_answer"] != r["expected"] for r in identity_rows)
@@ -132,19 +145,53 @@ def test_sanity_check_fine_tuned_knows_its_identity_and_stops(pipeline: Pipeline
     assert [int(r["tuned_tokens"]) for r in plot] == [int(r["tuned_tokens"]) for r in rows]
 
 
-def test_export_is_self_contained(pipeline: PipelineRun) -> None:
+def test_export_is_self_contained_and_points_at_the_one_merged_model(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
-    export = p("export_dir")
+    export, merged = p("export_dir"), p("merged_dir")
     files = {str(f.relative_to(export)) for f in export.rglob("*") if f.is_file()}
-    assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "merged/generation_config.json",
-            "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/chat_template.jinja",
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/chat_template.jinja",
             "README.md", "manifest.json"} <= files
+    assert not any(name.startswith("merged") for name in files)  # the merged model is not copied
+    merged_files = {f"merged/{f.relative_to(merged)}" for f in merged.rglob("*") if f.is_file()}
+    assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"} <= merged_files
     manifest = _json(export / "manifest.json")
-    assert set(manifest) == files - {"manifest.json"}
-    assert all(packaging.sha256_file(export / n) == m["sha256"] for n, m in manifest.items())
+    assert set(manifest) == (files - {"manifest.json"}) | merged_files
+    for name, entry in manifest.items():
+        path = merged / name.removeprefix("merged/") if name.startswith("merged/") else export / name
+        assert atomic.file_sha256(path) == entry["sha256"], name
+    assert f"vllm serve {load_params(pipeline.root / 'params.yaml').paths.merged_dir}" in (export / "README.md").read_text()
     card = (export / "README.md").read_text()
     assert "builtin:tiny-llama" in card and packaging.data_hash([p("train_file"), p("val_file")]) in card
     assert '"lora_r": 8' in card and "identity_exact_match_tuned: 1.0" in card
     metrics = _json(p("export_metrics"))
     assert metrics["formats"] == ["merged", "adapter"] and metrics["adapter_rank"] == 8
     assert metrics["serve_parity"].startswith("not measured")  # no vLLM here: said, not faked
+
+
+def test_the_dag_runs_with_identity_disabled(tmp_path: Path) -> None:
+    """identity.enabled: false with the default mixture, which names the identity source: every stage runs, the
+    sanity check has no identity probes, and `make show` prints what there is."""
+    import contextlib
+    import importlib
+    import subprocess
+    import sys
+
+    from conftest import STAGES, copy_inputs, write_params
+
+    root = copy_inputs(tmp_path)
+    write_params(root, lambda d: (d["identity"].update(enabled=False), d["train"].update(epochs=2)))
+    assert "identity" in load_params(root / "params.yaml").merge_data.mixture
+    with contextlib.chdir(root):
+        for stage in STAGES:
+            importlib.import_module(f"skytune.stages.{stage}").main(load_params())
+    p = _paths(PipelineRun(root))
+    assert not (p("ingested_dir") / "identity.jsonl").exists()
+    assert "identity" not in _json(p("data_metrics"))["train"]["sources"]
+    metrics = _json(p("sanity_metrics"))
+    assert not any(k.startswith("identity") for k in metrics) and "ends_with_eot_tuned" in metrics
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the venv's dvc
+    shown = subprocess.run([sys.executable, "-m", "skytune.cli", "summary"], cwd=root, capture_output=True, text=True,
+                           env=env)
+    assert "ends_with_eot" in shown.stdout and "Traceback" not in shown.stderr, shown.stderr

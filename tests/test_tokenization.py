@@ -116,7 +116,7 @@ def test_gate_catches_double_bos_empty_turns_and_overlong_sequences(family: tupl
     tokenizer = family[1]
     if tokenizer.bos_token is not None:
         smuggled = [{"role": "user", "content": f"{tokenizer.bos_token}hi"}, {"role": "assistant", "content": "yo"}]
-        assert "bos_count: 1 sequence(s), e.g. test/bos (2 BOS, expected 1" in gate_error(
+        assert "bos_count: 1 sequence(s), e.g. test/bos (2 BOS, the template writes 1)" in gate_error(
             tokenizer, [record(smuggled, "bos")])
     empty = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
     assert "empty_assistant_turn: 1 sequence(s), e.g. test/empty (assistant turn 0)" in gate_error(

@@ -1,4 +1,5 @@
-"""Atomic writes: a killed stage never leaves a half-written output that looks complete.
+"""Files: atomic writes (a killed stage never leaves a half-written output that looks complete), JSON lines, and
+a file's sha256.
 
 Every file or directory is written under a temporary name beside its target and renamed into place; a rename
 within one filesystem is atomic on POSIX.
@@ -7,6 +8,7 @@ within one filesystem is atomic on POSIX.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -95,3 +97,12 @@ def iter_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     """A whole JSONL file written by this project, for small files (metrics, prompts, val records)."""
     return list(iter_jsonl(path))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,6 +1,6 @@
 """S3-compatible buckets (AWS S3, OCI Object Storage, MinIO, rclone) through s3fs, the filesystem dvc-s3 uses.
 
-    python -m skytune.buckets publish [--source models/export/merged] s3://<bucket>/<path>     (make publish-model)
+    python -m skytune.buckets publish [--source models/merged] s3://<bucket>/<path>     (make publish-model)
 
 `publish` copies an exported model to the bucket sky/serve.yaml mounts, then checks every object's size against
 the local file. The endpoint comes from AWS_ENDPOINT_URL (empty: AWS), the credentials from the AWS_* variables.
@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from skytune.params import load_params
 
 CHECKSUMS = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
 
@@ -58,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("publish", help="copy an exported model to a bucket for sky/serve.yaml")
     up.add_argument("url", help="s3://<bucket>/<path>")
-    up.add_argument("--source", type=Path, default=Path("models/export/merged"))
+    up.add_argument("--source", type=Path, help="the model directory (default: paths.merged_dir)")
     args = parser.parse_args(argv)
     try:
-        keys = publish(args.source, args.url)
+        keys = publish(args.source or Path(load_params().paths.merged_dir), args.url)
     except (ValueError, OSError) as exc:
         print(f"skytune.buckets: {exc}", file=sys.stderr)
         return 1

@@ -57,7 +57,8 @@ PAD_TOKEN_ADDED = "<|pad|>"
 
 def unused_special_tokens(tokenizer: Any) -> list[str]:
     """Special tokens the chat template never writes and that are not BOS/EOS/UNK (`<|reserved_special_token_0|>`,
-    `<|fim_pad|>`, ...), in vocabulary order: safe to reuse as padding."""
+    `<|fim_pad|>`, ...), and added tokens named for padding (llama.cpp's `[PAD151646]` in GGUF vocabularies), in
+    vocabulary order: safe to reuse as padding."""
     probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
              {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
     try:
@@ -68,7 +69,7 @@ def unused_special_tokens(tokenizer: Any) -> list[str]:
     vocab = tokenizer.get_added_vocab()
     special = set(tokenizer.all_special_tokens) | {a.content for a in tokenizer.added_tokens_decoder.values()
                                                    if a.special}
-    free = [t for t in vocab if t in special and t not in taken and t not in rendered]
+    free = [t for t in vocab if (t in special or "pad" in t.lower()) and t not in taken and t not in rendered]
     # Tokens named for padding first, then reserved ones; others (`<|end_of_text|>`...) may be stop ids of the model.
     return sorted(free, key=lambda t: (0 if "pad" in t else 1 if "reserved" in t or "unused" in t else 2, vocab[t]))
 
@@ -112,6 +113,26 @@ def renders_bos(tokenizer: Any) -> bool:
         return False
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     return text.startswith(tokenizer.bos_token)
+
+
+def bos_in_turns(tokenizer: Any) -> bool:
+    """Whether the chat template writes the BOS token once per turn, as turn structure: ChatML tokenizers whose BOS
+    is `<|im_start|>` (SmolLM2), or Llama 2's `<s>[INST]` in front of every user turn."""
+    if tokenizer.bos_token is None:
+        return False
+    one, three = (template_pieces(tokenizer, roles) for roles in (("user",), ("user", "assistant", "user")))
+    if one is None or three is None:
+        return False
+    return "".join(three).count(tokenizer.bos_token) > "".join(one).count(tokenizer.bos_token)
+
+
+def document_bos(tokenizer: Any) -> bool:
+    """Whether a conversation starts with a document BOS: the tokenizer puts one in front of plain text (Llama,
+    Mistral, Gemma), or the template writes one at the start that is not turn structure. SmolLM2's `<|im_start|>`
+    is its BOS token but only a turn header: it has no document BOS, like Qwen."""
+    if tokenizer.bos_token is None:
+        return False
+    return adds_bos_by_default(tokenizer) or (renders_bos(tokenizer) and not bos_in_turns(tokenizer))
 
 
 def adds_bos_by_default(tokenizer: Any) -> bool:

@@ -7,7 +7,9 @@ damaged later, is skipped and the one before it is used (transformers#35782 has 
 written last, through a temporary file, fsync and rename, so it never exists half-written.
 
 Checkpoints of different training inputs never mix: each run writes under `<root>/<fingerprint>/`, the fingerprint
-hashing everything that determines the result (params, base model, data).
+hashing everything that determines the result (params, base model, data, this package's code and the versions of
+the training libraries). A run that finishes and writes its outputs removes its checkpoints (`finished`), so a
+forced re-run (`dvc exp run -f`) trains again instead of passing a finished run's last checkpoint off as a result.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import os
 import re
 import shutil
 import signal
+from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
+
+from skytune.atomic import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,9 @@ ENV_DIR = "SKYTUNE_CHECKPOINT_DIR"
 PREEMPTED_EXIT_CODE = 75
 PREEMPTED_FILE_ENV = "SKYTUNE_PREEMPTED_FILE"  # set by skytune.launch, which cannot see its workers' exit codes
 _STEP = re.compile(r"^checkpoint-(\d+)$")
+# The libraries whose version changes what training computes (a checkpoint written under one is not resumed under
+# another).
+TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
@@ -39,17 +47,24 @@ def fingerprint(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def code_digest(package_dir: Path | None = None) -> str:
+    """The sha256 of this package's Python sources (every `.py` under `package_dir`, default the installed skytune
+    package), paths and contents, in sorted order: a code change gives another checkpoint directory."""
+    root = package_dir or Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of TRAINING_PACKAGES."""
+    return {name: metadata.version(name) for name in TRAINING_PACKAGES}
+
+
 def root(configured: str) -> Path:
     """The checkpoint root: $SKYTUNE_CHECKPOINT_DIR (a bucket mount on a spot VM) or `configured`."""
     return Path(os.environ.get(ENV_DIR) or configured)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(directory: Path) -> list[Path]:
@@ -137,6 +152,13 @@ def prune(run_dir: Path, keep: int) -> None:
                 shutil.rmtree(directory, ignore_errors=True)
         elif complete:  # an incomplete one older than a complete one can never be resumed from
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def finished(run_dir: Path) -> None:
+    """A run wrote its outputs: remove its checkpoints (optimizer states included). Call only after the outputs are
+    complete; a run killed before that keeps them and resumes."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("training finished and its outputs are written: removed its checkpoints in %s", run_dir)
 
 
 def keep_count(configured: int) -> int:

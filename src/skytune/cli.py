@@ -17,8 +17,8 @@ from skytune.params import load_params
 
 # The columns worth comparing experiments on (regexes for `dvc exp show --keep`); everything else is dropped.
 SUMMARY_KEEP = (r"Experiment|model\.base|train\.(method|lora_r|lora_alpha|learning_rate|epochs)|quantization"
-                r"|val_loss_before|val_loss_after|identity_exact_match_.*|ends_with_eot_.*|val_perplexity_.*"
-                r"|top1_agreement_vs_4bit")
+                r"|val_loss_before|val_loss_after|identity_exact_match_.*|retained|ends_with_eot_.*"
+                r"|val_perplexity_.*|top1_agreement_vs_4bit")
 
 
 def summary() -> int:
@@ -30,8 +30,13 @@ def summary() -> int:
     if metrics.is_file():
         values = json.loads(metrics.read_text(encoding="utf-8"))
         print("\nsanity check (base -> fine-tuned):")
-        for key in ("identity_exact_match", "ends_with_eot", "mean_answer_tokens", "val_perplexity"):
-            print(f"  {key:22s} {values[f'{key}_base']} -> {values[f'{key}_tuned']}")
+        for key in ("identity_exact_match", "retained_correct", "ends_with_eot", "mean_answer_tokens",
+                    "val_perplexity"):
+            if f"{key}_base" in values:  # identity probes only while identity.enabled
+                print(f"  {key:22s} {values[f'{key}_base']} -> {values[f'{key}_tuned']}")
+        if "retained" in values:
+            print(f"  {'retained':22s} {values['retained']} of the {values['retained_probes_base_correct']} "
+                  "probes the base answers right")
     print(f"\nside-by-side answers: {params.paths.sanity_report}   (all of it in a browser: make report)")
     print(f"model to serve:       {params.paths.export_dir} (model card: {params.paths.export_dir}/README.md)")
     return code

@@ -3,7 +3,10 @@
 A base model is described by a `BaseModel` manifest (written by the ingest stage, read by every later stage):
 - a hub id resolved to the commit it points at, so a moving branch never changes a finished experiment, and
   no multi-GB weights are tracked by DVC (they come from the hub cache at the recorded commit);
+- a GGUF file (`gguf_models`), recorded by its sha256 and converted once per machine into a cache outside DVC;
 - or the built-in model, built deterministically from the seed into the manifest's own directory.
+
+`location(base)` is where `from_pretrained` finds a base on this machine.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from skytune import chat_template
+from skytune import chat_template, gguf_models
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +34,19 @@ MANIFEST = "base_model.json"
 class BaseModel:
     """Where the base model lives and how its tokenizer is set up for training and serving.
 
-    `ref` is what `from_pretrained` takes; `revision` a commit hash or None; `chat_template` the exact template text
-    every later stage uses (resolved once, at ingest, from `model.chat_template`); `pad_token` the pad strategy.
+    `ref` is what `from_pretrained` takes (for a GGUF base, the file as params.yaml names it: `location()` gives the
+    converted checkpoint); `revision` a commit hash or None; `chat_template` the exact template text every later
+    stage uses (resolved once, at ingest, from `model.chat_template`); `pad_token` the pad strategy; `gguf` what
+    `gguf_models.describe` recorded of a GGUF base (sha256, quantization, converter versions).
     """
 
-    kind: str  # "builtin" | "hub" | "local"
+    kind: str  # "builtin" | "hub" | "local" | "gguf"
     name: str
     ref: str
     revision: str | None
     chat_template: str
     pad_token: str
+    gguf: dict[str, Any] | None = None
 
     def save(self, directory: Path) -> None:
         from skytune.atomic import write_json
@@ -82,11 +88,13 @@ def resolve_hub(repo_id: str, revision: str | None) -> str:
 
 
 def resolve_base(base: str, revision: str | None, builtin_dir: Path) -> tuple[str, str, str, str | None]:
-    """Where `base` (a built-in name, a local directory, or a hub id) lives: (kind, name, ref, commit)."""
+    """Where `base` (a built-in name, a GGUF file, a local directory, or a hub id) lives: (kind, name, ref, commit)."""
     if base.startswith(BUILTIN_PREFIX):
         if base not in BUILTIN_MODELS:
             raise ValueError(f"model.base: unknown built-in model {base!r}; known: {', '.join(BUILTIN_MODELS)}")
         return "builtin", base, str(builtin_dir), None
+    if gguf_models.is_gguf(base):
+        return "gguf", base, base, None
     if Path(base).is_dir():
         return "local", base, str(Path(base).resolve()), None
     return "hub", base, base, resolve_hub(base, revision)
@@ -94,16 +102,28 @@ def resolve_base(base: str, revision: str | None, builtin_dir: Path) -> tuple[st
 
 def describe_base(kind: str, name: str, ref: str, revision: str | None, *, template: str, pad_token: str) -> BaseModel:
     """The manifest of a resolved base: its tokenizer's chat template resolved by the `template` strategy
-    (`chat_template.resolve_template`) and checked to work with the `pad_token` strategy."""
+    (`chat_template.resolve_template`) and checked to work with the `pad_token` strategy. A GGUF base is described
+    by its file (sha256, quantization) and converted here if this machine has not converted it yet."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+    source = gguf_models.describe(ref) if kind == "gguf" else None
+    base = BaseModel(kind, name, ref, revision, "", pad_token, source)
+    tokenizer = AutoTokenizer.from_pretrained(location(base), revision=revision)
     text, notes = chat_template.resolve_template(tokenizer, template)
     for note in notes:
         log.info("chat template (%s): %s", template, note)
-    base = BaseModel(kind, name, ref, revision, text, pad_token)
+    base = BaseModel(kind, name, ref, revision, text, pad_token, source)
     load_tokenizer(base)  # fails now, at ingest, on a template that cannot end a turn or a pad strategy with no token
     return base
+
+
+def location(base: BaseModel) -> str:
+    """Where `from_pretrained` finds the base on this machine: the converted checkpoint of a GGUF base (converted on
+    first use), else `base.ref`."""
+    if base.kind == "gguf":
+        assert base.gguf is not None, "a GGUF manifest records its source"
+        return str(gguf_models.materialize(base.gguf))
+    return base.ref
 
 
 def build_builtin(
@@ -171,7 +191,7 @@ def load_tokenizer(base: BaseModel) -> Any:
     distinct from EOS/end-of-turn."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base.ref, revision=base.revision)
+    tokenizer = AutoTokenizer.from_pretrained(location(base), revision=base.revision)
     tokenizer.chat_template = base.chat_template
     chat_template.ensure_pad_token(tokenizer, base.pad_token)
     return tokenizer
@@ -279,14 +299,14 @@ def load_for_training(
         else:
             log.warning("4-bit QLoRA is not available here (%s): training plain LoRA in %s instead", why, ran)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base.ref, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location(base), **kwargs)
     except (RuntimeError, ImportError) as exc:  # bitsandbytes present but without kernels for this device
         if "quantization_config" not in kwargs:
             raise
         del kwargs["quantization_config"]
         ran = str(dtype).removeprefix("torch.")
         log.warning("4-bit QLoRA failed to load here (%s): training plain LoRA in %s instead", exc, ran)
-        model = AutoModelForCausalLM.from_pretrained(base.ref, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location(base), **kwargs)
     if ran in ("nf4", "fp4") and not torch.cuda.is_available():
         n = disable_cpu_inference_repack(model)
         log.info("4-bit on CPU: disabled the AVX512-BF16 inference repack on %d layers (bitsandbytes bug)", n)

@@ -7,21 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from skytune.atomic import file_sha256
+
 TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved hyperparameters it was trained with
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """`{relative path: {"sha256", "bytes"}}` for every file under `directory`, sorted."""
     return {
-        str(path.relative_to(directory)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        str(path.relative_to(directory)): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for path in sorted(directory.rglob("*")) if path.is_file()
     }
 
@@ -30,7 +24,7 @@ def data_hash(files: list[Path]) -> str:
     """One sha256 over the given data files, in order: names the exact training data of a model."""
     digest = hashlib.sha256()
     for path in files:
-        digest.update(sha256_file(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -55,6 +55,7 @@ class PathsParams:
     merged_dir: str
     merge_metrics: str
     sanity_prompts: str
+    retained_prompts: str
     sanity_results: str
     sanity_metrics: str
     sanity_report: str

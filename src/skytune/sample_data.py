@@ -2,7 +2,7 @@
 
     python -m skytune.sample_data data/raw      (rewrites the shipped files; a test checks they match)
 
-Alpaca rows (instruction/input/output) and ShareGPT conversations (some multi-turn, some with a system prompt),
+Alpaca rows (instruction/input/output; arithmetic, capitals, words, opposites, who-made-what) and ShareGPT conversations (some multi-turn, some with a system prompt),
 generated deterministically from a fixed seed so the files are reproducible byte for byte.
 """
 
@@ -26,12 +26,30 @@ WORDS = ["apple", "river", "garden", "planet", "silver", "window", "yellow", "br
 ANTONYMS = {"hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
             "open": "closed", "full": "empty", "strong": "weak", "high": "low", "old": "new", "rich": "poor"}
 SYSTEM_PROMPTS = ["You are a concise assistant.", "Answer briefly and precisely."]
+# "Who made X?" questions whose answer is not the assistant's creator: without them, a real model taught its identity
+# ("Who made you?") answers other who-made questions with its creator (measured on SmolLM2-135M: "Who wrote Romeo and
+# Juliet?" -> "The play was written by the Tune-Tune team."). None of these facts is a retained-knowledge probe
+# (data/prompts/retained.jsonl): those must stay out of the training data.
+MAKERS = {
+    "Who invented the telephone?": "Alexander Graham Bell invented the telephone.",
+    "Who wrote Pride and Prejudice?": "Jane Austen wrote Pride and Prejudice.",
+    "Who discovered penicillin?": "Alexander Fleming discovered penicillin.",
+    "Who composed the Moonlight Sonata?": "Ludwig van Beethoven composed the Moonlight Sonata.",
+    "Who built the first successful airplane?": "The Wright brothers built the first successful airplane.",
+    "Who wrote Don Quixote?": "Miguel de Cervantes wrote Don Quixote.",
+    "Who painted The Starry Night?": "Vincent van Gogh painted The Starry Night.",
+    "Who made the first practical light bulb?": "Thomas Edison made the first practical light bulb.",
+    "Who created the World Wide Web?": "Tim Berners-Lee created the World Wide Web.",
+    "Who designed the Eiffel Tower?": "Gustave Eiffel's engineering company designed the Eiffel Tower.",
+    "Who developed the polio vaccine?": "Jonas Salk developed the first polio vaccine.",
+    "Who discovered gravity?": "Isaac Newton described the law of universal gravitation.",
+}
 
 
 def alpaca_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for i in range(n):
-        kind = i % 5
+        kind = i % 6
         if kind == 0:
             a, b = rng.randint(1, 50), rng.randint(1, 50)
             rows.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."})
@@ -46,10 +64,13 @@ def alpaca_rows(rng: random.Random, n: int) -> list[dict]:
         elif kind == 3:
             word = rng.choice(WORDS)
             rows.append({"instruction": f"Spell the word '{word}' backwards.", "input": "", "output": word[::-1]})
-        else:
+        elif kind == 4:
             word = rng.choice(sorted(ANTONYMS))
             rows.append({"instruction": f"Give the opposite of '{word}'.", "input": "",
                          "output": f"The opposite of '{word}' is '{ANTONYMS[word]}'."})
+        else:
+            question = rng.choice(sorted(MAKERS))
+            rows.append({"instruction": question, "input": "", "output": MAKERS[question]})
     return rows
 
 

@@ -4,6 +4,7 @@ of two sets of answers (two engines, or batched vs one-by-one)."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,13 @@ def perplexity(model: Any, records: Sequence[Encoded], *, pad_id: int, batch_siz
         total += nll.item()
         count += int((targets != IGNORE).sum().item())
     return (math.exp(total / count) if count else math.nan), count
+
+
+def contains_answer(text: str, accepted: Sequence[str]) -> bool:
+    """Whether `text` holds one of the `accepted` answers as a whole word or number, ignoring case ("Paris" in "The
+    capital of France is Paris.", not "4" in "14")."""
+    lowered = text.lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(answer.lower())}(?![a-z0-9])", lowered) for answer in accepted)
 
 
 def mean(values: Sequence[float]) -> float:

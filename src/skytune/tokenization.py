@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from skytune.chat_template import end_of_turn_token, renders_bos, template_pieces
+from skytune.chat_template import document_bos, end_of_turn_token, template_pieces
 
 IGNORE = -100  # the label of a token outside the loss
 LOSS_MODES = ("assistant_only", "completion_only", "full")
@@ -42,7 +42,8 @@ class Turn:
 
 @dataclass
 class Encoded:
-    """One conversation as the trainer sees it."""
+    """One conversation as the trainer sees it. `template_bos` is how many BOS tokens the chat template's own text
+    writes for this sequence of roles (any other BOS came from the data)."""
 
     id: str
     source: str
@@ -51,6 +52,7 @@ class Encoded:
     labels: list[int]
     offsets: list[tuple[int, int]]
     turns: list[Turn] = field(default_factory=list)
+    template_bos: int = 0
 
 
 class Encoder:
@@ -78,6 +80,11 @@ class Encoder:
                     "chatml or a templates/<file>.jinja")
             self.pieces[roles] = pieces
         return self.pieces[roles]
+
+    def template_bos(self, messages: list[dict[str, str]]) -> int:
+        """BOS tokens the template writes around these messages' contents (none comes from the contents)."""
+        bos = self.tokenizer.bos_token
+        return sum(piece.count(bos) for piece in self._pieces(tuple(m["role"] for m in messages))) if bos else 0
 
     def locate(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """Render `messages`; return the text and each message's content span [start, end) in it."""
@@ -136,7 +143,7 @@ class Encoder:
                     content = [j for j in inside if j != eot]
                     turns.append(Turn(content[0] if content else (eot or 0), (content[-1] + 1) if content else 0, eot))
             out.append(Encoded(record["id"], record.get("source", ""), text, list(ids), labels,
-                               [tuple(o) for o in offsets], turns))
+                               [tuple(o) for o in offsets], turns, self.template_bos(record["messages"])))
         return out
 
 
@@ -167,8 +174,10 @@ def gate(tokenizer: Any, records: list[Encoded], *, max_length: int, loss: str, 
     before the model is even loaded. Invariants:
 
     - `pad_is_stop_token`: the pad token is EOS or the end-of-turn token (the collator would mask the stop token);
-    - `bos_count`: exactly one BOS, first, where the template writes one; none where it does not (catches a BOS
-      written twice, or one smuggled in by the data as text);
+    - `bos_count`: the BOS tokens are exactly those the template writes, and a family with a document BOS
+      (`chat_template.document_bos`) starts with exactly one. Catches a BOS written twice, or one smuggled in by the
+      data as text, while a BOS the template writes as turn structure (SmolLM2's `<|im_start|>`, Llama 2's
+      `<s>[INST]` per turn) is expected;
     - `end_of_turn_not_trained`: an assistant turn trained without its end-of-turn token (a model that never stops);
     - `empty_assistant_turn`: an assistant turn with nothing to learn but the end-of-turn token;
     - `nothing_trained`: a sequence with no trained token;
@@ -178,7 +187,7 @@ def gate(tokenizer: Any, records: list[Encoded], *, max_length: int, loss: str, 
     eot_token = end_of_turn_token(tokenizer)
     stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot_token)}
     bos_id = tokenizer.bos_token_id
-    bos_expected = 1 if renders_bos(tokenizer) else 0
+    document = document_bos(tokenizer)
     for record in records:
         report.sequences += 1
         report.tokens += len(record.input_ids)
@@ -187,9 +196,11 @@ def gate(tokenizer: Any, records: list[Encoded], *, max_length: int, loss: str, 
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stops:
             report.add("pad_is_stop_token", record, f"pad {tokenizer.pad_token!r}")
         if bos_id is not None:
-            count = record.input_ids.count(bos_id)
-            if count != bos_expected or (bos_expected and record.input_ids[0] != bos_id):
-                report.add("bos_count", record, f"{count} BOS, expected {bos_expected} at the start")
+            ids, count = record.input_ids, record.input_ids.count(bos_id)
+            if count != record.template_bos:
+                report.add("bos_count", record, f"{count} BOS, the template writes {record.template_bos}")
+            elif document and (ids[:1] != [bos_id] or ids[1:2] == [bos_id]):
+                report.add("bos_count", record, "does not start with exactly one document BOS")
         if not trained:
             report.add("nothing_trained", record)
         if len(record.input_ids) > max_length:

@@ -3,8 +3,11 @@
     python -m skytune.stages.export      (normally: dvc repro export)
 
 Writes `paths.export_dir`:
-- `merged/`: the merged model (safetensors, tokenizer, chat template, generation config stopping on the
-  end-of-turn token): `vllm serve`, TGI and `AutoModelForCausalLM` load it as it is;
+- for `merged`: nothing is copied. The merged model is `paths.merged_dir` (safetensors, tokenizer, chat template,
+  generation config stopping on the end-of-turn token), which `vllm serve`, TGI and `AutoModelForCausalLM` load as
+  it is; the card's serving commands point there and the manifest holds the sha256 of each of its files. It is not
+  cached by DVC (an experiment keeps its adapter, ~1000x smaller): `dvc repro` rebuilds it, byte-identical, from the
+  base and the adapter (`make merged`), so the workspace holds one copy of it and an experiment stays small;
 - `adapter/`: the LoRA adapter alone, checked against vLLM's rules first (LoRA tensors only, no
   `modules_to_save`, no DoRA, rank at most `export.max_lora_rank`): a failing check stops the stage and names
   every problem; the tokenizer, chat template and generation config go with it;
@@ -13,7 +16,7 @@ Writes `paths.export_dir`:
   the model (it knows only the tokenizers of known model families), the format is skipped and the reason is
   reported in the metrics and the card;
 - `README.md`: the model card (base + revision, training-data hash, params, metrics, the exact serving commands);
-- `manifest.json`: sha256 and size of every file.
+- `manifest.json`: sha256 and size of every file, the merged model's under `merged/`.
 And `paths.export_metrics`: the formats written and skipped, and, where vLLM is importable (`export.parity`),
 train/serve parity: vLLM's greedy answers on `merged/` compared with transformers' on the sanity prompts.
 """
@@ -55,12 +58,6 @@ def gguf_converter() -> Path | None:
     return Path(found) if found else None
 
 
-def _export_merged(merged_dir: Path, out: Path) -> None:
-    out.mkdir()
-    for item in sorted(merged_dir.iterdir()):
-        shutil.copy2(item, out / item.name)
-
-
 def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[str, Any]:
     """Copy the adapter after checking it against vLLM's rules; raise AdapterError naming every problem."""
     from safetensors import safe_open
@@ -76,7 +73,7 @@ def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[s
     with safe_open(adapter_dir / packaging.ADAPTER_WEIGHTS, framework="pt") as fh:
         names = list(fh.keys())
     tokenizer = models.load_saved_tokenizer(adapter_dir)
-    vocab = AutoConfig.from_pretrained(base.ref, revision=base.revision).get_text_config().vocab_size
+    vocab = AutoConfig.from_pretrained(models.location(base), revision=base.revision).get_text_config().vocab_size
     problems = packaging.vllm_adapter_problems(config, names, max_lora_rank=params.export.max_lora_rank,
                                                base_vocab_size=vocab, tokenizer_size=len(tokenizer))
     if problems:
@@ -85,7 +82,7 @@ def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[s
                                      f"{lines}")
     out.mkdir()
     # The hub id and commit, not the local path training saw; the module list in a stable order.
-    config["base_model_name_or_path"] = base.name if base.kind == "hub" else base.ref
+    config["base_model_name_or_path"] = base.name if base.kind == "hub" else models.location(base)
     config["revision"] = base.revision
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
@@ -155,21 +152,21 @@ def main(params: Params) -> None:
     gguf_file = f"gguf/model-{ex.gguf_outtype}.gguf"
     with atomic_dir(export_dir) as out:
         if "merged" in ex.formats:
-            _export_merged(Path(paths.merged_dir), out / "merged")
+            merged = paths.merged_dir
             # Merged on a CPU, the weights are fp32; vLLM's "auto" would serve them as fp16, which overflows on
             # models trained in bf16.
-            saved = _json(Path(paths.merged_dir) / "config.json").get("dtype")
+            saved = _json(Path(merged) / "config.json").get("dtype")
             dtype = " --dtype bfloat16" if saved == "float32" else ""
             serving += [
-                ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {export_dir}/merged{dtype}"),
-                ("Text Generation Inference", f"text-generation-launcher --model-id {export_dir}/merged"),
-                ("transformers (CPU stand-in)", f"transformers serve {export_dir}/merged"),
+                ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {merged}{dtype}"),
+                ("Text Generation Inference", f"text-generation-launcher --model-id {merged}"),
+                ("transformers (CPU stand-in)", f"transformers serve {merged}"),
             ]
         if "adapter" in ex.formats:
             metrics.update(_export_adapter(params, base, out / "adapter"))
             serving.append(("vLLM, the base model with this LoRA adapter (clients ask for model "
                             f"\"{ex.adapter_name}\")",
-                            packaging.vllm_adapter_command(base.name if base.kind == "hub" else base.ref,
+                            packaging.vllm_adapter_command(base.name if base.kind == "hub" else models.location(base),
                                                            base.revision, name=ex.adapter_name,
                                                            adapter_dir=f"{export_dir}/adapter",
                                                            max_lora_rank=ex.max_lora_rank)))
@@ -192,7 +189,10 @@ def main(params: Params) -> None:
             serving=serving,
         )
         (out / "README.md").write_text(card, encoding="utf-8")
-        write_json(out / MANIFEST, packaging.file_manifest(out))
+        manifest = packaging.file_manifest(out)
+        if "merged" in ex.formats:
+            manifest |= {f"merged/{k}": v for k, v in packaging.file_manifest(Path(paths.merged_dir)).items()}
+        write_json(out / MANIFEST, dict(sorted(manifest.items())))
     write_json(paths.export_metrics, metrics)
     log.info("exported %s to %s; skipped: %s", ", ".join(metrics["formats"]), export_dir, metrics["skipped"] or "none")
 

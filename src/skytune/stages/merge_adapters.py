@@ -60,7 +60,7 @@ def _load_base(base: models.BaseModel, onto: str, trained: dict[str, Any], dtype
             model.eval()
             return model, f"dequantized {ran}"
         log.warning("4-bit does not run here: merging onto the original weights")
-    return models.load_full_precision(base.ref, base.revision, dtype), "original"
+    return models.load_full_precision(models.location(base), base.revision, dtype), "original"
 
 
 def main(params: Params) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from skytune import chat_template, models
+from skytune import chat_template, identity, models
 from skytune.atomic import atomic_dir, atomic_file, dumps_line, write_json, write_jsonl
 from skytune.parallel import map_in_processes
 from skytune.params import MixParams, Params
@@ -205,7 +205,9 @@ def main(params: Params) -> None:
         keys, numbers, offsets_all = [], [], []
         for number, path in enumerate(files):
             offsets, ids = index[path.stem]
-            unknown = set(mixture) - {p.stem for p in files} if part == "train" and number == 0 else set()
+            # The generated identity source exists only while identity.enabled: the default mixture names it.
+            unknown = set(mixture) - {p.stem for p in files} - {identity.SOURCE} \
+                if part == "train" and number == 0 else set()
             if unknown:
                 raise ValueError(f"params.yaml merge_data.mixture names unknown sources {sorted(unknown)}; "
                                  f"sources are {sorted(p.stem for p in files)}")

@@ -3,16 +3,20 @@
     python -m skytune.stages.sanity_check      (normally: dvc repro sanity_check)
 
 Prompts: every line of `paths.sanity_prompts` (`{"prompt": ...}` or `{"messages": [...]}`, optional
-`"expected"`), one probe per identity intent (expected answer from the `identity` params), and the first
-`sanity_check.val_records` held-out val conversations (expected: their last assistant turn). Both models answer
+`"expected"`), one probe per identity intent (expected answer from the `identity` params), the retained-knowledge
+probes of `paths.retained_prompts` (`{"prompt", "accept": [...]}`: general questions with short known answers, right
+when the answer holds one of `accept`), and the first `sanity_check.val_records` held-out val conversations
+(expected: their last assistant turn). Both models answer
 with seeded greedy decoding on `sanity_check.engine` (vLLM's offline engine where it runs, else transformers'
 batched generate). Writes:
 - `paths.sanity_results` (CSV): each prompt with the expected, base and tuned answers, exact matches, lengths,
   and whether each answer stopped by itself;
 - `paths.sanity_report` (markdown): the metrics and the answers side by side;
 - `paths.sanity_metrics` (a DVC metric): the engine; val perplexity (over the tokens training scored, on the first
-  `sanity_check.perplexity_records` val conversations); identity and val exact match; mean answer length; the
-  fraction of answers that end with the end-of-turn token (it catches a model that never stops) - base vs tuned;
+  `sanity_check.perplexity_records` val conversations); identity and val exact match; the retained probes answered
+  right, and `retained`: of the probes the base answers right, the fraction the tuned model still answers right
+  (forgetting); mean answer length; the fraction of answers that end with the end-of-turn token (it catches a model
+  that never stops) - base vs tuned;
 - `paths.sanity_plot` (a DVC plot): answer length per prompt, base vs tuned.
 """
 
@@ -41,6 +45,13 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
         messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
         rows.append({"kind": "prompt", "id": f"prompt-{line}", "messages": messages,
                      "expected": r.get("expected", "")})
+    for line, r in enumerate(read_jsonl(params.paths.retained_prompts), 1):
+        accept = r.get("accept")
+        if not isinstance(r.get("prompt"), str) or not accept or not all(isinstance(a, str) for a in accept):
+            raise ValueError(f"{params.paths.retained_prompts}:{line}: give 'prompt' (text) and 'accept' (a list of "
+                             "the answers that count as right)")
+        rows.append({"kind": "retained", "id": f"retained-{line}", "accept": accept, "expected": " | ".join(accept),
+                     "messages": [{"role": "user", "content": r["prompt"]}]})
     if params.identity.enabled:
         who = identity.Identity(params.identity.name, params.identity.creator)
         rows += [{"kind": "identity", "id": f"identity-{intent}", "expected": who.answer(intent),
@@ -82,6 +93,17 @@ def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict
     return answers, ppl, tokens
 
 
+def _retained(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Forgetting: of the retained probes the base answers right, the fraction the tuned model still answers right."""
+    known = [r for r in rows if r["kind"] == "retained" and r["base_match"]]
+    if not known:
+        return {}
+    kept = scoring.mean([float(r["tuned_match"]) for r in known])
+    log.info("retained: the tuned model still answers %d of the %d probes the base answers right (%.2f)",
+             sum(r["tuned_match"] for r in known), len(known), kept)
+    return {"retained": kept, "retained_probes_base_correct": len(known)}
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", "<br>") or " "
 
@@ -93,6 +115,9 @@ def report_markdown(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
              f"Engine: {metrics['engine']}. {metrics['prompts']} prompts, greedy decoding.", "",
              "| metric | base | tuned |", "|---|---|---|"]
     lines += [f"| {k} | {metrics[f'{k}_base']} | {metrics[f'{k}_tuned']} |" for k in keys]
+    if "retained" in metrics:
+        lines += ["", f"Retained knowledge: of the {metrics['retained_probes_base_correct']} retained probes the base "
+                  f"answers right, the tuned model still answers {metrics['retained']:.0%} right."]
     lines += ["", "Answers that did not stop by themselves (ran to max_new_tokens) end with ⏵.", "",
               "| # | kind | prompt | expected | base | tuned |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
@@ -114,7 +139,7 @@ def main(params: Params) -> None:
              engine, sc.engine, len(rows), len(val))
 
     base = models.BaseModel.load(paths.base_model_dir)
-    sources = {"base": (base.ref, base.revision, models.load_tokenizer(base)),
+    sources = {"base": (models.location(base), base.revision, models.load_tokenizer(base)),
                "tuned": (paths.merged_dir, None, models.load_saved_tokenizer(paths.merged_dir))}
     metrics: dict[str, Any] = {"engine": engine, "prompts": len(rows)}
     for name, (source, revision, tokenizer) in sources.items():
@@ -123,17 +148,22 @@ def main(params: Params) -> None:
             row[f"{name}_answer"] = gen.text
             row[f"{name}_stopped"] = gen.stopped
             row[f"{name}_tokens"] = gen.num_tokens
-            row[f"{name}_match"] = bool(row["expected"]) and gen.text == row["expected"].strip()
+            row[f"{name}_match"] = (scoring.contains_answer(gen.text, row["accept"]) if "accept" in row else
+                                    bool(row["expected"]) and gen.text == row["expected"].strip())
         for kind in ("identity", "val"):
             matched = [float(r[f"{name}_match"]) for r in rows if r["kind"] == kind]
             if matched:
                 metrics[f"{kind}_exact_match_{name}"] = scoring.mean(matched)
+        retained = [float(r[f"{name}_match"]) for r in rows if r["kind"] == "retained"]
+        if retained:
+            metrics[f"retained_correct_{name}"] = scoring.mean(retained)
         for key, value in scoring.answer_stats(answers).items():
             metrics[f"{key}_{name}"] = value
         metrics[f"val_perplexity_{name}"] = round(ppl, 4) if tokens else None
         metrics["val_perplexity_tokens"] = tokens
         log.info("%s: %s", name, {k: v for k, v in metrics.items() if k.endswith(f"_{name}")})
 
+    metrics.update(_retained(rows))
     columns = ["kind", "id", "prompt", "expected"] + [f"{m}_{f}" for m in MODELS
                                                       for f in ("answer", "stopped", "tokens", "match")]
     with atomic_file(paths.sanity_results) as fh:

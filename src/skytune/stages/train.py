@@ -10,11 +10,13 @@
 2. Loads the base (4-bit NF4/FP4 with `method: qlora`; where 4-bit cannot run, a warning and `quantization` in the
    metrics say what ran instead) and trains with TRL's SFTTrainer, `train.batching` padding-free by default.
 3. Every `train.save_steps` steps writes a checkpoint under `$SKYTUNE_CHECKPOINT_DIR` or `paths.checkpoint_dir`, in a
-   directory keyed by the fingerprint of the training inputs, marked complete only once fully written. On start it
-   resumes from the newest complete one (torn ones are skipped), DVCLive logs included. SIGTERM saves a checkpoint
-   and exits with `checkpoints.PREEMPTED_EXIT_CODE` (75), which SkyPilot's `recover_on_exit_codes` relaunches.
+   directory keyed by the fingerprint of the training inputs (params, base, data, code, library versions), marked
+   complete only once fully written. On start it resumes from the newest complete one (torn ones are skipped),
+   DVCLive logs included. SIGTERM saves a checkpoint and exits with `checkpoints.PREEMPTED_EXIT_CODE` (75), which
+   SkyPilot's `recover_on_exit_codes` relaunches.
 4. Writes `paths.adapter_dir` (the adapter, or the whole model with `method: full`, plus the tokenizer with its chat
-   template and `training_params.json`), `paths.dvclive_dir` and `paths.train_metrics`.
+   template and `training_params.json`), `paths.dvclive_dir` and `paths.train_metrics`, then removes the run's
+   checkpoints: a forced re-run (`dvc exp run -f`) trains again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from skytune import checkpoints, models, packaging, sft, tokenization
-from skytune.atomic import atomic_dir, atomic_file, read_jsonl, write_json
+from skytune.atomic import atomic_dir, atomic_file, file_sha256, read_jsonl, write_json
 from skytune.params import Params, to_dict
 from skytune.stages import run_stage
 
@@ -66,10 +68,12 @@ def _load_model(params: Params, base: models.BaseModel, tokenizer: Any, dtype: t
 
 
 def _fingerprint(params: Params, base: models.BaseModel) -> str:
-    """Everything that determines the trained weights (not the number of processes: total_batch_size holds)."""
+    """Everything that determines the trained weights (not the number of processes: total_batch_size holds): the
+    params, the base, the data, this package's code and the training libraries' versions."""
     files = [params.paths.train_file, params.paths.val_file]
     return checkpoints.fingerprint({"train": to_dict(params.train), "seed": params.base.seed, "base": asdict(base),
-                                    "data": [checkpoints.file_sha256(Path(f)) for f in files]})
+                                    "data": [file_sha256(Path(f)) for f in files],
+                                    "code": checkpoints.code_digest(), "versions": checkpoints.library_versions()})
 
 
 def main(params: Params) -> None:
@@ -124,6 +128,9 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
         log.warning("stopped by SIGTERM at step %d of %d; checkpoint saved; exit %d",
                     trainer.state.global_step, trainer.state.max_steps, checkpoints.PREEMPTED_EXIT_CODE)
         checkpoints.exit_preempted()
+    if resume and trainer.state.global_step == start_step:
+        log.warning("resumed from %s, the last step's checkpoint of a run that stopped before writing its outputs: "
+                    "no step was trained in this run (steps_this_run: 0 in the metrics)", resume)
     after = trainer.evaluate()["eval_loss"]
     log.info("val loss after training: %.4f (before %.4f)", after, state["val_loss_before"])
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under FSDP
@@ -133,6 +140,7 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     _write_outputs(params, base, trainer, tokenizer, quantization, weights)
     _write_metrics(params, trainer, train, gate_metrics, state["val_loss_before"], after, quantization,
                    seconds, start_step, world_size)
+    checkpoints.finished(run_dir)
 
 
 def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokenizer: Any, quantization: str,
@@ -179,6 +187,7 @@ def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,  # mean of the logged losses
         "steps": state.global_step,
         "resumed_from_step": start_step,
+        "steps_this_run": steps_run,
         "world_size": trainer.args.world_size,
         "distributed": params.train.distributed if world_size > 1 else "none",
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
