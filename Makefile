@@ -3,7 +3,7 @@
 #   make test   install what the tests need and run them
 #   make report an HTML page of the current (or compared) experiments' plots, metrics and answers
 #   make gguf-tools  llama.cpp's converter in its own environment, for export.formats: gguf
-#   make launcher    SkyPilot in its own environment (.venv-sky), for the sky/ YAMLs
+#   make launcher    SkyPilot in its own environment (SKY_VENV), for the sky/ YAMLs
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,6 +13,10 @@ PIP_EXTRA ?=
 PYTEST_ARGS ?=
 GGUF_VENV ?= .venv-gguf
 SKY_VENV ?= .venv-sky
+# The SkyPilot CLI that skytune.face.cloud's tools run.
+export SKY := $(abspath $(SKY_VENV))/bin/sky
+# A path from params.yaml `paths:`, where every path is written once: $(call param_path,merged_dir)
+param_path = $(shell sed -n 's/^  $(1): *\([^ #]*\).*/\1/p' params.yaml)
 SKY_EXTRAS ?=
 
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -20,7 +24,11 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run install install-test test show report merged gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
+.PHONY: venv-path run install install-test test show report merged gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
+
+
+venv-path:  # for sky/node.sh
+	@echo $(VENV)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,16 +80,16 @@ launcher: $(SKY_VENV)/.installed
 # Before a cloud run: params, SkyPilot and `sky check`, the DVC bucket with the AWS_* credentials, the base model with
 # HF_TOKEN, the git remote. Seconds, and no money spent.
 preflight: install $(SKY_VENV)/.installed
-	$(BIN)/python -m skytune.preflight
+	$(BIN)/python -m skytune.face.cloud.preflight
 
 # One managed spot job (sky/train.yaml) at the pushed HEAD; the secrets the YAML names that are set here go along:
 #   make launch OVERRIDES="train.lora_r=16" [EXP=name] [YAML=sky/train-multinode.yaml] [SKY_ARGS="--env K=V"]
 OVERRIDES ?=
 EXP ?=
-YAML ?= sky/train.yaml
+YAML ?=
 SKY_ARGS ?=
 launch: install $(SKY_VENV)/.installed
-	$(BIN)/python -m skytune.jobs launch --overrides "$(OVERRIDES)" --yaml $(YAML) $(if $(EXP),--name $(EXP)) -- $(SKY_ARGS)
+	$(BIN)/python -m skytune.face.cloud.jobs launch --overrides "$(OVERRIDES)" $(if $(YAML),--yaml $(YAML)) $(if $(EXP),--name $(EXP)) -- $(SKY_ARGS)
 
 # A grid fanned out to parallel managed jobs, one DVC experiment each; then pulled and compared:
 #   make sweep NAME=rank GRID="train.lora_r=4,8,16,32" [SKY_ARGS=...]
@@ -89,16 +97,16 @@ launch: install $(SKY_VENV)/.installed
 NAME ?= sweep
 GRID ?= train.lora_r=4,8,16,32
 sweep: install $(SKY_VENV)/.installed
-	$(BIN)/python -m skytune.sweep launch $(NAME) $(GRID) -- $(SKY_ARGS)
+	$(BIN)/python -m skytune.face.cloud.sweep launch $(NAME) $(GRID) -- $(SKY_ARGS)
 
 sweep-pull: install
-	$(BIN)/python -m skytune.sweep pull $(NAME)
+	$(BIN)/python -m skytune.face.cloud.sweep pull $(NAME)
 
 # The exported model to the bucket sky/serve.yaml serves from (AWS_* credentials; AWS_ENDPOINT_URL for OCI/MinIO):
 #   make publish-model MODEL_URL=s3://<bucket>/<experiment>/merged
 MODEL_URL ?=
 publish-model: install
-	$(BIN)/python -m skytune.buckets publish $(MODEL_URL) --source $(SERVE_MODEL)
+	$(BIN)/python -m skytune.face.cloud.buckets publish $(MODEL_URL) --source $(SERVE_MODEL)
 
 # Every sky/*.yaml through SkyPilot's own parser, offline.
 validate-sky: $(SKY_VENV)/.installed
@@ -116,7 +124,7 @@ run: install
 	@$(MAKE) --no-print-directory show
 
 show:
-	@$(BIN)/python -m skytune.cli summary
+	@$(BIN)/python -m skytune.face.cli summary
 
 # The merged model of the experiment in the workspace (after `dvc exp apply <exp>`), rebuilt from the base and the
 # adapter: DVC does not cache it, to keep experiments small. It comes out byte-identical to the one the experiment
@@ -127,7 +135,7 @@ merged: install
 # The exported model behind an OpenAI-compatible endpoint (http://localhost:$(SERVE_PORT)/v1): vLLM where it is
 # installed (a GPU node), else `transformers serve` on the CPU. Clients ask for model "$(SERVE_NAME)" (for
 # transformers serve, which names a model by its path, .serve/$(SERVE_NAME) links to the model).
-SERVE_MODEL ?= models/merged
+SERVE_MODEL ?= $(call param_path,merged_dir)
 SERVE_PORT ?= 8000
 SERVE_NAME ?= skytune
 serve: install
@@ -143,7 +151,7 @@ serve: install
 # experiments/commits in REVS compared:  make report REVS="exp-a exp-b"
 REVS ?=
 report: install
-	$(BIN)/python -m skytune.report $(REVS)
+	$(BIN)/python -m skytune.face.report $(REVS)
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

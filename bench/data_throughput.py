@@ -104,8 +104,8 @@ def configure(work: Path) -> None:
 
 
 def run_ours() -> int:
-    from skytune.atomic import iter_jsonl
-    from skytune.params import load_params
+    from skytune.core.atomic import iter_jsonl
+    from skytune.core.params import load_params
     from skytune.stages import ingest, merge_data, split, to_chat
 
     for stage in (ingest, to_chat, split, merge_data):
@@ -123,7 +123,7 @@ def run_naive() -> int:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from skytune.params import load_params
+    from skytune.core.params import load_params
 
     params = load_params()
     raw = Path(params.paths.raw_dir)

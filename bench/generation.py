@@ -23,16 +23,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from skytune import chat_template, generation, models, scoring  # noqa: E402
-from skytune.atomic import read_jsonl  # noqa: E402
-from skytune.params import load_params  # noqa: E402
+from skytune import scoring  # noqa: E402
+from skytune.core.atomic import read_jsonl  # noqa: E402
+from skytune.core.chat import chat_template
+from skytune.core.evaluation import generation
+from skytune.core.models.builtin import build_builtin
+from skytune.core.models.devices import compute_dtype
+from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
+from skytune.core.params import load_params  # noqa: E402
 
 
 def build_model(out: Path) -> Path:
     params = load_params(REPO / "params.yaml")
     raw = REPO / params.paths.raw_dir
     corpus = [line for f in sorted(raw.glob("*.jsonl")) for line in f.read_text(encoding="utf-8").splitlines()]
-    models.build_builtin(out, corpus, seed=params.base.seed, **dataclasses.asdict(params.model.builtin))
+    build_builtin(out, corpus, seed=params.base.seed, **dataclasses.asdict(params.model.builtin))
     return out
 
 
@@ -47,8 +52,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_model(Path(tmp) / "model")
-        tokenizer = models.load_saved_tokenizer(path)
-        model = models.load_full_precision(path, None, models.compute_dtype("auto"))
+        tokenizer = load_saved_tokenizer(path)
+        model = load_full_precision(path, None, compute_dtype("auto"))
         params = load_params(REPO / "params.yaml")
         rows = read_jsonl(REPO / params.paths.raw_dir / "alpaca_tasks.jsonl")
         questions = [(r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")) for r in rows]

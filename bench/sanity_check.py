@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from skytune.params import load_params  # noqa: E402
+from skytune.core.params import load_params  # noqa: E402
 
 TARGET_SECONDS = 30.0
 

@@ -8,7 +8,7 @@ same real mixed-length chat data (default: LLaMA-Factory's alpaca_en_demo.json f
 few dozen to ~750 tokens), same tokens trained (assistant-only labels made once by `tokenization.Encoder` and given
 to every configuration), same seed, one epoch each:
 
-- `skytune`: the train stage's trainer (`sft.build_trainer` with params.yaml's train section: padding-free batches,
+- `skytune`: the train stage's trainer (`build_trainer` with params.yaml's train section: padding-free batches,
   attention per sequence, the loss computed on the trained positions only);
 - `trl_padding_free`: TRL's `SFTTrainer` with `padding_free=True` (its own attention and fused LM head);
 - `trl_packing`: TRL's `SFTTrainer` with `packing=True` (best-fit decreasing), as many rows per step as give the
@@ -37,6 +37,16 @@ from typing import Any
 
 import torch
 
+from skytune.core.models.base import (
+    BaseModel,
+    describe_base,
+    load_tokenizer,
+    resolve_base,
+)
+from skytune.core.models.devices import compute_dtype
+from skytune.core.models.loading import load_for_training
+from skytune.core.training.sft import build_trainer, lora_config
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "llama-factory" / "alpaca_en_demo.json"
 CONFIGS = ("skytune", "trl_padding_free", "trl_packing", "padded")
@@ -58,16 +68,17 @@ class CountingCollator:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Resolve the base, convert the data to chat records, tokenize with assistant-only labels; save for the runs."""
-    from skytune import chat_format, models, tokenization
+    from skytune.core.chat import tokenization
+    from skytune.core.data import chat_format
 
-    kind, name, ref, commit = models.resolve_base(args.base, None, workdir / "builtin")
-    base = models.describe_base(kind, name, ref, commit, template="keep", pad_token="auto")
+    kind, name, ref, commit = resolve_base(args.base, None, workdir / "builtin")
+    base = describe_base(kind, name, ref, commit, template="keep", pad_token="auto")
     (workdir / "base").mkdir()
     base.save(workdir / "base")
     rows = json.loads(Path(args.data).read_text(encoding="utf-8"))
     records = [{"id": str(i), "source": "bench", "messages": chat_format.to_messages(row, "alpaca")}
                for i, row in enumerate(rows)]
-    encoded = tokenization.Encoder(models.load_tokenizer(base), "assistant_only").encode(records)
+    encoded = tokenization.Encoder(load_tokenizer(base), "assistant_only").encode(records)
     encoded = [e for e in encoded if len(e.input_ids) <= args.max_length]
     train, val = encoded[:args.conversations], encoded[args.conversations:args.conversations + args.val]
     data = {part: [{"input_ids": e.input_ids, "labels": e.labels} for e in items]
@@ -85,28 +96,28 @@ def run(config: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from peft import prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
-    from skytune import models, scoring, sft
-    from skytune.params import load_params
-    from skytune.tokenization import Encoded
+    from skytune.core.chat.tokenization import Encoded
+    from skytune.core.evaluation import scoring
+    from skytune.core.params import load_params
 
     data = json.loads((workdir / "data.json").read_text())
     records = {part: [Encoded(str(i), "bench", "", r["input_ids"], r["labels"], []) for i, r in enumerate(rows)]
                for part, rows in data.items()}
-    base = models.BaseModel.load(workdir / "base")
-    tokenizer = models.load_tokenizer(base)
+    base = BaseModel.load(workdir / "base")
+    tokenizer = load_tokenizer(base)
     mean = sum(len(r.input_ids) for r in records["train"]) / len(records["train"])
     batch = max(1, round(args.batch_size * mean / args.max_length)) if config == "trl_packing" else args.batch_size
     p = dataclasses.replace(load_params(REPO / "params.yaml").train, epochs=1, method=args.method,
                             batch_size=batch, total_batch_size=batch, max_length=args.max_length,
                             eval_steps=10**6, logging_steps=10**6, save_steps=10**6)
-    dtype = models.compute_dtype(p.compute_dtype)
-    model, ran = models.load_for_training(base, four_bit=p.method == "qlora", quant_type=p.quant_type,
+    dtype = compute_dtype(p.compute_dtype)
+    model, ran = load_for_training(base, four_bit=p.method == "qlora", quant_type=p.quant_type,
                                           double_quant=p.double_quant, dtype=dtype)
     if ran in ("nf4", "fp4"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(0)
     if config == "skytune":
-        trainer = sft.build_trainer(model, tokenizer, records["train"], records["val"], p,
+        trainer = build_trainer(model, tokenizer, records["train"], records["val"], p,
                                     output_dir=workdir / config, seed=0, dtype=dtype, save=False)
     else:  # TRL as its docs set it up: pre-tokenized data with labels, a LoRA config, the mode under test
         trl_args = SFTConfig(
@@ -122,7 +133,7 @@ def run(config: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             use_cpu=not torch.cuda.is_available(), save_strategy="no", eval_strategy="no",
             logging_steps=10**6, report_to="none", dataloader_num_workers=0)
         trainer = SFTTrainer(model=model, args=trl_args, train_dataset=Dataset.from_list(data["train"]),
-                             processing_class=tokenizer, peft_config=sft.lora_config(p))
+                             processing_class=tokenizer, peft_config=lora_config(p))
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     start = time.perf_counter()

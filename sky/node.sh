@@ -2,6 +2,7 @@
 # What a SkyPilot node runs (sky/*.yaml call this; the local-node test runs it the same way):
 #   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install)
 #   bash sky/node.sh setup-serve   vLLM's environment (CUDA only)
+#   bash sky/node.sh serve         vLLM's OpenAI server on MODEL_DIR (sky/serve.yaml)
 #   bash sky/node.sh run           the DVC experiment: dvc exp run with $OVERRIDES, then dvc exp push origin
 # Environment: OVERRIDES ("train.lora_r=16 train.epochs=2", shell-quoted: "'identity.creator=The Lab'"),
 # EXP_NAME (default: from SKYPILOT_TASK_ID, which stays the same across a managed job's recoveries, so a restarted
@@ -9,10 +10,11 @@
 # default: GIT_URL, the repository SkyPilot cloned the workdir from; an SSH URL would make SkyPilot ship your SSH
 # key), GIT_TOKEN (secret: read by sky/git-askpass.sh when git or DVC asks, never written to disk), AWS_ENDPOINT_URL
 # and DVC_REMOTE_REGION (the DVC remote's S3-compatible endpoint and region, written to .dvc/config.local),
-# SKYTUNE_CHECKPOINT_DIR (default: /checkpoints/<experiment>, the bucket mount), VENV (default .venv).
+# SKYTUNE_CHECKPOINT_DIR (default: $CHECKPOINT_MOUNT/<experiment>, the bucket mount), VENV (default: the Makefile's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
+VENV=${VENV:-$(make --no-print-directory -s venv-path)}
+SERVE_VENV=.venv-serve   # vLLM's own environment (its pins differ from the pipeline's)
 export DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
 # boto3 >= 1.36 sends checksums that S3-compatible stores (OCI, rclone, older MinIO) refuse; AWS accepts either way.
 export AWS_REQUEST_CHECKSUM_CALCULATION=${AWS_REQUEST_CHECKSUM_CALCULATION:-when_required}
@@ -29,20 +31,24 @@ case "${1:-}" in
     make install VENV="$VENV"
     ;;
   setup-serve)
-    python3 -m venv .venv-serve
+    python3 -m venv "$SERVE_VENV"
     # vllm 0.32.0 (checked on PyPI: its wheel requires torch==2.13.0, as the pipeline pins, and transformers
     # >=5.16.1,<5.20, below the pipeline's 5.23: hence an environment of its own)
-    .venv-serve/bin/pip install --quiet "vllm==0.32.0"
+    "$SERVE_VENV/bin/pip" install --quiet "vllm==0.32.0"
+    ;;
+  serve)
+    exec "$SERVE_VENV/bin/vllm" serve "$MODEL_DIR" --served-model-name "$SERVED_NAME" --host 0.0.0.0 --port 8000 \
+      --max-model-len "$MAX_MODEL_LEN"
     ;;
   run)
     if [[ $VENV == /* ]]; then export PATH="$VENV/bin:$PATH"; else export PATH="$PWD/$VENV/bin:$PATH"; fi
     if ! git rev-parse --git-dir >/dev/null 2>&1; then
-      echo "sky/node.sh: $PWD is not a git repository, and dvc exp run needs one: give the task a git workdir" \
-           "(workdir: {url: \${GIT_REMOTE}, ref: \${GIT_REF}}, as sky/train.yaml does)" >&2
+      echo "$0: $PWD is not a git repository, and dvc exp run needs one: give the task a git workdir" \
+           "(workdir: {url: \${GIT_REMOTE}, ref: \${GIT_REF}}, as the training YAMLs do)" >&2
       exit 2
     fi
     name=$(experiment_name)
-    export SKYTUNE_CHECKPOINT_DIR=${SKYTUNE_CHECKPOINT_DIR:-/checkpoints/$name}
+    export SKYTUNE_CHECKPOINT_DIR=${SKYTUNE_CHECKPOINT_DIR:-${CHECKPOINT_MOUNT:?the training YAML sets CHECKPOINT_MOUNT}/$name}
     remote=${GIT_REMOTE:-${GIT_URL:-}}
     if [ -n "$remote" ]; then
       # Token-free: SkyPilot's clone wrote https://<token>@host into origin; the token comes from the askpass.
@@ -56,12 +62,12 @@ case "${1:-}" in
     if [ -n "${DVC_REMOTE_REGION:-}" ]; then
       dvc remote modify --local "$(dvc remote default)" region "$DVC_REMOTE_REGION"
     fi
-    python -m skytune.overrides >/dev/null || exit 2   # a malformed OVERRIDES stops here, named
+    python -m skytune.face.cloud.overrides >/dev/null || exit 2   # a malformed OVERRIDES stops here, named
     sets=()
-    while IFS= read -r -d '' kv; do sets+=(-S "$kv"); done < <(python -m skytune.overrides)
+    while IFS= read -r -d '' kv; do sets+=(-S "$kv"); done < <(python -m skytune.face.cloud.overrides)
     rank=${SKYPILOT_NODE_RANK:-0}
     pushed=$(dvc exp list origin --rev "$(git rev-parse HEAD)" --name-only) || {
-      echo "sky/node.sh: cannot list the experiments on origin (${remote:-origin}): check GIT_REMOTE" \
+      echo "$0: cannot list the experiments on origin (${remote:-origin}): check GIT_REMOTE" \
            "and the GIT_TOKEN secret" >&2
       exit 3
     }
@@ -72,10 +78,10 @@ case "${1:-}" in
     fi
     if [ "$rank" != 0 ]; then
       # A worker node: the same data stages (deterministic) with the same overrides, then the train stage's
-      # workers, which join the head node's run through skytune.launch (SKYPILOT_* variables).
+      # workers, which join the head node's run through skytune.core.processes (SKYPILOT_* variables).
       # (dvc exp run in the workspace leaves params.yaml and the data as the head node has them; never pushed)
       dvc exp run -n "$name-node$rank" "${sets[@]}" merge_data
-      exec python -m skytune.launch skytune.stages.train
+      exec python -m skytune.core.processes skytune.stages.train
     fi
     if dvc exp list --name-only | grep -qx "$name"; then
       # Only where the workdir outlives a run (sky launch on a kept cluster); a managed job's recovery is a new VM.
@@ -83,7 +89,7 @@ case "${1:-}" in
     else
       # exit 75 when training was preempted (checkpoint saved): SkyPilot's recover_on_exit_codes relaunches.
       # A SIGTERM to this script is passed on and waited for, so its exit code is the run's (75), not bash's 143.
-      python -m skytune.cli preemptible -- dvc exp run -n "$name" "${sets[@]}" &
+      python -m skytune.face.cli preemptible -- dvc exp run -n "$name" "${sets[@]}" &
       child=$!
       trap 'kill -TERM "$child" 2>/dev/null; signalled=1' TERM
       signalled=0
@@ -99,7 +105,7 @@ case "${1:-}" in
     echo "pushed experiment $name: dvc exp pull origin $name && dvc exp show"
     ;;
   *)
-    echo "usage: bash sky/node.sh setup|setup-serve|run" >&2
+    echo "usage: bash $0 setup|setup-serve|serve|run" >&2
     exit 2
     ;;
 esac

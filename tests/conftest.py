@@ -17,6 +17,8 @@ from types import ModuleType
 
 import pytest
 
+from skytune.core.models.builtin import build_builtin
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "export")
 
@@ -27,7 +29,7 @@ os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars only clutter test logs
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# GGUF bases are converted once per machine into this cache (gguf_models); tests share one per machine, and the GGUF
+# GGUF bases are converted once per machine into this cache (gguf); tests share one per machine, and the GGUF
 # tests make their own.
 os.environ.setdefault("SKYTUNE_CACHE", str(Path(tempfile.gettempdir()) / "skytune-test-cache"))
 
@@ -48,7 +50,7 @@ def tiny_profile(params: dict) -> dict:
 
 def copy_inputs(dest: Path) -> Path:
     """Copy what the pipeline reads (params.yaml in the tiny profile, the raw data, the prompts) into `dest`."""
-    from skytune.params import load_params
+    from skytune.core.params import load_params
 
     paths = load_params(REPO / "params.yaml").paths
     dest.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def write_params(root: Path, edit: Callable[[dict], object] = lambda params: Non
 
 def run_stages(root: Path, *stages: ModuleType) -> None:
     """Run stage modules' `main` in `root`, each on params.yaml as it is there, as `python -m` would."""
-    from skytune.params import load_params
+    from skytune.core.params import load_params
 
     with contextlib.chdir(root):
         for stage in stages:
@@ -87,11 +89,10 @@ def run_stages(root: Path, *stages: ModuleType) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in model built from a small corpus: a random 2-layer Llama with a local BPE tokenizer."""
-    from skytune import models
 
     out = tmp_path_factory.mktemp("tiny-model")
     corpus = [f"{w} {i} plus {i + 1} is {2 * i + 1}." for i in range(200) for w in ("hello", "what", "who")]
-    models.build_builtin(out, corpus, vocab_size=400, hidden_size=64, intermediate_size=128, num_layers=2,
+    build_builtin(out, corpus, vocab_size=400, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, max_position_embeddings=256, seed=0)
     return out
 
@@ -109,7 +110,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     """Run all eight stages on the embedded default, on CPU, recording which params each stage reads."""
     import importlib
 
-    from skytune.params import TrackedParams, load_params
+    from skytune.core.params import TrackedParams, load_params
 
     root = copy_inputs(tmp_path_factory.mktemp("pipeline"))
     run = PipelineRun(root)

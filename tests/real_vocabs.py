@@ -97,10 +97,10 @@ def build_family(name: str, out: Path, seed: int = 0) -> Path:
     from tiny_archs import save_tiny
     from transformers import AutoTokenizer
 
-    from skytune import gguf_models
+    from skytune.core.models import gguf
 
     family = FAMILIES[name]
-    path = gguf_models.resolve_file(family.gguf) if family.gguf.startswith("pip:") else vocab_dir() / family.gguf
+    path = gguf.resolve_file(family.gguf) if family.gguf.startswith("pip:") else vocab_dir() / family.gguf
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if family.template is not None:
         tokenizer.chat_template = _template(family.template)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tiny_archs import FAMILIES, build_tiny
 
-from skytune import attention
+from skytune.core.models import attention
 
 
 def test_varlen_sdpa_matches_each_sequence_alone(tmp_path) -> None:

@@ -13,8 +13,8 @@ from types import ModuleType
 import pytest
 from conftest import REPO, run_stages, write_params
 
-from skytune.atomic import read_jsonl
-from skytune.sources import SourceError
+from skytune.core.atomic import read_jsonl
+from skytune.core.data.sources import SourceError
 from skytune.stages import ingest, merge_data, split, to_chat
 
 ASSETS = REPO / "tests" / "assets" / "bad_inputs"
@@ -34,7 +34,9 @@ def configure(root: Path, sources: list[dict], **data: object) -> None:
         params["data"].update({"sources": sources, "on_invalid": "skip", "max_reject_fraction": 1.0} | data)
         params["identity"]["enabled"] = False
         params["model"]["builtin"] = TINY
-        params["merge_data"]["mixture"] = {}
+        # The shipped mixture, less the sources these tests do not have; its identity entry stays, with identity off.
+        names = {source["name"] for source in sources} | {"identity"}
+        params["merge_data"]["mixture"] = {k: v for k, v in params["merge_data"]["mixture"].items() if k in names}
 
     write_params(root, edit)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from skytune.chat_format import InvalidRecord, to_messages, validate
+from skytune.core.data.chat_format import InvalidRecord, to_messages, validate
 
 
 def test_alpaca_with_and_without_input_and_system() -> None:
@@ -55,7 +55,7 @@ def test_lone_surrogate_is_not_valid_utf8() -> None:
 
 
 def test_prompt_completion_text_or_messages() -> None:
-    from skytune.chat_format import converter
+    from skytune.core.data.chat_format import converter
 
     convert = converter("prompt_completion")
     assert convert({"prompt": "q", "completion": "a"}) == [{"role": "user", "content": "q"},
@@ -66,7 +66,7 @@ def test_prompt_completion_text_or_messages() -> None:
 
 
 def test_orca_summarization_and_columns() -> None:
-    from skytune.chat_format import converter
+    from skytune.core.data.chat_format import converter
 
     orca = converter("orca")({"system_prompt": "Be precise.", "question": "2+2?", "response": "4"})
     assert [m["role"] for m in orca] == ["system", "user", "assistant"]
@@ -81,7 +81,7 @@ def test_orca_summarization_and_columns() -> None:
 
 
 def test_preference_has_its_own_shape() -> None:
-    from skytune.chat_format import to_preference
+    from skytune.core.data.chat_format import to_preference
 
     pref = to_preference({"prompt": "q", "chosen": "good", "rejected": "bad"})
     assert pref == {"prompt": [{"role": "user", "content": "q"}],
@@ -109,6 +109,6 @@ def test_preference_has_its_own_shape() -> None:
     ([], None),
 ])
 def test_detect_format_only_when_unambiguous(rows: list[dict], expected: str | None) -> None:
-    from skytune.chat_format import detect_format
+    from skytune.core.data.chat_format import detect_format
 
     assert detect_format(rows) == expected

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from skytune import chat_template, models
+from skytune.core.chat import chat_template
+from skytune.core.models.loading import load_saved_tokenizer
 
 LLAMA3_STYLE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n\n{{ m['content'] | trim }}<|im_end|>"
@@ -26,7 +27,7 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
 
 
 def test_end_of_turn_and_pad_token(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     assert chat_template.end_of_turn_token(tokenizer) == "<|im_end|>"
     tokenizer.pad_token = tokenizer.eos_token  # the classic mistake
     chosen = chat_template.ensure_pad_token(tokenizer)
@@ -34,7 +35,7 @@ def test_end_of_turn_and_pad_token(tiny_model: Path) -> None:
 
 
 def test_renderer_matches_jinja_exactly(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     renderer = chat_template.Renderer(tokenizer)
     convs = conversations(300)
     assert [renderer(c) for c in convs] == tokenizer.apply_chat_template(convs, tokenize=False)
@@ -42,7 +43,7 @@ def test_renderer_matches_jinja_exactly(tiny_model: Path) -> None:
 
 
 def test_renderer_falls_back_when_the_template_transforms_contents(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     tokenizer.chat_template = LLAMA3_STYLE
     renderer = chat_template.Renderer(tokenizer)
     convs = conversations(100)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from skytune import checkpoints
+import skytune
+from skytune.core.models.base import BaseModel
+from skytune.core.training import checkpoints
 
 
 def make(run_dir: Path, step: int, complete: bool = True) -> Path:
@@ -75,7 +77,7 @@ def test_fingerprint_is_stable_and_input_sensitive() -> None:
 def test_the_code_digest_covers_every_module_of_the_package(tmp_path: Path) -> None:
     import shutil
 
-    package = Path(checkpoints.__file__).parent
+    package = Path(skytune.__file__).parent
     copy = tmp_path / "skytune"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert checkpoints.code_digest(copy) == checkpoints.code_digest() == checkpoints.code_digest(package)
@@ -87,13 +89,12 @@ def test_the_code_digest_covers_every_module_of_the_package(tmp_path: Path) -> N
 def test_the_train_fingerprint_covers_code_and_library_versions(monkeypatch: pytest.MonkeyPatch, pipeline) -> None:
     import contextlib
 
-    from skytune import models
-    from skytune.params import load_params
+    from skytune.core.params import load_params
     from skytune.stages import train
 
     with contextlib.chdir(pipeline.root):
         params = load_params()
-        base = models.BaseModel.load(params.paths.base_model_dir)
+        base = BaseModel.load(params.paths.base_model_dir)
         before = train._fingerprint(params, base)
         monkeypatch.setattr(checkpoints, "code_digest", lambda: "another code")
         after_code = train._fingerprint(params, base)

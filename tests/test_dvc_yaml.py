@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, STAGES, PipelineRun
 
-from skytune.params import Params
+from skytune.core.params import Params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
@@ -99,12 +99,52 @@ def test_stages_never_import_each_other(stage: str) -> None:
     assert not {str(p) for p in imported_modules(module)} & others
 
 
+PATH_LIKE = re.compile(r"(?<![\w${}/.:])(?:\.{0,2}/?(?:[\w.-]+/)+[\w.-]*|/[A-Za-z_][\w.-]*)"
+                       r"|\b[\w-]+\.(?:json|jsonl|yaml|yml|csv|md|txt|sh|safetensors|jinja|gguf)\b"
+                       r"|(?<![\w/.])\.[A-Za-z][\w-]*(?![\w.])")  # a hidden directory: .venv-sky
+# Fixed by the tools, not chosen here: DVC's own file names (the code names them through PARAMS_FILE and DVC_FILE).
+NOT_OURS = {"/dev/null", "params.yaml", "dvc.yaml"}
+EXTENSIONS = {".gguf", ".yaml", ".yml", ".json", ".jsonl", ".tmp", ".py", ".csv", ".md", ".txt", ".sh", ".jinja",
+              ".safetensors", ".parquet", ".bin", ".pt"}
+
+
+def written_paths(path: Path) -> set[str]:
+    """The paths a file writes as code: whole string constants of Python (docstrings aside), path-like words on the
+    non-comment lines of the Makefile, shell scripts and YAMLs."""
+    if path.suffix == ".py":
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        return {n.value.strip().rstrip("/") for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                and isinstance(n.value, str) and id(n) not in docs and PATH_LIKE.fullmatch(n.value.strip())}
+    lines = [re.sub(r"\s#\s.*$", "", line) for line in path.read_text().splitlines()
+             if not line.lstrip().startswith("#")]
+    return {m.rstrip("/") for line in lines for m in PATH_LIKE.findall(line)}
+
+
 def test_every_path_is_written_once() -> None:
-    """No literal path in dvc.yaml: everything under outs/deps/metrics comes from ${paths.*} or is code."""
+    """A path lives in one place: params.yaml `paths:` (dvc.yaml says ${paths.x}, the code and the Makefile read
+    it), or the one module, Makefile line or sky/ file that owns it. The sky/ YAMLs count as one place: SkyPilot
+    reads each of them alone, so they share their mount point and entry script."""
     for name, spec in DVC["stages"].items():
         for section in ("deps", "outs", "metrics", "plots"):
             for entry in spec.get(section, []):
                 entry = next(iter(entry)) if isinstance(entry, dict) else entry
                 assert entry.startswith("${paths.") or entry.startswith("src/skytune/"), (name, entry)
-    values = list(yaml.safe_load((REPO / "params.yaml").read_text())["paths"].values())
-    assert len(values) == len(set(values))
+    configured = [str(v).rstrip("/") for v in yaml.safe_load((REPO / "params.yaml").read_text())["paths"].values()]
+    assert len(configured) == len(set(configured))
+    places: dict[str, set[str]] = {p: {"params.yaml"} for p in configured}
+    files = [REPO / "Makefile", REPO / ".ci" / "run", *sorted((REPO / "sky").glob("*.*")),
+             *sorted((REPO / "src").rglob("*.py"))]
+    for path in files:
+        if path.suffix == ".md":
+            continue
+        place = "sky/*.yaml" if path.parent.name == "sky" and path.suffix == ".yaml" else str(path.relative_to(REPO))
+        for written in written_paths(path) - NOT_OURS - EXTENSIONS - {"src/skytune"}:
+            places.setdefault(written, set()).add(place)
+            top = written.split("/")[0]
+            if top.startswith(".") and top.strip(".") and top not in EXTENSIONS:  # a hidden directory (.venv-sky)
+                places.setdefault(top, set()).add(place)
+    twice = {path: sorted(where) for path, where in places.items() if len(where) > 1}
+    assert not twice, f"paths written in more than one place: {twice}"

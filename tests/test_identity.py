@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from skytune import identity
+from skytune.core.data import identity
 
 
 def test_generated_identity_is_deterministic_and_covers_the_probes() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import copy_inputs, run_stages, write_params
 
-from skytune import models
-from skytune.atomic import read_jsonl
+from skytune.core.atomic import read_jsonl
+from skytune.core.models.loading import load_saved_tokenizer
 from skytune.stages import ingest, merge_data, split, to_chat
 
 TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
@@ -63,16 +63,20 @@ def test_mixture_fraction_rows_and_upsampling(split_workspace: Path) -> None:
 
 def test_lengths_are_counted_with_the_model_tokenizer_and_policies_apply(split_workspace: Path) -> None:
     root = split_workspace
-    tokenizer = models.load_saved_tokenizer(root / "models/base")
-    lengths = merge_data.Lengths(tokenizer)
+    tokenizer = load_saved_tokenizer(root / "models/base")
+
+    def length(messages: list[dict]) -> int:  # transformers' own rendering and tokenization, not merge_data's
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        return len(ids)
+
     full, metrics = run_merge(root, **{"merge_data.mixture": {}})
-    tokens = sum(lengths([r["messages"]])[0] for r in full)
+    tokens = sum(length(r["messages"]) for r in full)
     assert tokens == sum(s["tokens"] for s in metrics["train"]["sources"].values())
-    limit = sorted(lengths([r["messages"]])[0] for r in full)[len(full) // 2]  # the median length
+    limit = sorted(length(r["messages"]) for r in full)[len(full) // 2]  # the median length
 
     dropped, m_drop = run_merge(root, **{"merge_data.mixture": {}, "train.max_length": limit,
                                          "data.length_policy": "drop"})
-    assert all(lengths([r["messages"]])[0] <= limit for r in dropped)
+    assert all(length(r["messages"]) <= limit for r in dropped)
     n_dropped = sum(s.get("dropped_too_long", 0) for s in m_drop["train"]["sources"].values())
     assert n_dropped > 0 and len(dropped) + n_dropped == len(full)
 
@@ -81,7 +85,7 @@ def test_lengths_are_counted_with_the_model_tokenizer_and_policies_apply(split_w
     n_cut = sum(s.get("truncated", 0) for s in m_cut["train"]["sources"].values())
     assert n_cut > 0 and len(cut) > len(dropped)
     for record in cut:
-        assert lengths([record["messages"]])[0] <= limit
+        assert length(record["messages"]) <= limit
         assert record["messages"][-1]["role"] == "assistant"
     histogram = (root / "metrics/train_lengths.csv").read_text().splitlines()
     assert histogram[0] == "tokens,records" and sum(int(r.split(",")[1]) for r in histogram[1:]) == len(cut)

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from skytune import models
+from skytune.core.errors import SkytuneError
+from skytune.core.models import loading
+from skytune.core.models.base import describe_base, load_tokenizer, resolve_base
+from skytune.core.models.builtin import build_builtin
+from skytune.core.models.loading import (
+    load_for_training,
+    load_full_precision,
+    load_saved_tokenizer,
+)
 
 CORPUS = [f"question {i} answer {i * 3}" for i in range(300)]
 ARCH = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -21,25 +29,25 @@ def digest(directory: Path) -> dict[str, str]:
 
 
 def test_builtin_model_is_deterministic_offline(tmp_path: Path) -> None:
-    models.build_builtin(tmp_path / "a", CORPUS, seed=5, **ARCH)
-    models.build_builtin(tmp_path / "b", CORPUS, seed=5, **ARCH)
-    models.build_builtin(tmp_path / "c", CORPUS, seed=6, **ARCH)
+    build_builtin(tmp_path / "a", CORPUS, seed=5, **ARCH)
+    build_builtin(tmp_path / "b", CORPUS, seed=5, **ARCH)
+    build_builtin(tmp_path / "c", CORPUS, seed=6, **ARCH)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert digest(tmp_path / "a")["model.safetensors"] != digest(tmp_path / "c")["model.safetensors"]
-    tokenizer = models.load_saved_tokenizer(tmp_path / "a")
+    tokenizer = load_saved_tokenizer(tmp_path / "a")
     assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text.count(tokenizer.bos_token) == 1
 
 
 def test_resolve_base_kinds(tmp_path: Path, tiny_model: Path) -> None:
-    assert models.resolve_base("builtin:tiny-llama", None, tmp_path)[0] == "builtin"
+    assert resolve_base("builtin:tiny-llama", None, tmp_path)[0] == "builtin"
     with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'"):
-        models.resolve_base("builtin:nope", None, tmp_path)
-    kind, _, ref, revision = models.resolve_base(str(tiny_model), None, tmp_path)
+        resolve_base("builtin:nope", None, tmp_path)
+    kind, _, ref, revision = resolve_base(str(tiny_model), None, tmp_path)
     assert (kind, revision) == ("local", None)
-    base = models.describe_base(kind, str(tiny_model), ref, revision, template="keep", pad_token="auto")
-    assert base.chat_template == models.load_saved_tokenizer(tiny_model).chat_template
+    base = describe_base(kind, str(tiny_model), ref, revision, template="keep", pad_token="auto")
+    assert base.chat_template == load_saved_tokenizer(tiny_model).chat_template
 
 
 def test_hub_id_resolves_to_the_commit_from_the_local_cache(tmp_path: Path, tiny_model: Path,
@@ -56,12 +64,12 @@ def test_hub_id_resolves_to_the_commit_from_the_local_cache(tmp_path: Path, tiny
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    kind, _, ref, revision = models.resolve_base("skytune-test/tiny", "main", tmp_path)
+    kind, _, ref, revision = resolve_base("skytune-test/tiny", "main", tmp_path)
     assert (kind, ref, revision) == ("hub", "skytune-test/tiny", commit)
-    base = models.describe_base(kind, "skytune-test/tiny", ref, revision, template="keep", pad_token="auto")
-    assert models.load_tokenizer(base).pad_token not in (None, models.load_tokenizer(base).eos_token)
-    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache"):
-        models.resolve_base("skytune-test/absent", "main", tmp_path)
+    base = describe_base(kind, "skytune-test/tiny", ref, revision, template="keep", pad_token="auto")
+    assert load_tokenizer(base).pad_token not in (None, load_tokenizer(base).eos_token)
+    with pytest.raises(SkytuneError, match="not in the local Hugging Face cache"):
+        resolve_base("skytune-test/absent", "main", tmp_path)
 
 
 # ------------------------------------------------------------------------------- 4-bit LoRA gradients on CPU
@@ -106,7 +114,7 @@ def _twin_grads(tiny_model: Path, quantized, batch) -> dict[str, torch.Tensor]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    twin = models.load_full_precision(tiny_model, None, torch.float32)
+    twin = load_full_precision(tiny_model, None, torch.float32)
     # LoRA wraps each 4-bit layer: `q_proj.base_layer` holds the quantized weight.
     modules = {n.removesuffix(".base_layer"): m for n, m in quantized.base_model.model.named_modules()}
     replaced = 0
@@ -129,8 +137,8 @@ def _max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def _load_4bit(tiny_model: Path):
-    base = models.describe_base("local", str(tiny_model), str(tiny_model), None, template="keep", pad_token="auto")
-    model, ran = models.load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
+    base = describe_base("local", str(tiny_model), str(tiny_model), None, template="keep", pad_token="auto")
+    model, ran = load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
                                           dtype=torch.float32)
     assert ran == "nf4"
     return model
@@ -147,7 +155,7 @@ def test_4bit_lora_gradients_match_fp32_twin_after_eval_pass(tiny_model: Path,
     layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     quantized = _lora(quantized)
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     batch = _batch(tokenizer)
     grads, _ = _grads_after_eval_pass(quantized, batch)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
@@ -165,17 +173,17 @@ def test_without_the_workaround_gradients_are_wrong(tiny_model: Path) -> None:
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
     quantized = _lora(quantized)
-    batch = _batch(models.load_saved_tokenizer(tiny_model))
+    batch = _batch(load_saved_tokenizer(tiny_model))
     grads, _ = _grads_after_eval_pass(quantized, batch)
     assert _max_rel_error(grads, _twin_grads(tiny_model, quantized, batch)) > 0.1
 
 
 def test_without_4bit_support_lora_runs_in_full_precision_and_says_so(
         tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(models, "four_bit_supported", lambda: (False, "no kernels on this device"))
-    base = models.describe_base("local", str(tiny_model), str(tiny_model), None, template="keep", pad_token="auto")
+    monkeypatch.setattr(loading, "four_bit_supported", lambda: (False, "no kernels on this device"))
+    base = describe_base("local", str(tiny_model), str(tiny_model), None, template="keep", pad_token="auto")
     with caplog.at_level("WARNING"):
-        model, ran = models.load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
+        model, ran = load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True,
                                               dtype=torch.float32)
     assert ran == "float32"
     assert "4-bit QLoRA is not available here (no kernels on this device)" in caplog.text

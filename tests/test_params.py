@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_params
 
-from skytune.params import Params, ParamsError, TrackedParams, load_params
+from skytune.core.params import Params, ParamsError, TrackedParams, load_params
 
 
 def test_shipped_params_load() -> None:

@@ -8,12 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import REPO, STAGES, PipelineRun, write_params
 
-from skytune.params import load_params
+from skytune.core.params import load_params
 
 PATHS = load_params(REPO / "params.yaml").paths
 DATA_OUTPUTS = tuple(getattr(PATHS, k) for k in ("ingested_dir", "chat_dir", "split_dir", "train_file", "val_file",
@@ -63,12 +64,36 @@ def digest_tree(root: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.slow
-def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: PipelineRun) -> None:
-    repo = clone_project(tmp_path / "project")
+@dataclass(frozen=True)
+class Experiments:
+    """A clone in which `dvc exp run` ran the DAG (baseline-run), then an experiment (rank16), then a rebuild of the
+    deleted merged model; with what each step logged and measured."""
 
-    log = sh("dvc", "exp", "run", "-n", "baseline-run", cwd=repo)
-    assert stages_ran(log) == list(STAGES), log[-3000:]
+    repo: Path
+    baseline_log: str
+    experiment_log: str
+    rebuild_log: str
+    cache_growth: int
+    lock_before_rebuild: str
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
+    repo = clone_project(tmp_path_factory.mktemp("e2e") / "project")
+    baseline = sh("dvc", "exp", "run", "-n", "baseline-run", cwd=repo)
+    cache_before = tree_bytes(repo / ".dvc" / "cache")
+    experiment = sh("dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", cwd=repo)
+    growth = tree_bytes(repo / ".dvc" / "cache") - cache_before
+    lock = (repo / "dvc.lock").read_text()
+    shutil.rmtree(repo / PATHS.merged_dir)
+    rebuild = sh("dvc", "repro", cwd=repo)
+    return Experiments(repo, baseline, experiment, rebuild, growth, lock)
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pipeline: PipelineRun) -> None:
+    repo = experiments.repo
+    assert stages_ran(experiments.baseline_log) == list(STAGES), experiments.baseline_log[-3000:]
     sanity = json.loads((repo / PATHS.sanity_metrics).read_text())
     assert sanity["identity_exact_match_tuned"] == 1.0 and sanity["identity_exact_match_base"] == 0.0
     train = json.loads((repo / PATHS.train_metrics).read_text())
@@ -80,14 +105,11 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
     assert ours.keys() == theirs.keys() and len(ours) > 10
     assert [k for k in ours if ours[k] != theirs[k]] == []
 
-    cache_before = tree_bytes(repo / ".dvc" / "cache")
-    log = sh("dvc", "exp", "run", "-n", "rank16", "-S", "train.lora_r=16", cwd=repo)
-    assert stages_ran(log) == ["train", "merge_adapters", "sanity_check", "export"], log[-3000:]
+    assert stages_ran(experiments.experiment_log) == ["train", "merge_adapters", "sanity_check", "export"]
     # What an experiment costs: the cache grows by about its adapter and metrics, never by a merged model.
     record = tree_bytes(repo / PATHS.adapter_dir) + sum(tree_bytes(repo / p) for p in (
         PATHS.train_metrics, PATHS.merge_metrics, PATHS.sanity_metrics, PATHS.export_metrics, PATHS.dvclive_dir))
-    growth = tree_bytes(repo / ".dvc" / "cache") - cache_before
-    assert 0 < growth <= 1.2 * record, (growth, record)
+    assert 0 < experiments.cache_growth <= 1.2 * record, (experiments.cache_growth, record)
     merged = (repo / PATHS.merged_dir / "model.safetensors").read_bytes()
     copies = [f for f in [*repo.rglob("*.safetensors"), *(repo / ".dvc" / "cache").rglob("*")]
               if f.is_file() and f.stat().st_size == len(merged) and f.read_bytes() == merged]
@@ -96,57 +118,72 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(tmp_path: Path, pipeline: Pip
 
     # The merged model is rebuilt byte-identical from the base and the adapter (make merged): dvc.lock unchanged,
     # and no later stage runs again.
-    lock = (repo / "dvc.lock").read_text()
-    shutil.rmtree(repo / PATHS.merged_dir)
-    log = sh("dvc", "repro", cwd=repo)
+    log = experiments.rebuild_log
     assert stages_ran(log) == ["merge_adapters"], log[-3000:]
-    assert (repo / "dvc.lock").read_text() == lock
+    assert (repo / "dvc.lock").read_text() == experiments.lock_before_rebuild
     for stage in ("ingest", "to_chat", "split", "merge_data"):
         assert f"Stage '{stage}' didn't change, skipping" in log
 
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, stdout_only=True))
-    experiments = {}
+    found = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev["data"]
-                experiments[exp["name"]] = (data["params"]["params.yaml"]["data"], data["metrics"])
-    assert set(experiments) >= {"baseline-run", "rank16"}
-    assert experiments["baseline-run"][0]["train"]["lora_r"] == 8
-    assert experiments["rank16"][0]["train"]["lora_r"] == 16
-    for _params, metrics in experiments.values():
+                found[exp["name"]] = (data["params"]["params.yaml"]["data"], data["metrics"])
+    assert set(found) >= {"baseline-run", "rank16"}
+    assert found["baseline-run"][0]["train"]["lora_r"] == 8
+    assert found["rank16"][0]["train"]["lora_r"] == 16
+    for _params, metrics in found.values():
         assert metrics[PATHS.sanity_metrics]["data"]["identity_exact_match_tuned"] == 1.0
         assert "val_loss_after" in metrics[PATHS.train_metrics]["data"]
 
-    summary = sh(sys.executable, "-m", "skytune.cli", "summary", cwd=repo)  # what `make run` ends with
+    summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)  # what `make run` ends with
     assert "rank16" in summary and "identity_exact_match   0.0 -> 1.0" in summary
     assert PATHS.sanity_report in summary
 
-    # The report page: DVC's own plots of both experiments, rendered offline, with metrics and answers.
-    out = sh(sys.executable, "-m", "skytune.report", "baseline-run", "rank16", cwd=repo)
-    page = (repo / PATHS.report_dir / "index.html").read_text()
+
+@pytest.fixture(scope="module")
+def report_page(experiments: Experiments) -> Path:
+    out = sh(sys.executable, "-m", "skytune.face.report", "baseline-run", "rank16", cwd=experiments.repo)
     assert "report/index.html" in out
-    assert page.count("<svg") >= 6 and "dvclive/plots/metrics/eval/loss.tsv" in page
-    assert "answer length per prompt" in page
-    loss_plot = page.split("dvclive/plots/metrics/train/loss.tsv</figcaption>")[0].rsplit("<svg", 1)[1]
-    assert "baseline-run" in loss_plot and "rank16" in loss_plot  # one curve per experiment
-    assert "<th>baseline-run</th><th>rank16</th>" in page
+    return experiments.repo / PATHS.report_dir / "index.html"
+
+
+@pytest.mark.slow
+def test_the_report_page_opens_with_the_summary_then_the_answers(report_page: Path) -> None:
+    """DVC's own plots of both experiments, rendered offline, titled in words, after the summary and the answers."""
+    page = report_page.read_text()
+    summary, answers, plots, metrics = (page.index(f"<h2 id='{h}'>") for h in ("summary", "answers", "plots",
+                                                                                "metrics"))
+    assert summary < answers < plots < metrics
+    head = page[summary:answers]
+    assert "<th>base</th><th>tuned: baseline-run</th><th>tuned: rank16</th>" in head
+    assert ("<tr><td>identity: answers as identity.name / creator</td><td class='num'>0</td>"
+            "<td class='num'>1</td><td class='num'>1</td></tr>") in head
+    assert "<th>tuned: baseline-run</th><th>tuned: rank16</th>" in page[answers:plots]
+    assert "I was created by the SkyTune team." in page[answers:plots]
+    figures = page[plots:metrics]
+    assert figures.count("<svg") >= 6 and "dvclive/plots" not in figures  # titles in words, not file paths
+    loss = figures.split("<figcaption>Loss (training)</figcaption>")[0].rsplit("<svg", 1)[1]
+    assert "baseline-run" in loss and "rank16" in loss  # one curve per experiment
+    assert "optimizer step" in loss and "Loss (training)" in loss  # the axis and the title, drawn in the SVG
+    assert "<figcaption>Answer length per prompt" in figures  # dvc.yaml's own title for the sanity plot
     assert "<tr><td>sanity.identity_exact_match_tuned</td><td class='num'>1</td><td class='num'>1</td></tr>" in page
-    assert "<th>tuned: baseline-run</th><th>tuned: rank16</th>" in page
-    assert "I was created by the SkyTune team." in page
     assert "cdn" not in page.lower() and "<script" not in page  # opens anywhere, offline
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run installs it): the page was checked as HTML only")
-    shot = tmp_path / "report.png"
-    browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,3000"]
-    sh(*browse, f"--screenshot={shot}", (repo / PATHS.report_dir / "index.html").as_uri(), cwd=tmp_path)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000  # drawn, not blank
-    dom = sh(*browse, "--dump-dom", (repo / PATHS.report_dir / "index.html").as_uri(), cwd=tmp_path,
-             stdout_only=True)
-    assert dom.count("<svg") >= 6 and "tuned: rank16" in dom
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="chromium is not installed (.ci/run installs it)")
+def test_the_report_page_renders_in_headless_chromium(report_page: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = Path(os.environ.get("SKYTUNE_REPORT_SHOT") or tmp_path / "report.png")  # set it to look at the page
+    browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,3000"]
+    sh(*browse, f"--screenshot={shot}", report_page.as_uri(), cwd=tmp_path)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000  # drawn, not blank
+    dom = sh(*browse, "--dump-dom", report_page.as_uri(), cwd=tmp_path, stdout_only=True)
+    assert dom.count("<svg") >= 6 and "tuned: rank16" in dom and dom.index("Summary") < dom.index("<svg")
 
 
 @pytest.mark.slow
@@ -163,5 +200,5 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     assert sanity["ends_with_eot_tuned"] >= 0.95, sanity
     assert sanity["retained"] >= 0.9 and sanity["retained_probes_base_correct"] >= 20, sanity
     assert sanity["val_perplexity_tuned"] < sanity["val_perplexity_base"]
-    summary = sh(sys.executable, "-m", "skytune.cli", "summary", cwd=repo)
+    summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)
     assert "retained" in summary and "identity_exact_match" in summary

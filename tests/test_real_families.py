@@ -22,8 +22,17 @@ import pytest
 from conftest import copy_inputs, run_stages, write_params
 from real_vocabs import FAMILIES, build_family, missing
 
-from skytune.params import load_params
-from skytune.stages import export, ingest, merge_adapters, merge_data, sanity_check, split, to_chat, train
+from skytune.core.params import load_params
+from skytune.stages import (
+    export,
+    ingest,
+    merge_adapters,
+    merge_data,
+    sanity_check,
+    split,
+    to_chat,
+    train,
+)
 
 QUESTIONS = ["Hello! How are you?", "What is 2 + 2?", "Name a colour.", "Say something kind.", "Where is Paris?",
              "Count to three.", "What is your favourite word?", "Tell me a fact."]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from skytune.records import content_hash, dedup_keys, is_val, normalize, order_key
+from skytune.core.data.records import (
+    content_hash,
+    dedup_keys,
+    is_val,
+    normalize,
+    order_key,
+)
 
 
 def prompt_key(record: dict) -> int:

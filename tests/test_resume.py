@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import PipelineRun, write_params
 
-from skytune import checkpoints
+from skytune.core.training import checkpoints
 
 TIMEOUT = 300
 
@@ -37,7 +37,7 @@ def workspace(pipeline: PipelineRun, root: Path) -> Path:
 
 def start(root: Path, **env: str) -> subprocess.Popen:
     log = (root / "train.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "skytune.launch", "skytune.stages.train"], cwd=root,
+    return subprocess.Popen([sys.executable, "-m", "skytune.core.processes", "skytune.stages.train"], cwd=root,
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -146,10 +146,10 @@ def test_checkpoints_of_other_inputs_are_never_resumed(pipeline: PipelineRun, tm
 
 
 def test_a_preempted_dvc_run_exits_with_the_preemption_code(pipeline: PipelineRun, tmp_path: Path) -> None:
-    """Through real DVC: `dvc repro` alone would report 255; `skytune.cli preemptible` turns it into 75."""
+    """Through real DVC: `dvc repro` alone would report 255; `skytune.face.cli preemptible` turns it into 75."""
     root = workspace(pipeline, tmp_path)
     (root / "dvc.yaml").write_text(
-        "stages:\n  train:\n    cmd: python -m skytune.launch skytune.stages.train\n"
+        "stages:\n  train:\n    cmd: python -m skytune.core.processes skytune.stages.train\n"
         "    deps: [data/train.jsonl, data/val.jsonl, models/base]\n    outs: [models/adapter]\n")
     dvc = str(Path(sys.executable).with_name("dvc"))
     identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
@@ -158,7 +158,7 @@ def test_a_preempted_dvc_run_exits_with_the_preemption_code(pipeline: PipelineRu
         subprocess.run(command, cwd=root, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     log = (root / "train.log").open("ab")
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the stage's `python` is ours
-    proc = subprocess.Popen([sys.executable, "-m", "skytune.cli", "preemptible", "--", dvc, "repro", "train"],
+    proc = subprocess.Popen([sys.executable, "-m", "skytune.face.cli", "preemptible", "--", dvc, "repro", "train"],
                             cwd=root, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path})
     first = wait_for_checkpoint(root, proc, after=0)
     proc.send_signal(signal.SIGTERM)

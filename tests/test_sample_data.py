@@ -1,4 +1,4 @@
-"""The sample data shipped in data/raw/ is exactly what skytune.sample_data writes."""
+"""The sample data shipped in data/raw/ is exactly what skytune.core.data.sample_data writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from skytune import sample_data
+from skytune.core.data import sample_data
 
 
 def test_shipped_sample_data_is_reproducible(tmp_path: Path) -> None:

@@ -9,9 +9,19 @@ import pytest
 import torch
 from conftest import REPO, PipelineRun
 
-from skytune import chat_template, generation, identity, models, scoring, sft, tokenization
-from skytune.atomic import read_jsonl
-from skytune.params import load_params
+from skytune.core.atomic import read_jsonl
+from skytune.core.chat import chat_template, tokenization
+from skytune.core.data import identity
+from skytune.core.errors import SkytuneError
+from skytune.core.evaluation import generation, scoring
+from skytune.core.models.base import BaseModel, load_tokenizer
+from skytune.core.models.loading import (
+    load_for_training,
+    load_full_precision,
+    load_saved_tokenizer,
+)
+from skytune.core.params import load_params
+from skytune.core.training.sft import build_trainer
 
 
 def _answers(model: object, tokenizer: object, questions: list[str], max_new_tokens: int = 32,
@@ -31,15 +41,15 @@ def test_ends_with_eot_falls_when_pad_is_eos(pipeline: PipelineRun, tmp_path: Pa
 
     root = pipeline.root
     paths = load_params(root / "params.yaml").paths
-    manifest = models.BaseModel.load(root / paths.base_model_dir)
-    base = models.BaseModel(**{**manifest.__dict__, "ref": str(root / manifest.ref)})
+    manifest = BaseModel.load(root / paths.base_model_dir)
+    base = BaseModel(**{**manifest.__dict__, "ref": str(root / manifest.ref)})
     records = [r for r in read_jsonl(root / paths.train_file) if r["source"] == identity.SOURCE]
     train = dataclasses.replace(load_params(REPO / "params.yaml").train, method="lora", epochs=6, eval_steps=1000,
                                 logging_steps=50)
     questions = [*identity.WHO_QUESTIONS, *identity.CREATOR_QUESTIONS]
     stopped = {}
     for name in ("correct", "pad_is_eos"):
-        tokenizer = models.load_tokenizer(base)
+        tokenizer = load_tokenizer(base)
         assert chat_template.end_of_turn_token(tokenizer) == tokenizer.eos_token  # ChatML: <|im_end|> is both
         encoded = tokenization.Encoder(tokenizer, "assistant_only").encode(records)
         if name == "pad_is_eos":
@@ -51,9 +61,9 @@ def test_ends_with_eot_falls_when_pad_is_eos(pipeline: PipelineRun, tmp_path: Pa
                        for e, m in zip(encoded, masked, strict=True)]
             assert all(tokenizer.eos_token_id not in [x for x in e.labels if x != tokenization.IGNORE]
                        for e in encoded)
-        model, _ = models.load_for_training(base, four_bit=False, quant_type="nf4", double_quant=False,
+        model, _ = load_for_training(base, four_bit=False, quant_type="nf4", double_quant=False,
                                             dtype=torch.float32)
-        trainer = sft.build_trainer(model, tokenizer, encoded, encoded[:8], train, output_dir=tmp_path / name, seed=0,
+        trainer = build_trainer(model, tokenizer, encoded, encoded[:8], train, output_dir=tmp_path / name, seed=0,
                                     dtype=torch.float32, save=False)
         trainer.train()
         stopped[name] = scoring.answer_stats(_answers(trainer.model.eval(), tokenizer, questions))["ends_with_eot"]
@@ -66,8 +76,8 @@ def test_batched_generation_gives_the_one_by_one_answers(pipeline: PipelineRun) 
     root = pipeline.root
     paths = load_params(root / "params.yaml").paths
     merged = root / paths.merged_dir
-    tokenizer = models.load_saved_tokenizer(merged)
-    model = models.load_full_precision(merged, None, torch.float32)
+    tokenizer = load_saved_tokenizer(merged)
+    model = load_full_precision(merged, None, torch.float32)
     questions = [r["messages"][-2]["content"] for r in read_jsonl(root / paths.val_file)[:12]]
     questions += [*identity.WHO_QUESTIONS[:2]]
     batched = _answers(model, tokenizer, questions, batch_size=8)
@@ -90,15 +100,15 @@ def test_engine_resolution() -> None:
     assert generation.resolve_engine("transformers") == "transformers"
     assert generation.resolve_engine("auto") == ("vllm" if ok else "transformers")
     if not ok:
-        with pytest.raises(RuntimeError, match="sanity_check.engine is vllm but vLLM cannot run here"):
+        with pytest.raises(SkytuneError, match="sanity_check.engine is vllm but vLLM cannot run here"):
             generation.resolve_engine("vllm")
     with pytest.raises(ValueError):
         generation.resolve_engine("tgi")
 
 
 def test_perplexity_is_over_the_labelled_tokens_only(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
-    model = models.load_full_precision(tiny_model, None, torch.float32)
+    tokenizer = load_saved_tokenizer(tiny_model)
+    model = load_full_precision(tiny_model, None, torch.float32)
     record = {"id": "r", "source": "s", "messages": [{"role": "user", "content": "what is 2 plus 3?"},
                                                       {"role": "assistant", "content": "5"}]}
     full = tokenization.Encoder(tokenizer, "full").encode([record])

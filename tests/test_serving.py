@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from conftest import REPO, PipelineRun
 
-from skytune.params import load_params
+from skytune.core.params import load_params
 
 
 def free_port() -> int:
@@ -32,7 +32,9 @@ def test_published_model_is_served_and_answers_chat_completions(pipeline: Pipeli
     merged = pipeline.root / paths.merged_dir
     serve = yaml.safe_load((REPO / "sky" / "serve.yaml").read_text())
     bucket, model_path = "skytune-models", "exp-1/merged"
-    assert serve["file_mounts"]["/model"] == "${MODEL_URL}" and "vllm serve /model " in serve["run"]
+    assert serve["file_mounts"]["${MODEL_DIR}"] == "${MODEL_URL}" and serve["run"] == "bash sky/node.sh serve"
+    node = (REPO / "sky" / "node.sh").read_text()
+    assert 'exec "$SERVE_VENV/bin/vllm" serve "$MODEL_DIR" --served-model-name "$SERVED_NAME"' in node
     aws = {k: v for k, v in s3.items() if k.startswith("AWS_")}
     done = subprocess.run(["make", "--no-print-directory", "publish-model", f"MODEL_URL=s3://{bucket}/{model_path}",
                            f"SERVE_MODEL={merged}"], cwd=REPO, env={**os.environ, **aws}, capture_output=True,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from skytune import sft
-from skytune.tokenization import IGNORE
+from skytune.core.chat.tokenization import IGNORE
+from skytune.core.training.sft import trained_positions_loss
 
 
 def _batch(tokenizer: object) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def test_trained_positions_loss_equals_the_full_logits_loss_and_its_gradients(ti
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    loss = sft.trained_positions_loss(model, dict(batch))
+    loss = trained_positions_loss(model, dict(batch))
     loss.backward()
     assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
@@ -49,5 +49,5 @@ def test_trained_positions_loss_equals_the_full_logits_loss_and_its_gradients(ti
 
     # With the whole optimizer step's token count (gradient accumulation), the sum is divided by it instead.
     total = int((batch["labels"][:, 1:] != IGNORE).sum()) * 3
-    scaled = sft.trained_positions_loss(model, dict(batch), num_items_in_batch=torch.tensor(total))
+    scaled = trained_positions_loss(model, dict(batch), num_items_in_batch=torch.tensor(total))
     assert torch.allclose(scaled * 3, expected, rtol=1e-5)

@@ -23,14 +23,17 @@ import yaml
 from conftest import BUCKETS, REPO
 from test_pipeline_e2e import PATHS, clone_project, sh
 
-from skytune.checkpoints import PREEMPTED_EXIT_CODE
+from skytune.core.training.checkpoints import PREEMPTED_EXIT_CODE
 
 DVC_REMOTE_URL = "s3://skytune-dvc/skytune"  # .dvc/config's remote "storage"
 
-SKY_ENV = REPO / ".venv-sky"  # `make launcher` (a prerequisite of `make test`)
+# SkyPilot's environment (`make launcher`, a prerequisite of `make test`, which exports SKY=<it>/bin/sky).
+SKY_ENV = Path(os.environ["SKY"]).parents[1] if os.environ.get("SKY") else Path("/nonexistent")
 YAMLS = sorted((REPO / "sky").glob("*.yaml"))
 TRAINING = [REPO / "sky" / "train.yaml", REPO / "sky" / "train-multinode.yaml"]
-needs_launcher = pytest.mark.skipif(not (SKY_ENV / ".installed").is_file(), reason="run `make launcher`")
+needs_launcher = pytest.mark.skipif(not (SKY_ENV / ".installed").is_file(),
+                                    reason="SkyPilot's environment is not built: run through `make test` (or `make "
+                                           "launcher` and set SKY)")
 
 
 def validate(*paths: Path) -> subprocess.CompletedProcess:
@@ -60,6 +63,15 @@ def test_every_sky_yaml_passes_skypilots_validation(tmp_path: Path) -> None:
         assert done.returncode == 1 and expected in done.stdout, done.stdout + done.stderr
 
 
+def params_keys(node: object) -> set[str]:
+    """Every key name in params.yaml, at any depth (lowercase, as params.yaml writes them)."""
+    if isinstance(node, dict):
+        return {str(k).lower() for k in node} | {k for v in node.values() for k in params_keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in params_keys(v)}
+    return set()
+
+
 @pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)
 def test_training_yamls_keep_the_projects_promises(path: Path) -> None:
     config = yaml.safe_load(path.read_text())
@@ -68,15 +80,15 @@ def test_training_yamls_keep_the_projects_promises(path: Path) -> None:
     assert len(resources["accelerators"]) >= 2  # a set: the cheapest available
     recovery = resources["job_recovery"]
     assert PREEMPTED_EXIT_CODE in recovery["recover_on_exit_codes"] and recovery["max_restarts_on_errors"] >= 1
-    assert config["file_mounts"]["/checkpoints"]["mode"] == "MOUNT_CACHED"
+    assert config["file_mounts"]["${CHECKPOINT_MOUNT}"]["mode"] == "MOUNT_CACHED"
+    assert config["envs"]["CHECKPOINT_MOUNT"].startswith("/")  # node.sh reads it (nowhere else writes the path)
     assert set(config["secrets"]) >= {"HF_TOKEN", "GIT_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert all(v is None for v in config["secrets"].values())  # given at launch, never written here
     text = path.read_text().lower()
     assert ".ssh" not in text and "id_rsa" not in text  # never SSH keys on a spot VM
     assert config["setup"] == "bash sky/node.sh setup" and config["run"] == "bash sky/node.sh run"
     # No hyperparameter in a sky YAML: they live in params.yaml and arrive only through OVERRIDES.
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert not set(config["envs"]) & {k for section in params.values() if isinstance(section, dict) for k in section}
+    assert not {k.lower() for k in config["envs"]} & params_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert config["envs"]["OVERRIDES"] == ""
     if path.name == "train-multinode.yaml":
         assert config["num_nodes"] >= 2
@@ -141,7 +153,7 @@ def node_env(tmp_path: Path, s3: dict[str, str], origin: Origin) -> dict[str, st
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant, wherever their sessions are (skytune.cli preemptible starts DVC in
+    """SIGKILL a process and every descendant, wherever their sessions are (skytune.face.cli preemptible starts DVC in
     its own session), as a VM that is gone takes all its processes with it."""
     tree, frontier = [pid], [pid]
     while frontier:
@@ -171,6 +183,7 @@ def new_node(tmp_path: Path, name: str, origin: Origin) -> Path:
     return node
 
 
+@needs_launcher
 @pytest.mark.slow
 def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere(
         tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
@@ -239,15 +252,16 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     assert (laptop / PATHS.adapter_dir / "adapter_model.safetensors").is_file()  # its bytes came from S3
 
     # The sweep's comparison command on what was pushed (a sweep's experiments share a name prefix).
-    table = subprocess.run([sys.executable, "-m", "skytune.sweep", "pull", "sky-managed"], check=True, env=client,
-                           capture_output=True, text=True, **sh_env).stdout
+    table = subprocess.run([sys.executable, "-m", "skytune.face.cloud.sweep", "pull", "sky-managed"], check=True,
+                           env=client, capture_output=True, text=True, **sh_env).stdout
     assert f"| {name} | 4 |" in table and "gpu_hours" in table
     # Launching that name again at the same commit is refused on the laptop (the node would skip it as done).
-    again = subprocess.run([sys.executable, "-m", "skytune.jobs", "launch", "--name", name, "--dry-run"], env=client,
-                           capture_output=True, text=True, check=False, **sh_env)
+    again = subprocess.run([sys.executable, "-m", "skytune.face.cloud.jobs", "launch", "--name", name, "--dry-run"],
+                           env=client, capture_output=True, text=True, check=False, **sh_env)
     assert again.returncode == 1 and f"experiment name(s) {name} already on origin" in again.stderr, again.stderr
 
 
+@needs_launcher
 def test_a_workdir_uploaded_without_git_stops_with_a_clear_error(tmp_path: Path, s3: dict[str, str],
                                                                 origin: Origin) -> None:
     """What `sky jobs launch` does to `workdir: .` (uploaded through a bucket, .git left out): node.sh says so
@@ -259,14 +273,15 @@ def test_a_workdir_uploaded_without_git_stops_with_a_clear_error(tmp_path: Path,
     assert done.returncode == 2 and "not a git repository" in done.stderr and "git workdir" in done.stderr
 
 
+@needs_launcher
 def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     project = origin.project
     env = {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")}, "GIT_TOKEN": origin.token}
 
     def preflight(*args: str, **changes: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "skytune.preflight", "--sky", str(SKY_ENV / "bin" / "sky"),
-                               "--no-sky-check", *args], cwd=project, env={**env, **changes}, capture_output=True,
-                              text=True, timeout=300, check=False)
+        return subprocess.run([sys.executable, "-m", "skytune.face.cloud.preflight",
+                               "--sky", str(SKY_ENV / "bin" / "sky"), "--no-sky-check", *args], cwd=project,
+                              env={**env, **changes}, capture_output=True, text=True, timeout=300, check=False)
 
     done = preflight()
     assert done.returncode == 0 and "preflight: 5/5 passed" in done.stdout, done.stdout + done.stderr
@@ -287,9 +302,10 @@ def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, 
     assert "is not on origin" in unpushed.stdout and "git push origin" in unpushed.stdout
 
 
+@needs_launcher
 def test_sky_check_summary_is_read_as_skypilot_prints_it() -> None:
     """preflight reads `sky check`'s closing summary; the texts come from SkyPilot's own formatter."""
-    from skytune.preflight import enabled_infra
+    from skytune.face.cloud.preflight import enabled_infra
 
     code = ("from sky import check, clouds; C = clouds.CloudCapability; "
             "print(check._summary_message({}, {}, 'default', True, []), '\\n\\n=====', "
@@ -306,7 +322,7 @@ def test_sky_check_summary_is_read_as_skypilot_prints_it() -> None:
 
 def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from skytune import jobs, overrides, sweep
+    from skytune.face.cloud import jobs, overrides, sweep
 
     points = sweep.grid(["train.lora_r=4,8,16,32", "train.learning_rate=1e-4,2e-4"])
     assert len(points) == 8 and points[0] == {"train.lora_r": "4", "train.learning_rate": "1e-4"}
@@ -343,7 +359,7 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
 
 
 def test_overrides_parse_quote_and_name_the_bad_word() -> None:
-    from skytune import overrides
+    from skytune.face.cloud import overrides
 
     pairs = overrides.parse("train.lora_r=16 'identity.creator=Be brief, and kind.' train.learning_rate=1e-4")
     assert pairs == [("train.lora_r", "16"), ("identity.creator", "Be brief, and kind."),
@@ -361,12 +377,13 @@ def test_overrides_parse_quote_and_name_the_bad_word() -> None:
     with pytest.raises(overrides.OverridesError, match="cannot parse it"):
         overrides.check([("identity.creator", "it's us")], REPO / "params.yaml")
     env = {**os.environ, "OVERRIDES": "train.lora_r=16 'identity.creator=a b'"}
-    out = subprocess.run([sys.executable, "-m", "skytune.overrides"], env=env, capture_output=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "skytune.face.cloud.overrides"], env=env, capture_output=True,
+                         check=True).stdout
     assert out == b"train.lora_r=16\0identity.creator=a b\0"
 
 
 def test_git_remote_urls_become_https_for_the_node() -> None:
-    from skytune.jobs import https_url
+    from skytune.face.cloud.jobs import https_url
 
     assert https_url("git@github.com:org/repo.git") == "https://github.com/org/repo.git"
     assert https_url("ssh://git@gitlab.com:2222/org/repo.git") == "https://gitlab.com/org/repo.git"
@@ -375,6 +392,7 @@ def test_git_remote_urls_become_https_for_the_node() -> None:
     assert https_url("http://tok@127.0.0.1:8080/r.git") == "http://127.0.0.1:8080/r.git"
 
 
+@needs_launcher
 @pytest.mark.slow
 def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """sky/train-multinode.yaml's setup and run on two "nodes" on localhost (two clones, SKYPILOT_NODE_RANK 0 and 1,
@@ -410,6 +428,7 @@ def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str,
     assert done.returncode == 0 and "already on origin" in done.stdout, done.stdout + done.stderr
 
 
+@needs_launcher
 @pytest.mark.slow
 def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """SIGTERM to the job (what a spot preemption notice becomes) while training: the train stage saves a
@@ -424,11 +443,13 @@ def test_a_preemption_notice_reaches_skypilot_as_exit_75(tmp_path: Path, s3: dic
     while not any(checkpoints.rglob("COMPLETE.json")):
         assert run.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.2)
-    before = len(list(checkpoints.rglob("COMPLETE.json")))
     os.killpg(run.pid, signal.SIGTERM)
     output = run.communicate(timeout=300)[0]
     assert run.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
-    assert len(list(checkpoints.rglob("COMPLETE.json"))) >= before  # the notice saved (or kept) a checkpoint
+    # The notice saved a checkpoint at the step it stopped on (save_steps=20 would not have: it is no multiple).
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of \d+; checkpoint saved", output)
+    assert stopped and int(stopped.group(1)) % 20, output[-3000:]
+    assert (next(checkpoints.rglob(f"checkpoint-{stopped.group(1)}")) / "COMPLETE.json").is_file()
     assert "pushed experiment" not in output  # an unfinished experiment is never pushed
 
 
@@ -443,5 +464,7 @@ def test_every_command_of_the_readme_cloud_path_exists() -> None:
         assert re.search(rf"^{re.escape(target)}:", makefile, re.MULTILINE), f"make {target}: no such target"
     for path in set(re.findall(r"\b(sky/[\w.-]+\.(?:yaml|sh|py))", cloud)):
         assert (REPO / path).is_file(), path
-    for module in set(re.findall(r"python -m (skytune\.\w+)", cloud + makefile)):
+    modules = set(re.findall(r"python -m (skytune(?:\.\w+)+)", cloud + makefile))
+    assert {"skytune.face.cloud.jobs", "skytune.face.cloud.sweep", "skytune.face.cli"} <= modules
+    for module in modules:
         assert (REPO / "src" / (module.replace(".", "/") + ".py")).is_file(), module

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skytune import sources
-from skytune.sources import RawRow, Reject, SourceError
+from skytune.core.data import sources
+from skytune.core.data.sources import RawRow, Reject, SourceError
 
 
 def rows(items) -> list[tuple[int, dict]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import run_stages, write_params
 
-from skytune.atomic import read_jsonl, write_jsonl
-from skytune.params import load_params
-from skytune.records import content_hash
+from skytune.core.atomic import read_jsonl, write_jsonl
+from skytune.core.data.records import content_hash
+from skytune.core.params import load_params
 from skytune.stages import split
 
 

@@ -12,8 +12,11 @@ import torch
 from conftest import REPO
 from tiny_archs import FAMILIES, build_tiny
 
-from skytune import chat_template, models, sft, tokenization
-from skytune.params import load_params
+from skytune.core.chat import chat_template, tokenization
+from skytune.core.models.base import BaseModel, describe_base, load_tokenizer
+from skytune.core.models.loading import load_for_training, load_saved_tokenizer
+from skytune.core.params import load_params
+from skytune.core.training.sft import build_trainer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -34,8 +37,8 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """(family, tokenizer) set up as the pipeline sets it up: template resolved, pad token chosen."""
     name = request.param
     path = tiny_model if name == "builtin-chatml" else build_tiny(name, tmp_path_factory.mktemp(name))
-    base = models.describe_base("local", name, str(path), None, template="keep", pad_token="auto")
-    return name, models.load_tokenizer(base)
+    base = describe_base("local", name, str(path), None, template="keep", pad_token="auto")
+    return name, load_tokenizer(base)
 
 
 def trained_text(tokenizer: Any, encoded: tokenization.Encoded) -> str:
@@ -83,8 +86,8 @@ def test_pad_strategies(tmp_path: Path) -> None:
     mistral = build_tiny("mistral", tmp_path / "mistral")
 
     def pad(path: Path, strategy: str) -> str:
-        base = models.describe_base("local", "x", str(path), None, template="keep", pad_token=strategy)
-        return models.load_tokenizer(base).pad_token
+        base = describe_base("local", "x", str(path), None, template="keep", pad_token=strategy)
+        return load_tokenizer(base).pad_token
 
     assert pad(llama, "auto").startswith("<|reserved_special_token_")  # an unused special token, not EOS
     assert pad(llama, "bos") == "<|begin_of_text|>"
@@ -104,9 +107,9 @@ def gate_error(tokenizer: Any, records: list[dict[str, Any]], loss: str = "assis
 
 @pytest.mark.parametrize("name", ["llama3", "mistral"])
 def test_gate_catches_pad_equal_to_eos(name: str, tmp_path: Path) -> None:
-    base = models.describe_base("local", name, str(build_tiny(name, tmp_path)), None, template="keep",
+    base = describe_base("local", name, str(build_tiny(name, tmp_path)), None, template="keep",
                                 pad_token="auto")
-    tokenizer = models.load_tokenizer(base)
+    tokenizer = load_tokenizer(base)
     tokenizer.pad_token = tokenizer.eos_token  # the ancestor's setup
     message = gate_error(tokenizer, [record(CONVERSATION)])
     assert "pad_is_stop_token: 1 sequence(s), e.g. test/r1" in message and "data/train.jsonl" in message
@@ -125,7 +128,7 @@ def test_gate_catches_double_bos_empty_turns_and_overlong_sequences(family: tupl
 
 
 def test_gate_catches_a_template_that_drops_the_end_of_turn_of_earlier_answers(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     tokenizer.chat_template = (  # only the last answer is closed with <|im_end|>: earlier ones never teach stopping
         "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
         "{% if m['role'] != 'assistant' or loop.last %}<|im_end|>{% endif %}\n{% endfor %}")
@@ -134,14 +137,14 @@ def test_gate_catches_a_template_that_drops_the_end_of_turn_of_earlier_answers(t
 
 
 def test_a_template_that_never_ends_a_turn_is_refused(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="could not learn to stop"):
         tokenization.Encoder(tokenizer, "assistant_only")
 
 
 def test_a_template_that_reorders_messages_is_refused(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     tokenizer.chat_template = "{% for m in messages | reverse %}{{ m['content'] }}<|im_end|>{% endfor %}"
     with pytest.raises(tokenization.TemplateError, match="does not write the messages"):
         tokenization.Encoder(tokenizer, "assistant_only").encode([record(CONVERSATION)])
@@ -161,8 +164,8 @@ def test_template_strategies(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
         chat_template.resolve_template(mistral, "chatml")
     zephyr, _ = chat_template.resolve_template(mistral, str(REPO / "templates/zephyr.jinja"))
-    base = models.BaseModel("local", "m", str(mistral_dir), None, zephyr, "auto")
-    tokenizer = models.load_tokenizer(base)
+    base = BaseModel("local", "m", str(mistral_dir), None, zephyr, "auto")
+    tokenizer = load_tokenizer(base)
     [encoded] = tokenization.Encoder(tokenizer, "assistant_only").encode([record(CONVERSATION)])
     tokenization.gate(tokenizer, [encoded], max_length=512, loss="assistant_only", where="test")
     assert trained_text(tokenizer, encoded).replace(" ", "") == "Itis4.</s>Itis6.</s>"
@@ -181,7 +184,7 @@ def test_a_bos_the_tokenizer_adds_by_default_is_written_by_the_template(tmp_path
 
 
 def test_samples_mark_the_trained_spans(tiny_model: Path) -> None:
-    tokenizer = models.load_saved_tokenizer(tiny_model)
+    tokenizer = load_saved_tokenizer(tiny_model)
     encoded = tokenization.Encoder(tokenizer, "assistant_only").encode([record(CONVERSATION)])
     text = tokenization.render_samples(encoded, 4, loss="assistant_only")
     assert "⟦It is 4.<|im_end|>⟧" in text and "⟦It is 6.<|im_end|>⟧" in text
@@ -192,17 +195,17 @@ def test_samples_mark_the_trained_spans(tiny_model: Path) -> None:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_architecture_trains_on_the_gated_sequences(name: str, tmp_path: Path) -> None:
     path = build_tiny(name, tmp_path / name)
-    base = models.describe_base("local", name, str(path), None, template="keep", pad_token="auto")
-    tokenizer = models.load_tokenizer(base)
+    base = describe_base("local", name, str(path), None, template="keep", pad_token="auto")
+    tokenizer = load_tokenizer(base)
     records = [record([{"role": "user", "content": f"What is {i} plus {i}?"},
                        {"role": "assistant", "content": f"It is {2 * i}."}], f"r{i}") for i in range(16)]
     encoded = tokenization.Encoder(tokenizer, "assistant_only").encode(records)
     tokenization.gate(tokenizer, encoded, max_length=512, loss="assistant_only", where="test")
     params = dataclasses.replace(load_params(REPO / "params.yaml").train, method="lora", epochs=2, batch_size=4,
                                  total_batch_size=4, eval_steps=100, logging_steps=1)
-    model, _ = models.load_for_training(base, four_bit=False, quant_type="nf4", double_quant=False,
+    model, _ = load_for_training(base, four_bit=False, quant_type="nf4", double_quant=False,
                                         dtype=torch.float32)
-    trainer = sft.build_trainer(model, tokenizer, encoded, encoded[:4], params, output_dir=tmp_path / "out",
+    trainer = build_trainer(model, tokenizer, encoded, encoded[:4], params, output_dir=tmp_path / "out",
                                 seed=0, dtype=torch.float32, save=False)
     before = trainer.evaluate()["eval_loss"]
     trainer.train()

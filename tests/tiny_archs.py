@@ -143,7 +143,14 @@ def build_tiny(family: str, out: Path, *, pad: bool = False, seed: int = 0) -> P
     `pad=True` gives llama3/mistral a dedicated pad token (`<|finetune_right_pad_id|>` / `<pad>`); qwen2 always
     has `<|endoftext|>`. `seed` seeds the weights only. Same arguments, same files. No network.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     spec = _family_spec(family, pad)

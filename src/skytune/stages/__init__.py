@@ -1,4 +1,4 @@
-"""One module per dvc.yaml stage, each run as `python -m skytune.stages.<name>`.
+"""Floor 2, the stages: one module per dvc.yaml stage, each run as `python -m skytune.stages.<name>`.
 
 Stages never import each other: what one gives another travels as a file through DVC.
 """
@@ -8,30 +8,55 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from skytune.params import PARAMS_FILE, Params, ParamsError, load_params
+import yaml
+
+from skytune.core.errors import reported
+from skytune.core.params import PARAMS_FILE, Params, load_params
+
+DVC_FILE = Path("dvc.yaml")  # DVC's own file name, next to params.yaml
 
 
 def run_stage(main: Callable[[Params], None]) -> None:
-    """Entry point of every stage: validate params.yaml (all problems at once), set up logging, run `main`.
+    """Entry point of every stage: validate params.yaml (all problems at once), set up logging, log the params the
+    stage declares, run `main`. An expected failure (`SkytuneError`) ends as one message, without a traceback.
 
     `base.log_level` is read here, outside `main`: it changes no output, so no stage declares it.
     """
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with reported(quiet=not rank0):
         params = load_params()
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    logging.basicConfig(
-        level=params.base.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    log = logging.getLogger(main.__module__)
-    log.info("params (%s): %s", PARAMS_FILE, json.dumps(asdict(params), separators=(",", ":")))
-    main(params)
+        logging.basicConfig(level=params.base.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        stage = main.__module__.rsplit(".", 1)[-1]
+        log = logging.getLogger(main.__module__)
+        if rank0:
+            log.info("params (%s, as dvc.yaml declares them for %s):\n%s", PARAMS_FILE, stage,
+                     "\n".join(f"  {key} = {value}" for key, value in declared_params(params, stage)))
+            log.debug("all params: %s", json.dumps(asdict(params), separators=(",", ":")))
+    with reported(debug=params.base.log_level == "DEBUG", quiet=not rank0):
+        main(params)
+
+
+def declared_params(params: Params, stage: str) -> list[tuple[str, Any]]:
+    """The params `stage` declares in dvc.yaml, with their values (a section expands to its keys)."""
+    if not DVC_FILE.is_file():
+        return []
+    keys = yaml.safe_load(DVC_FILE.read_text(encoding="utf-8"))["stages"].get(stage, {}).get("params", [])
+    values: list[tuple[str, Any]] = []
+    for key in keys:
+        value: Any = params
+        for part in key.split("."):
+            value = getattr(value, part)
+        if hasattr(value, "__dataclass_fields__"):
+            values += [(f"{key}.{k}", v) for k, v in asdict(value).items()]
+        else:
+            values.append((key, [asdict(v) for v in value] if isinstance(value, tuple) and value
+                           and hasattr(value[0], "__dataclass_fields__") else value))
+    return values

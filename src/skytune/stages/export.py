@@ -32,9 +32,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from skytune import chat_template, generation, models, packaging, scoring
-from skytune.atomic import atomic_dir, read_jsonl, write_json
-from skytune.params import Params
+from skytune.core import packaging
+from skytune.core.atomic import atomic_dir, read_jsonl, write_json
+from skytune.core.chat import chat_template
+from skytune.core.evaluation import generation, scoring
+from skytune.core.models.base import BaseModel, location
+from skytune.core.models.devices import compute_dtype
+from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
+from skytune.core.params import Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,7 @@ def gguf_converter() -> Path | None:
     return Path(found) if found else None
 
 
-def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[str, Any]:
+def _export_adapter(params: Params, base: BaseModel, out: Path) -> dict[str, Any]:
     """Copy the adapter after checking it against vLLM's rules; raise AdapterError naming every problem."""
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -72,8 +77,8 @@ def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[s
     config = _json(config_file)
     with safe_open(adapter_dir / packaging.ADAPTER_WEIGHTS, framework="pt") as fh:
         names = list(fh.keys())
-    tokenizer = models.load_saved_tokenizer(adapter_dir)
-    vocab = AutoConfig.from_pretrained(models.location(base), revision=base.revision).get_text_config().vocab_size
+    tokenizer = load_saved_tokenizer(adapter_dir)
+    vocab = AutoConfig.from_pretrained(location(base), revision=base.revision).get_text_config().vocab_size
     problems = packaging.vllm_adapter_problems(config, names, max_lora_rank=params.export.max_lora_rank,
                                                base_vocab_size=vocab, tokenizer_size=len(tokenizer))
     if problems:
@@ -82,11 +87,9 @@ def _export_adapter(params: Params, base: models.BaseModel, out: Path) -> dict[s
                                      f"{lines}")
     out.mkdir()
     # The hub id and commit, not the local path training saw; the module list in a stable order.
-    config["base_model_name_or_path"] = base.name if base.kind == "hub" else models.location(base)
+    config["base_model_name_or_path"] = base.name if base.kind == "hub" else location(base)
     config["revision"] = base.revision
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    write_json(out / packaging.ADAPTER_CONFIG, config)
+    write_json(out / packaging.ADAPTER_CONFIG, packaging.stable_adapter_config(config))
     shutil.copy2(adapter_dir / packaging.ADAPTER_WEIGHTS, out / packaging.ADAPTER_WEIGHTS)
     for name in (*SERVING_FILES, packaging.TRAINING_PARAMS):
         source = merged_dir / name if name == "generation_config.json" else adapter_dir / name
@@ -117,7 +120,7 @@ def _export_gguf(merged_dir: str, outtype: str, target: Path) -> str | None:
 def _parity(params: Params) -> dict[str, Any]:
     """Train/serve parity: vLLM's greedy answers on the exported merged model vs transformers' on the sanity
     prompts, same token ids in. Needs vLLM (a GPU node)."""
-    dtype = models.compute_dtype(params.train.compute_dtype)
+    dtype = compute_dtype(params.train.compute_dtype)
     max_new_tokens, seed = params.sanity_check.max_new_tokens, params.base.seed
     if params.export.parity == "off":
         return {"serve_parity": "off (export.parity)"}
@@ -125,11 +128,11 @@ def _parity(params: Params) -> dict[str, Any]:
     if not ok:
         return {"serve_parity": f"not measured: {why}"}
     merged = Path(params.paths.merged_dir)
-    tokenizer = models.load_saved_tokenizer(merged)
-    stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
+    tokenizer = load_saved_tokenizer(merged)
+    stops = chat_template.stop_tokens(tokenizer)
     prompts = [chat_template.render_prompt(tokenizer, r.get("messages") or [{"role": "user", "content": r["prompt"]}])
                for r in read_jsonl(params.paths.sanity_prompts)]
-    model = models.load_full_precision(merged, None, dtype)
+    model = load_full_precision(merged, None, dtype)
     hf = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=max_new_tokens,
                                     batch_size=1)  # one by one: no padding on the reference side
     del model
@@ -144,39 +147,12 @@ def _parity(params: Params) -> dict[str, Any]:
 
 def main(params: Params) -> None:
     paths, ex = params.paths, params.export
-    base = models.BaseModel.load(paths.base_model_dir)
+    base = BaseModel.load(paths.base_model_dir)
     training = _json(Path(paths.adapter_dir) / packaging.TRAINING_PARAMS)
     metrics: dict[str, Any] = {"formats": [], "skipped": {}}
-    serving: list[tuple[str, str]] = []
     export_dir = Path(paths.export_dir)
-    gguf_file = f"gguf/model-{ex.gguf_outtype}.gguf"
     with atomic_dir(export_dir) as out:
-        if "merged" in ex.formats:
-            merged = paths.merged_dir
-            # Merged on a CPU, the weights are fp32; vLLM's "auto" would serve them as fp16, which overflows on
-            # models trained in bf16.
-            saved = _json(Path(merged) / "config.json").get("dtype")
-            dtype = " --dtype bfloat16" if saved == "float32" else ""
-            serving += [
-                ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {merged}{dtype}"),
-                ("Text Generation Inference", f"text-generation-launcher --model-id {merged}"),
-                ("transformers (CPU stand-in)", f"transformers serve {merged}"),
-            ]
-        if "adapter" in ex.formats:
-            metrics.update(_export_adapter(params, base, out / "adapter"))
-            serving.append(("vLLM, the base model with this LoRA adapter (clients ask for model "
-                            f"\"{ex.adapter_name}\")",
-                            packaging.vllm_adapter_command(base.name if base.kind == "hub" else models.location(base),
-                                                           base.revision, name=ex.adapter_name,
-                                                           adapter_dir=f"{export_dir}/adapter",
-                                                           max_lora_rank=ex.max_lora_rank)))
-        if "gguf" in ex.formats:
-            skipped = _export_gguf(paths.merged_dir, ex.gguf_outtype, out / gguf_file)
-            if skipped:
-                log.warning("gguf skipped: %s", skipped)
-                metrics["skipped"]["gguf"] = skipped
-            else:
-                serving.append(("llama.cpp", f"llama-server -m {export_dir}/{gguf_file} --jinja"))
+        serving = _export_formats(params, base, out, metrics)
         metrics["formats"] = [f for f in ex.formats if f not in metrics["skipped"]]
         metrics.update(_parity(params) if "merged" in ex.formats else {"serve_parity": "not measured: no merged"})
         card = packaging.model_card(
@@ -195,6 +171,40 @@ def main(params: Params) -> None:
         write_json(out / MANIFEST, dict(sorted(manifest.items())))
     write_json(paths.export_metrics, metrics)
     log.info("exported %s to %s; skipped: %s", ", ".join(metrics["formats"]), export_dir, metrics["skipped"] or "none")
+
+
+def _export_formats(params: Params, base: BaseModel, out: Path, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """Write each of export.formats into `out` (the merged model is pointed at, not copied); return how to serve
+    each, as (what, exact command). Skipped formats go to metrics["skipped"] with the reason."""
+    paths, ex = params.paths, params.export
+    export_dir = Path(paths.export_dir)
+    gguf_file = f"gguf/model-{ex.gguf_outtype}.gguf"
+    serving: list[tuple[str, str]] = []
+    if "merged" in ex.formats:
+        merged = paths.merged_dir
+        # Merged on a CPU, the weights are fp32; vLLM's "auto" would serve them as fp16, which overflows on models
+        # trained in bf16.
+        dtype = " --dtype bfloat16" if _json(Path(merged) / "config.json").get("dtype") == "float32" else ""
+        serving += [
+            ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {merged}{dtype}"),
+            ("Text Generation Inference", f"text-generation-launcher --model-id {merged}"),
+            ("transformers (CPU stand-in)", f"transformers serve {merged}"),
+        ]
+    if "adapter" in ex.formats:
+        metrics.update(_export_adapter(params, base, out / "adapter"))
+        serving.append((f"vLLM, the base model with this LoRA adapter (clients ask for model \"{ex.adapter_name}\")",
+                        packaging.vllm_adapter_command(base.name if base.kind == "hub" else location(base),
+                                                       base.revision, name=ex.adapter_name,
+                                                       adapter_dir=f"{export_dir}/adapter",
+                                                       max_lora_rank=ex.max_lora_rank)))
+    if "gguf" in ex.formats:
+        skipped = _export_gguf(paths.merged_dir, ex.gguf_outtype, out / gguf_file)
+        if skipped:
+            log.warning("gguf skipped: %s", skipped)
+            metrics["skipped"]["gguf"] = skipped
+        else:
+            serving.append(("llama.cpp", f"llama-server -m {export_dir}/{gguf_file} --jinja"))
+    return serving
 
 
 if __name__ == "__main__":

@@ -17,16 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from skytune import identity, models, sources
-from skytune.atomic import atomic_dir, dumps_line, iter_jsonl, write_jsonl
-from skytune.parallel import map_in_processes
-from skytune.params import Params, SourceParams, to_dict
-from skytune.records import REJECTS_FILE
+from skytune.core.atomic import (
+    atomic_dir,
+    dumps_line,
+    iter_jsonl,
+    write_json,
+    write_jsonl,
+)
+from skytune.core.data import identity, sources
+from skytune.core.data.parallel import map_in_processes
+from skytune.core.data.records import REJECTS_FILE, SUMMARY_FILE
+from skytune.core.errors import SkytuneError
+from skytune.core.models.base import describe_base, resolve_base
+from skytune.core.models.builtin import build_builtin
+from skytune.core.params import Params, SourceParams, to_dict
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,7 @@ def _ingest_source(job: tuple[SourceParams, Path, Path, str, int]) -> tuple[str,
                     item = sources.Reject(item.file, item.line, "<row>", "not valid UTF-8", str(exc))
             if isinstance(item, sources.Reject):
                 if on_invalid == "error":
-                    raise ValueError(f"{item.file}:{item.line}: {item.reason} "
+                    raise SkytuneError(f"{item.file}:{item.line}: {item.reason} "
                                      "(fix the row, or set data.on_invalid: skip to reject it)")
                 rejects.append(item.as_dict(source.name))
                 counts["rejected"] += 1
@@ -99,10 +107,10 @@ def _template(params: Params) -> str:
     templates = Path(params.paths.templates_dir).resolve()
     path = Path(strategy).resolve()
     if not path.is_relative_to(templates):
-        raise ValueError(f"params.yaml model.chat_template: {strategy} must be under {params.paths.templates_dir}/, "
+        raise SkytuneError(f"params.yaml model.chat_template: {strategy} must be under {params.paths.templates_dir}/, "
                          "which DVC tracks, so that an edit to the template re-runs the pipeline")
     if not path.is_file():
-        raise FileNotFoundError(f"params.yaml model.chat_template: {strategy} does not exist")
+        raise SkytuneError(f"params.yaml model.chat_template: {strategy} does not exist")
     return str(path)
 
 
@@ -112,7 +120,7 @@ def main(params: Params) -> None:
     seed = params.base.seed
     names = [s.name for s in params.data.sources] + ([identity.SOURCE] if params.identity.enabled else [])
     if len(set(names)) != len(names):
-        raise ValueError(f"params.yaml data.sources: source names must be unique and not {identity.SOURCE!r} "
+        raise SkytuneError(f"params.yaml data.sources: source names must be unique and not {identity.SOURCE!r} "
                          f"while identity is enabled; got {names}")
     summary: dict[str, dict] = {}
     rejects: list[dict] = []
@@ -131,18 +139,18 @@ def main(params: Params) -> None:
                         ({"file": "<identity>", "line": i, "row": row} for i, row in enumerate(generated, 1)))
             summary[identity.SOURCE] = {"rows": len(generated), "rejected": 0}
         write_jsonl(out / REJECTS_FILE, rejects)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(out / SUMMARY_FILE, summary)
 
     with atomic_dir(params.paths.base_model_dir) as out:
-        kind, name, ref, commit = models.resolve_base(params.model.base, params.model.revision,
+        kind, name, ref, commit = resolve_base(params.model.base, params.model.revision,
                                                       Path(params.paths.base_model_dir))
         if kind == "builtin":
             corpus = [text for name in sorted(summary)
                       for item in itertools.islice(iter_jsonl(out_dir / f"{name}.jsonl"), CORPUS_ROWS)
                       for text in _texts(item["row"])]
-            models.build_builtin(out, corpus, seed=seed, **to_dict(params.model.builtin))
+            build_builtin(out, corpus, seed=seed, **to_dict(params.model.builtin))
             ref = str(out)  # built in the staging directory; the manifest records the final one below
-        base = models.describe_base(kind, name, ref, commit, template=_template(params),
+        base = describe_base(kind, name, ref, commit, template=_template(params),
                                     pad_token=params.model.pad_token)
         if kind == "builtin":
             base = dataclasses.replace(base, ref=str(Path(params.paths.base_model_dir)))

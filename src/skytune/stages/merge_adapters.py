@@ -26,9 +26,19 @@ from typing import Any
 
 import torch
 
-from skytune import chat_template, models, packaging
-from skytune.atomic import atomic_dir, read_jsonl, write_json
-from skytune.params import Params
+from skytune.core import packaging
+from skytune.core.atomic import atomic_dir, read_jsonl, write_json
+from skytune.core.chat import chat_template
+from skytune.core.errors import SkytuneError
+from skytune.core.models.base import BaseModel, location
+from skytune.core.models.devices import compute_dtype
+from skytune.core.models.loading import (
+    fit_embeddings,
+    load_for_training,
+    load_full_precision,
+    load_saved_tokenizer,
+)
+from skytune.core.params import Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -46,13 +56,13 @@ def _compare(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[floa
     return diff.max().item(), diff.mean().item(), top1
 
 
-def _load_four_bit(base: models.BaseModel, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
+def _load_four_bit(base: BaseModel, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
     """The 4-bit base exactly as the adapter trained on it (quantization settings from training_params.json)."""
-    return models.load_for_training(base, four_bit=True, quant_type=trained["quantization"],
+    return load_for_training(base, four_bit=True, quant_type=trained["quantization"],
                                     double_quant=trained["train"]["double_quant"], dtype=dtype)
 
 
-def _load_base(base: models.BaseModel, onto: str, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
+def _load_base(base: BaseModel, onto: str, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
     if onto == "dequantized":
         model, ran = _load_four_bit(base, trained, dtype)
         if ran in ("nf4", "fp4"):
@@ -60,65 +70,73 @@ def _load_base(base: models.BaseModel, onto: str, trained: dict[str, Any], dtype
             model.eval()
             return model, f"dequantized {ran}"
         log.warning("4-bit does not run here: merging onto the original weights")
-    return models.load_full_precision(models.location(base), base.revision, dtype), "original"
+    return load_full_precision(location(base), base.revision, dtype), "original"
 
 
 def main(params: Params) -> None:
-    from peft import PeftModel
-
-    base = models.BaseModel.load(params.paths.base_model_dir)
+    base = BaseModel.load(params.paths.base_model_dir)
     adapter_dir = Path(params.paths.adapter_dir)
-    tokenizer = models.load_saved_tokenizer(adapter_dir)
-    dtype = models.compute_dtype(params.train.compute_dtype)  # the dtype training computed in
+    tokenizer = load_saved_tokenizer(adapter_dir)
+    dtype = compute_dtype(params.train.compute_dtype)  # the dtype training computed in
     records = read_jsonl(params.paths.val_file)[: params.merge_adapters.logit_check_records]
     if not records:
-        raise ValueError(f"{params.paths.val_file} is empty: merge_adapters checks the merge on val records "
-                         "(split.val_fraction must leave some)")
+        raise SkytuneError(f"{params.paths.val_file} is empty: merge_adapters checks the merge on val records "
+                           "(split.val_fraction must leave some)")
     tokenizer.padding_side = "right"
     batch = tokenizer([tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records],
                       return_tensors="pt", padding=True, add_special_tokens=False)
-    mask = batch["attention_mask"].bool()
     metrics: dict[str, Any] = {"merge_dtype": str(dtype).removeprefix("torch."), "logit_check_records": len(records)}
-
-    if not (adapter_dir / "adapter_config.json").is_file():  # train.method: full saved the whole model
-        merged = models.load_full_precision(adapter_dir, None, dtype)
+    if not (adapter_dir / packaging.ADAPTER_CONFIG).is_file():  # train.method: full saved the whole model
+        merged = load_full_precision(adapter_dir, None, dtype)
         metrics.update(merged_onto="nothing to merge (train.method: full)", max_abs_logit_diff=0.0)
         log.info("%s holds a fully fine-tuned model: nothing to merge", adapter_dir)
     else:
-        # What really trained (a QLoRA run falls back to plain LoRA where 4-bit cannot run), not what was asked for.
-        trained = json.loads((adapter_dir / packaging.TRAINING_PARAMS).read_text(encoding="utf-8"))
-        qlora = trained["quantization"] in ("nf4", "fp4")
-        model, metrics["merged_onto"] = _load_base(base, params.merge_adapters.onto if qlora else "original",
-                                                   trained, dtype)
-        models.fit_embeddings(model, tokenizer)
-        model = PeftModel.from_pretrained(model, adapter_dir)
-        model.eval()
-        unmerged = _logits(model, batch)
-        merged = model.merge_and_unload(safe_merge=True)
-        after = _logits(merged, batch)
-        metrics["max_abs_logit_diff"] = _compare(unmerged, after, mask)[0]
-        log.info("merged onto %s weights; max |logit difference| base+adapter vs merged: %.3g over %d records",
-                 metrics["merged_onto"], metrics["max_abs_logit_diff"], len(records))
-        if qlora:
-            metrics.update(_quantized_drift(base, adapter_dir, batch, after, trained, dtype))
-
-    # The template's end-of-turn token is added to the stop ids the base already has (Llama 3.1 also stops on
-    # <|eom_id|> and <|end_of_text|>), never put in their place.
-    eot = chat_template.end_of_turn_token(tokenizer)
-    known = merged.generation_config.eos_token_id
-    known = [known] if isinstance(known, int) else list(known or [])
-    stop_ids = sorted({*known, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot)})
-    merged.generation_config.eos_token_id = stop_ids
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.generation_config.bos_token_id = tokenizer.bos_token_id
-    merged.config.pad_token_id = tokenizer.pad_token_id
+        merged = _merge(params, base, adapter_dir, tokenizer, batch, dtype, metrics)
+    _set_generation_tokens(merged, tokenizer)
     with atomic_dir(params.paths.merged_dir) as out:
         merged.save_pretrained(out, max_shard_size=params.merge_adapters.max_shard_size)
         tokenizer.save_pretrained(out)
     write_json(params.paths.merge_metrics, metrics)
 
 
-def _quantized_drift(base: models.BaseModel, adapter_dir: Path, batch: Any, merged_logits: torch.Tensor,
+def _merge(params: Params, base: BaseModel, adapter_dir: Path, tokenizer: Any, batch: Any, dtype: torch.dtype,
+           metrics: dict[str, Any]) -> Any:
+    """The adapter merged into the base, checked against base + adapter unmerged (and, after QLoRA, against the 4-bit
+    model as it trained); the checks go into `metrics`."""
+    from peft import PeftModel
+
+    # What really trained (a QLoRA run falls back to plain LoRA where 4-bit cannot run), not what was asked for.
+    trained = json.loads((adapter_dir / packaging.TRAINING_PARAMS).read_text(encoding="utf-8"))
+    qlora = trained["quantization"] in ("nf4", "fp4")
+    model, metrics["merged_onto"] = _load_base(base, params.merge_adapters.onto if qlora else "original", trained,
+                                               dtype)
+    fit_embeddings(model, tokenizer)
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    unmerged = _logits(model, batch)
+    merged = model.merge_and_unload(safe_merge=True)
+    after = _logits(merged, batch)
+    metrics["max_abs_logit_diff"] = _compare(unmerged, after, batch["attention_mask"].bool())[0]
+    log.info("merged onto %s weights; max |logit difference| base+adapter vs merged: %.3g over %d records",
+             metrics["merged_onto"], metrics["max_abs_logit_diff"], len(batch["input_ids"]))
+    if qlora:
+        metrics.update(_quantized_drift(base, adapter_dir, batch, after, trained, dtype))
+    return merged
+
+
+def _set_generation_tokens(merged: Any, tokenizer: Any) -> None:
+    """The template's end-of-turn token is added to the stop ids the base already has (Llama 3.1 also stops on
+    <|eom_id|> and <|end_of_text|>), never put in their place; pad and BOS as training used them."""
+    known = merged.generation_config.eos_token_id
+    known = [known] if isinstance(known, int) else list(known or [])
+    merged.generation_config.eos_token_id = sorted(
+        {*known, *tokenizer.convert_tokens_to_ids(chat_template.stop_tokens(tokenizer))})
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.generation_config.bos_token_id = tokenizer.bos_token_id
+    merged.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _quantized_drift(base: BaseModel, adapter_dir: Path, batch: Any, merged_logits: torch.Tensor,
                      trained: dict[str, Any], dtype: torch.dtype) -> dict[str, float | str]:
     """How the merged model's logits differ from those of the model as it trained (4-bit base + adapter)."""
     from peft import PeftModel

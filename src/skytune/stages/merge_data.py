@@ -33,11 +33,20 @@ from typing import Any
 import numpy as np
 import orjson
 
-from skytune import chat_template, identity, models
-from skytune.atomic import atomic_dir, atomic_file, dumps_line, write_json, write_jsonl
-from skytune.parallel import map_in_processes
-from skytune.params import MixParams, Params
-from skytune.records import mix64, order_key
+from skytune.core.atomic import (
+    atomic_dir,
+    atomic_file,
+    dumps_line,
+    write_json,
+    write_jsonl,
+)
+from skytune.core.chat import chat_template
+from skytune.core.data import identity
+from skytune.core.data.parallel import map_in_processes
+from skytune.core.data.records import SUMMARY_FILE, mix64, order_key
+from skytune.core.errors import SkytuneError
+from skytune.core.models.base import BaseModel, load_tokenizer
+from skytune.core.params import MixParams, Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -116,7 +125,7 @@ def _render(lengths: Lengths, record: dict[str, Any]) -> str:
     try:
         return lengths.render(record["messages"])
     except Exception as exc:  # jinja raises its own types, and templates raise on purpose (roles they refuse)
-        raise ValueError(f"the chat template failed on record {record['id']} of source {record['source']}: {exc}. "
+        raise SkytuneError(f"the chat template failed on record {record['id']} of source {record['source']}: {exc}. "
                          "Filter such records out or choose another template") from exc
 
 
@@ -124,7 +133,7 @@ def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int
     """Write a contiguous run of the final order to its own file, measuring and length-checking each record;
     return per-source counts, the length histogram and how many were written. Runs in a worker process."""
     files, keys, numbers, offsets, out_path, base, max_length, policy, sample_every, histogram_on = job
-    lengths = Lengths(models.load_tokenizer(base))
+    lengths = Lengths(load_tokenizer(base))
     stats: dict[str, Counter[str]] = defaultdict(Counter)
     histogram: Counter[int] = Counter()
 
@@ -187,80 +196,106 @@ def _token_stats(counts: Counter[str], overall_per_byte: float) -> dict[str, Any
                                "tokens_exact": exact, "tokens_sample_rows": counts["sampled_rows"]}).items()))
 
 
+def _check_mixture(mixture: dict[str, MixParams], sources: list[str]) -> None:
+    # The generated identity source exists only while identity.enabled: the default mixture names it.
+    unknown = set(mixture) - set(sources) - {identity.SOURCE}
+    if unknown:
+        raise SkytuneError(f"params.yaml merge_data.mixture names unknown sources {sorted(unknown)}; "
+                           f"sources are {sorted(sources)}")
+
+
+def final_order(index: dict[str, tuple[np.ndarray, np.ndarray]], files: list[Path], part: str,
+                mixture: dict[str, MixParams], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The records of `part` in their final order, as (order keys, file numbers, byte offsets): the mixture's
+    selection of each train source (val whole), ordered by a seeded hash of (id, copy) so that repeated records
+    spread over the file. Pure: same index, mixture and seed, same order."""
+    keys, numbers, offsets_all = [], [], []
+    for number, path in enumerate(files):
+        offsets, ids = index[path.stem]
+        take = _mix(len(ids), mixture.get(path.stem)) if part == "train" else len(ids)
+        positions, copies = _selection(ids, take, order_key(seed, "mix", path.stem))
+        keys.append(mix64(ids[positions] ^ mix64(copies.astype(np.uint64), 1), order_key(seed, part)))
+        numbers.append(np.full(len(positions), number, dtype=np.int64))
+        offsets_all.append(offsets[positions])
+    order_keys, file_numbers, file_offsets = (np.concatenate(a) if a else np.array([], dtype=np.int64)
+                                              for a in (keys, numbers, offsets_all))
+    order = np.lexsort((file_offsets, file_numbers, order_keys))
+    return order_keys[order], file_numbers[order], file_offsets[order]
+
+
+def _write_part(files: list[Path], order: tuple[np.ndarray, np.ndarray, np.ndarray], target: str, base: BaseModel,
+                params: Params, histogram_on: bool) -> tuple[dict[str, Counter[str]], Counter[int], int]:
+    """Write the records of `order` to `target`: contiguous chunks of the order in worker processes, joined in
+    order. Returns per-source counts, the length histogram and how many records were written."""
+    order_keys, file_numbers, file_offsets = order
+    sample_every = max(1, math.ceil(len(order_keys) / TOKEN_SAMPLE))
+    bounds = np.linspace(0, len(order_keys), min(os.cpu_count() or 1, max(1, len(order_keys) // CHUNK)) + 1)
+    chunks = [(files, order_keys[a:b], file_numbers[a:b], file_offsets[a:b],
+               Path(target).with_name(f".{Path(target).name}.chunk{i}"), base,
+               params.train.max_length, params.data.length_policy, sample_every, histogram_on)
+              for i, (a, b) in enumerate(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))]
+    stats: dict[str, Counter[str]] = defaultdict(Counter)
+    histogram: Counter[int] = Counter()
+    written = 0
+    try:
+        for chunk_stats, chunk_histogram, n in map_in_processes(_write_chunk, chunks):
+            for source, counts in chunk_stats.items():
+                stats[source].update(counts)
+            histogram.update(chunk_histogram)
+            written += n
+        with atomic_file(target, "wb") as out:
+            for chunk in chunks:
+                with open(chunk[4], "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 20)
+    finally:
+        for chunk in chunks:
+            chunk[4].unlink(missing_ok=True)
+    return stats, histogram, written
+
+
+def _part_metrics(stats: dict[str, Counter[str]], written: int, preference_rows: int) -> dict[str, Any]:
+    sampled: Counter[str] = Counter()
+    for counts in stats.values():
+        sampled.update(counts)
+    per_byte = sampled["sampled_tokens"] / sampled["sampled_bytes"] if sampled["sampled_bytes"] else 0.0
+    return {"rows": written, "preference_rows": preference_rows,
+            "sources": {k: _token_stats(v, per_byte) for k, v in sorted(stats.items())}}
+
+
+def _write_length_plot(path: str, histogram: Counter[int], max_length: int) -> None:
+    width = math.ceil(max_length / HISTOGRAM_BINS)
+    with atomic_file(path) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["tokens", "records"])
+        writer.writerows([(b * width, histogram[b]) for b in range(HISTOGRAM_BINS)])
+
+
 def main(params: Params) -> None:
-    seed, max_length, policy = params.base.seed, params.train.max_length, params.data.length_policy
-    mixture = params.merge_data.mixture
-    base = models.BaseModel.load(params.paths.base_model_dir)
-    chat_template.end_of_turn_token(models.load_tokenizer(base))  # fail early on a template
-    # that cannot end a turn
+    seed, mixture = params.base.seed, params.merge_data.mixture
+    base = BaseModel.load(params.paths.base_model_dir)
+    chat_template.end_of_turn_token(load_tokenizer(base))  # fail early on a template that cannot end a turn
     split_dir = Path(params.paths.split_dir)
     metrics: dict[str, Any] = {}
     histogram: Counter[int] = Counter()
     preference_out: dict[str, list[dict[str, Any]]] = {}
-
     for part, target in (("train", params.paths.train_file), ("val", params.paths.val_file)):
         files = sorted((split_dir / part).glob("*.jsonl"))
+        if part == "train":
+            _check_mixture(mixture, [f.stem for f in files])
         preference, index = _index(files)
         preference_out[part] = sorted(preference, key=lambda r: order_key(seed, part, r["id"]))
-        keys, numbers, offsets_all = [], [], []
-        for number, path in enumerate(files):
-            offsets, ids = index[path.stem]
-            # The generated identity source exists only while identity.enabled: the default mixture names it.
-            unknown = set(mixture) - {p.stem for p in files} - {identity.SOURCE} \
-                if part == "train" and number == 0 else set()
-            if unknown:
-                raise ValueError(f"params.yaml merge_data.mixture names unknown sources {sorted(unknown)}; "
-                                 f"sources are {sorted(p.stem for p in files)}")
-            take = _mix(len(ids), mixture.get(path.stem)) if part == "train" else len(ids)
-            positions, copies = _selection(ids, take, order_key(seed, "mix", path.stem))
-            # The order: a seeded hash of (id, copy), so repeated records spread over the file.
-            keys.append(mix64(ids[positions] ^ mix64(copies.astype(np.uint64), 1), order_key(seed, part)))
-            numbers.append(np.full(len(positions), number, dtype=np.int64))
-            offsets_all.append(offsets[positions])
-        order_keys, file_numbers, file_offsets = (np.concatenate(a) if a else np.array([], dtype=np.int64)
-                                                  for a in (keys, numbers, offsets_all))
-        order = np.lexsort((file_offsets, file_numbers, order_keys))
-        order_keys, file_numbers, file_offsets = order_keys[order], file_numbers[order], file_offsets[order]
-        sample_every = max(1, math.ceil(len(order_keys) / TOKEN_SAMPLE))
-        # Contiguous chunks of the final order, written in worker processes and joined in order.
-        bounds = np.linspace(0, len(order_keys), min(os.cpu_count() or 1, max(1, len(order_keys) // CHUNK)) + 1)
-        chunks = [(files, order_keys[a:b], file_numbers[a:b], file_offsets[a:b],
-                   Path(target).with_name(f".{Path(target).name}.chunk{i}"), base,
-                   max_length, policy, sample_every, part == "train")
-                  for i, (a, b) in enumerate(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))]
-        stats: dict[str, Counter[str]] = defaultdict(Counter)
-        written = 0
-        try:
-            for chunk_stats, chunk_histogram, n in map_in_processes(_write_chunk, chunks):
-                for source, counts in chunk_stats.items():
-                    stats[source].update(counts)
-                histogram.update(chunk_histogram)
-                written += n
-            with atomic_file(target, "wb") as out:
-                for chunk in chunks:
-                    with open(chunk[4], "rb") as fh:
-                        shutil.copyfileobj(fh, out, 1 << 20)
-        finally:
-            for chunk in chunks:
-                chunk[4].unlink(missing_ok=True)
-        sampled = Counter()
-        for counts in stats.values():
-            sampled.update(counts)
-        per_byte = sampled["sampled_tokens"] / sampled["sampled_bytes"] if sampled["sampled_bytes"] else 0.0
-        metrics[part] = {"rows": written, "preference_rows": len(preference),
-                         "sources": {k: _token_stats(v, per_byte) for k, v in sorted(stats.items())}}
+        order = final_order(index, files, part, mixture, seed)
+        stats, part_histogram, written = _write_part(files, order, target, base, params, part == "train")
+        histogram.update(part_histogram)
+        metrics[part] = _part_metrics(stats, written, len(preference))
         log.info("%s: %d records -> %s", part, written, target)
 
     with atomic_dir(params.paths.preference_dir) as out:
         for part, recs in preference_out.items():
             write_jsonl(out / f"{part}.jsonl", recs)
-    width = math.ceil(max_length / HISTOGRAM_BINS)
-    with atomic_file(params.paths.length_plot) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["tokens", "records"])
-        writer.writerows([(b * width, histogram[b]) for b in range(HISTOGRAM_BINS)])
+    _write_length_plot(params.paths.length_plot, histogram, params.train.max_length)
     # split's dedup counts live inside its output directory; surface them as metrics here
-    metrics["split"] = json.loads((split_dir / "summary.json").read_text(encoding="utf-8"))
+    metrics["split"] = json.loads((split_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     write_json(params.paths.data_metrics, metrics)
 
 

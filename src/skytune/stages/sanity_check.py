@@ -26,9 +26,19 @@ import csv
 import logging
 from typing import Any
 
-from skytune import chat_template, generation, identity, models, scoring, tokenization
-from skytune.atomic import atomic_file, read_jsonl, write_json
-from skytune.params import Params
+from skytune.core.atomic import atomic_file, read_jsonl, write_json
+from skytune.core.chat import chat_template, tokenization
+from skytune.core.data import identity
+from skytune.core.errors import SkytuneError
+from skytune.core.evaluation import generation, scoring
+from skytune.core.models.base import BaseModel, load_tokenizer, location
+from skytune.core.models.devices import compute_dtype
+from skytune.core.models.loading import (
+    fit_embeddings,
+    load_full_precision,
+    load_saved_tokenizer,
+)
+from skytune.core.params import Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -41,14 +51,14 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
     rows = []
     for line, r in enumerate(read_jsonl(params.paths.sanity_prompts), 1):
         if ("prompt" in r) == ("messages" in r):
-            raise ValueError(f"{params.paths.sanity_prompts}:{line}: give exactly one of 'prompt' and 'messages'")
+            raise SkytuneError(f"{params.paths.sanity_prompts}:{line}: give exactly one of 'prompt' and 'messages'")
         messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
         rows.append({"kind": "prompt", "id": f"prompt-{line}", "messages": messages,
                      "expected": r.get("expected", "")})
     for line, r in enumerate(read_jsonl(params.paths.retained_prompts), 1):
         accept = r.get("accept")
         if not isinstance(r.get("prompt"), str) or not accept or not all(isinstance(a, str) for a in accept):
-            raise ValueError(f"{params.paths.retained_prompts}:{line}: give 'prompt' (text) and 'accept' (a list of "
+            raise SkytuneError(f"{params.paths.retained_prompts}:{line}: give 'prompt' (text) and 'accept' (a list of "
                              "the answers that count as right)")
         rows.append({"kind": "retained", "id": f"retained-{line}", "accept": accept, "expected": " | ".join(accept),
                      "messages": [{"role": "user", "content": r["prompt"]}]})
@@ -62,7 +72,7 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
     for row in rows:
         users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
         if not users:
-            raise ValueError(f"sanity prompt {row['id']} ({params.paths.sanity_prompts} or {params.paths.val_file}): "
+            raise SkytuneError(f"sanity prompt {row['id']} ({params.paths.sanity_prompts} or {params.paths.val_file}): "
                              "no user message to answer")
         row["prompt"] = users[-1]
     return rows
@@ -71,12 +81,12 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
 def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict[str, Any]], val: list[dict],
               engine: str, params: Params) -> tuple[list[generation.Generation], float, int]:
     """One model's answers to `rows` and its perplexity on `val`."""
-    dtype = models.compute_dtype(params.train.compute_dtype)
-    stops = sorted({tokenizer.eos_token, chat_template.end_of_turn_token(tokenizer)})
+    dtype = compute_dtype(params.train.compute_dtype)
+    stops = chat_template.stop_tokens(tokenizer)
     prompts = [chat_template.render_prompt(tokenizer, r["messages"]) for r in rows]
     sc = params.sanity_check
-    model = models.load_full_precision(source, revision, dtype)
-    models.fit_embeddings(model, tokenizer)
+    model = load_full_precision(source, revision, dtype)
+    fit_embeddings(model, tokenizer)
     encoded = tokenization.Encoder(tokenizer, params.train.loss).encode(val)
     ppl, tokens = scoring.perplexity(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=sc.batch_size)
     answers = None
@@ -137,33 +147,43 @@ def main(params: Params) -> None:
     engine = generation.resolve_engine(sc.engine)
     log.info("engine %s (sanity_check.engine: %s); %d prompts, %d val conversations for perplexity",
              engine, sc.engine, len(rows), len(val))
-
-    base = models.BaseModel.load(paths.base_model_dir)
-    sources = {"base": (models.location(base), base.revision, models.load_tokenizer(base)),
-               "tuned": (paths.merged_dir, None, models.load_saved_tokenizer(paths.merged_dir))}
+    base = BaseModel.load(paths.base_model_dir)
+    sources = {"base": (location(base), base.revision, load_tokenizer(base)),
+               "tuned": (paths.merged_dir, None, load_saved_tokenizer(paths.merged_dir))}
     metrics: dict[str, Any] = {"engine": engine, "prompts": len(rows)}
     for name, (source, revision, tokenizer) in sources.items():
         answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engine, params)
-        for row, gen in zip(rows, answers, strict=True):
-            row[f"{name}_answer"] = gen.text
-            row[f"{name}_stopped"] = gen.stopped
-            row[f"{name}_tokens"] = gen.num_tokens
-            row[f"{name}_match"] = (scoring.contains_answer(gen.text, row["accept"]) if "accept" in row else
-                                    bool(row["expected"]) and gen.text == row["expected"].strip())
-        for kind in ("identity", "val"):
-            matched = [float(r[f"{name}_match"]) for r in rows if r["kind"] == kind]
-            if matched:
-                metrics[f"{kind}_exact_match_{name}"] = scoring.mean(matched)
-        retained = [float(r[f"{name}_match"]) for r in rows if r["kind"] == "retained"]
-        if retained:
-            metrics[f"retained_correct_{name}"] = scoring.mean(retained)
-        for key, value in scoring.answer_stats(answers).items():
-            metrics[f"{key}_{name}"] = value
+        metrics |= _score(name, rows, answers)
         metrics[f"val_perplexity_{name}"] = round(ppl, 4) if tokens else None
         metrics["val_perplexity_tokens"] = tokens
         log.info("%s: %s", name, {k: v for k, v in metrics.items() if k.endswith(f"_{name}")})
-
     metrics.update(_retained(rows))
+    _write_results(params, rows, metrics)
+
+
+def _score(name: str, rows: list[dict[str, Any]], answers: list[generation.Generation]) -> dict[str, Any]:
+    """Put model `name`'s answers into `rows` (answer, stopped, tokens, match) and return its answer metrics."""
+    metrics: dict[str, Any] = {}
+    for row, gen in zip(rows, answers, strict=True):
+        row[f"{name}_answer"] = gen.text
+        row[f"{name}_stopped"] = gen.stopped
+        row[f"{name}_tokens"] = gen.num_tokens
+        row[f"{name}_match"] = (scoring.contains_answer(gen.text, row["accept"]) if "accept" in row else
+                                bool(row["expected"]) and gen.text == row["expected"].strip())
+    for kind in ("identity", "val"):
+        matched = [float(r[f"{name}_match"]) for r in rows if r["kind"] == kind]
+        if matched:
+            metrics[f"{kind}_exact_match_{name}"] = scoring.mean(matched)
+    retained = [float(r[f"{name}_match"]) for r in rows if r["kind"] == "retained"]
+    if retained:
+        metrics[f"retained_correct_{name}"] = scoring.mean(retained)
+    for key, value in scoring.answer_stats(answers).items():
+        metrics[f"{key}_{name}"] = value
+    return metrics
+
+
+def _write_results(params: Params, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    paths = params.paths
     columns = ["kind", "id", "prompt", "expected"] + [f"{m}_{f}" for m in MODELS
                                                       for f in ("answer", "stopped", "tokens", "match")]
     with atomic_file(paths.sanity_results) as fh:

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from skytune.atomic import atomic_dir, atomic_file, write_json
-from skytune.parallel import map_in_processes
-from skytune.params import Params
-from skytune.records import REJECTS_FILE, dedup_keys, is_val
+from skytune.core.atomic import atomic_dir, atomic_file, write_json
+from skytune.core.data.parallel import map_in_processes
+from skytune.core.data.records import REJECTS_FILE, SUMMARY_FILE, dedup_keys, is_val
+from skytune.core.errors import SkytuneError
+from skytune.core.params import Params
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -61,33 +62,18 @@ def main(params: Params) -> None:
     jobs = [(p, by_source.get(p.stem, default_fraction), seed) for p in files]
     per_file = map_in_processes(_keys, jobs, [p.stat().st_size for p in files])
     table = np.concatenate(per_file) if per_file else np.zeros((0, 4), dtype=np.uint64)
-    source_of = np.repeat(np.arange(len(files)), [len(t) for t in per_file])
     first_id = _first(table[:, 0])
     first_text = _first(table[:, 1])  # the same id has the same text, so this is exactly "seen before"
     keep = first_id & first_text
     to_val = table[:, 3].astype(bool)
-    train_prompts, val_prompts = table[keep & ~to_val, 2], table[keep & to_val, 2]
-    leaked = np.intersect1d(train_prompts, val_prompts)
-    if len(leaked):
-        hit = np.isin(table[:, 2], leaked) & keep
-        pairs = sorted({(files[source_of[i]].stem, files[source_of[j]].stem)
-                        for i in np.flatnonzero(hit & to_val)[:50] for j in np.flatnonzero(hit & ~to_val)[:50]
-                        if table[i, 2] == table[j, 2]})
-        raise ValueError(f"{len(leaked)} val prompts also appear in train (val source, train source: {pairs}); "
-                         "give these sources the same split.val_fraction_by_source, or dedup them")
-
+    _refuse_leaks(table, keep, to_val, np.repeat(np.arange(len(files)), [len(t) for t in per_file]), files)
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.split_dir) as out:
         start = 0
         for path, rows in zip(files, per_file, strict=True):
             span = slice(start, start + len(rows))
             start += len(rows)
-            kept, val = keep[span].tolist(), to_val[span].tolist()
-            with open(path, "rb") as src, atomic_file(out / "train" / path.name, "wb") as train_out, \
-                    atomic_file(out / "val" / path.name, "wb") as val_out:
-                for line, k, v in zip(src, kept, val, strict=True):
-                    if k:
-                        (val_out if v else train_out).write(line)
+            _write_source(path, out, keep[span].tolist(), to_val[span].tolist())
             counts[path.stem] = {
                 "train": int((keep[span] & ~to_val[span]).sum()),
                 "val": int((keep[span] & to_val[span]).sum()),
@@ -95,7 +81,29 @@ def main(params: Params) -> None:
                 "normalized_duplicates": int((first_id[span] & ~first_text[span]).sum()),
             }
             log.info("source %s: %s", path.stem, counts[path.stem])
-        write_json(out / "summary.json", counts)
+        write_json(out / SUMMARY_FILE, counts)
+
+
+def _refuse_leaks(table: np.ndarray, keep: np.ndarray, to_val: np.ndarray, source_of: np.ndarray,
+                  files: list[Path]) -> None:
+    """A prompt kept on both sides (two sources with different val fractions asking the same thing) is an error."""
+    leaked = np.intersect1d(table[keep & ~to_val, 2], table[keep & to_val, 2])
+    if not len(leaked):
+        return
+    hit = np.isin(table[:, 2], leaked) & keep
+    pairs = sorted({(files[source_of[i]].stem, files[source_of[j]].stem)
+                    for i in np.flatnonzero(hit & to_val)[:50] for j in np.flatnonzero(hit & ~to_val)[:50]
+                    if table[i, 2] == table[j, 2]})
+    raise SkytuneError(f"{len(leaked)} val prompts also appear in train (val source, train source: {pairs}); "
+                       "give these sources the same split.val_fraction_by_source, or dedup them")
+
+
+def _write_source(path: Path, out: Path, kept: list[bool], val: list[bool]) -> None:
+    with open(path, "rb") as src, atomic_file(out / "train" / path.name, "wb") as train_out, \
+            atomic_file(out / "val" / path.name, "wb") as val_out:
+        for line, k, v in zip(src, kept, val, strict=True):
+            if k:
+                (val_out if v else train_out).write(line)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m skytune.stages.to_chat      (normally: dvc repro to_chat)
 
-Each source's `format` (see `skytune.chat_format`; `auto` only when the first rows fit exactly one format)
+Each source's `format` (see `skytune.core.data.chat_format`; `auto` only when the first rows fit exactly one format)
 turns its rows into `{"id", "source", "messages"}` conversations, or `{"id", "source", "prompt", "chosen",
 "rejected"}` for preference data. Writes one JSONL per source under `paths.chat_dir` and `rejects.jsonl` there
 (source, file, line, field, reason; ingest's unreadable rows included), with counts per source and per reason in
@@ -19,11 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from skytune import chat_format, identity
-from skytune.atomic import atomic_dir, iter_jsonl, read_jsonl, write_json, write_jsonl
-from skytune.parallel import map_in_processes
-from skytune.params import Params, SourceParams
-from skytune.records import REJECTS_FILE, content_hash
+from skytune.core.atomic import (
+    atomic_dir,
+    iter_jsonl,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
+from skytune.core.data import chat_format, identity
+from skytune.core.data.parallel import map_in_processes
+from skytune.core.data.records import REJECTS_FILE, content_hash
+from skytune.core.errors import SkytuneError
+from skytune.core.params import Params, SourceParams
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ def _resolve_format(source: SourceParams, path: Path) -> str:
     sample = [item["row"] for item in itertools.islice(iter_jsonl(path), DETECT_ROWS)]
     detected = chat_format.detect_format(sample)
     if detected is None:
-        raise ValueError(f"params.yaml data.sources[{source.name}]: format auto cannot tell the format of "
+        raise SkytuneError(f"params.yaml data.sources[{source.name}]: format auto cannot tell the format of "
                          f"{path} (keys of its first row: {sorted(sample[0]) if sample else 'no rows'}); set "
                          f"format: to one of {', '.join(chat_format.FORMATS)}")
     log.info("source %s: detected format %s", source.name, detected)
@@ -48,7 +55,7 @@ def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]
     """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
     name, spec, path, out, on_invalid, max_reject_fraction, unreadable = job
     if unreadable and not path.stat().st_size:  # nothing ingest could read: no format to detect
-        raise ValueError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
+        raise SkytuneError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
                          "the ingested directory")
     fmt = "messages" if spec is None else _resolve_format(spec, path)
     convert = chat_format.record_converter(fmt, instruction=spec.instruction if spec else None,
@@ -63,7 +70,7 @@ def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]
                 record = convert(item["row"])
             except chat_format.InvalidRecord as exc:
                 if on_invalid == "error":
-                    raise ValueError(f"{item['file']}:{item['line']}: field {exc}: "
+                    raise SkytuneError(f"{item['file']}:{item['line']}: field {exc}: "
                                      "(fix the row, or set data.on_invalid: skip to reject it)") from exc
                 rejects.append({"source": name, "file": item["file"], "line": item["line"],
                                 "field": exc.field, "reason": exc.reason, "detail": exc.detail})
@@ -77,10 +84,10 @@ def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]
     if total and rejected / total > max_reject_fraction:
         top = Counter(f"{r['field']}: {r['reason']}" for r in rejects).most_common(5)
         first = f" First: {rejects[0]['file']}:{rejects[0]['line']};" if rejects else ""
-        raise ValueError(
+        raise SkytuneError(
             f"source {name}: {rejected} of {total} rows rejected ({unreadable} unreadable at ingest), above "
-            f"data.max_reject_fraction={max_reject_fraction}.{first} most common reasons: {top}. Fix the source "
-            "or its format:, or raise the threshold.")
+            f"data.max_reject_fraction={max_reject_fraction}.{first} most common reasons: {top}. Fix the rows, "
+            f"set the source's format: in params.yaml data.sources ({name}), or raise data.max_reject_fraction.")
     log.info("source %s (%s): %d records, %d rejected", name, fmt, tally["records"], tally["rejected"])
     return name, tally, rejects
 

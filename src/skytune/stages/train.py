@@ -1,7 +1,8 @@
 """train: supervised fine-tuning (QLoRA, LoRA or full) that is checked before it starts and survives preemption.
 
-    python -m skytune.launch skytune.stages.train     (normally: dvc repro train, or dvc exp run -S train.lora_r=16;
-                                                       the launcher starts one process per GPU and node)
+    python -m skytune.core.processes skytune.stages.train
+        (normally: dvc repro train, or dvc exp run -S train.lora_r=16; the process launcher starts one process per
+        GPU and node)
 
 1. Tokenizes `paths.train_file` and `paths.val_file` with the base model's chat template and labels the tokens of
    `train.loss`, then runs the tokenization gate (`tokenization.gate`): one BOS, every trained assistant turn ending
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -32,9 +32,24 @@ from typing import Any
 
 import torch
 
-from skytune import checkpoints, models, packaging, sft, tokenization
-from skytune.atomic import atomic_dir, atomic_file, file_sha256, read_jsonl, write_json
-from skytune.params import Params, to_dict
+from skytune.core import packaging
+from skytune.core.atomic import (
+    atomic_dir,
+    atomic_file,
+    file_sha256,
+    read_jsonl,
+    write_json,
+)
+from skytune.core.chat import tokenization
+from skytune.core.models.base import BaseModel, load_tokenizer
+from skytune.core.models.devices import compute_dtype, fsdp_enabled
+from skytune.core.models.loading import fit_embeddings, load_for_training
+from skytune.core.params import Params, to_dict
+from skytune.core.training import checkpoints
+from skytune.core.training.callbacks import STATE_FILE, Checkpointing, StopOnPreemption
+from skytune.core.training.live import LiveLog, perplexity, restore_live
+from skytune.core.training.mfu import mfu
+from skytune.core.training.sft import build_trainer
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -55,19 +70,19 @@ def _tokenize(params: Params, tokenizer: Any, rank: int) -> tuple[list, list, di
     return train, val, {k: r.as_metrics() for k, r in reports.items()}
 
 
-def _load_model(params: Params, base: models.BaseModel, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, str]:
+def _load_model(params: Params, base: BaseModel, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, str]:
     from peft import prepare_model_for_kbit_training
 
     p = params.train
-    model, quantization = models.load_for_training(
+    model, quantization = load_for_training(
         base, four_bit=p.method == "qlora", quant_type=p.quant_type, double_quant=p.double_quant, dtype=dtype)
-    models.fit_embeddings(model, tokenizer)
-    if quantization in ("nf4", "fp4") and not models.fsdp_enabled():  # FSDP+QLoRA keeps the storage dtype
+    fit_embeddings(model, tokenizer)
+    if quantization in ("nf4", "fp4") and not fsdp_enabled():  # FSDP+QLoRA keeps the storage dtype
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
     return model, quantization
 
 
-def _fingerprint(params: Params, base: models.BaseModel) -> str:
+def _fingerprint(params: Params, base: BaseModel) -> str:
     """Everything that determines the trained weights (not the number of processes: total_batch_size holds): the
     params, the base, the data, this package's code and the training libraries' versions."""
     files = [params.paths.train_file, params.paths.val_file]
@@ -82,55 +97,38 @@ def main(params: Params) -> None:
 
 
 def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
-    from dvclive import Live
     from transformers import set_seed
 
-    p, paths, seed = params.train, params.paths, params.base.seed
+    p, paths = params.train, params.paths
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    set_seed(seed)
-    base = models.BaseModel.load(paths.base_model_dir)
-    tokenizer = models.load_tokenizer(base)
+    set_seed(params.base.seed)
+    base = BaseModel.load(paths.base_model_dir)
+    tokenizer = load_tokenizer(base)
     train, val, gate_metrics = _tokenize(params, tokenizer, rank)
 
     run_dir = checkpoints.root(paths.checkpoint_dir) / _fingerprint(params, base)
     resume = checkpoints.newest_complete(run_dir)
-    state: dict[str, Any] = json.loads((resume / sft.STATE_FILE).read_text()) if resume else {}
+    state: dict[str, Any] = json.loads((resume / STATE_FILE).read_text()) if resume else {}
     if notice.received:
         checkpoints.exit_preempted()
-
-    dtype = models.compute_dtype(p.compute_dtype)
+    dtype = compute_dtype(p.compute_dtype)
     model, quantization = _load_model(params, base, tokenizer, dtype)
     log.info("training on %s x%d, method %s, base weights %s, compute dtype %s, batching %s, loss %s; %s",
              "cuda" if torch.cuda.is_available() else "cpu", world_size, p.method, quantization, dtype, p.batching,
              p.loss, f"resuming from {resume}" if resume else f"checkpoints in {run_dir}")
-
-    live_dir = Path(paths.dvclive_dir)
-    if rank == 0 and resume:
-        sft.restore_live(resume, live_dir)
-    # DVCLive on the main process only, resumed from the checkpoint's snapshot, leaving dvc.yaml alone (it declares
-    # these metrics and plots itself).
-    live = Live(dir=str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False,
-                report=None) if rank == 0 else None
-    stop = sft.StopOnPreemption(notice)
-    callbacks = [sft.Checkpointing(live_dir, lambda: state, checkpoints.keep_count(p.save_total_limit)), stop]
-    trainer = sft.build_trainer(
-        model, tokenizer, train, val, p, output_dir=run_dir, seed=seed, dtype=dtype, world_size=world_size,
-        callbacks=[sft.LiveLog(live), *callbacks] if live else callbacks)
-
+    live = _live(Path(paths.dvclive_dir), resume, rank)
+    stop = StopOnPreemption(notice)
+    callbacks = [*([LiveLog(live)] if live else []), stop,
+                 Checkpointing(Path(paths.dvclive_dir), lambda: state, checkpoints.keep_count(p.save_total_limit))]
+    trainer = build_trainer(model, tokenizer, train, val, p, output_dir=run_dir, seed=params.base.seed, dtype=dtype,
+                            world_size=world_size, callbacks=callbacks)
     if "val_loss_before" not in state:
         state["val_loss_before"] = trainer.evaluate()["eval_loss"]
-    log.info("val loss before training: %.4f", state["val_loss_before"])
-    start_step = checkpoints.step_of(resume) if resume else 0
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        log.warning("stopped by SIGTERM at step %d of %d; checkpoint saved; exit %d",
-                    trainer.state.global_step, trainer.state.max_steps, checkpoints.PREEMPTED_EXIT_CODE)
-        checkpoints.exit_preempted()
-    if resume and trainer.state.global_step == start_step:
-        log.warning("resumed from %s, the last step's checkpoint of a run that stopped before writing its outputs: "
-                    "no step was trained in this run (steps_this_run: 0 in the metrics)", resume)
+        if world_size > 1 and not fsdp_enabled():  # (FSDP wraps the model for evaluation already)
+            # evaluate() marks the model prepared (accelerate 1.15 prepare_model, evaluation mode), and train() then
+            # leaves it out of DistributedDataParallel: each process would train alone, never averaging gradients.
+            trainer.model._is_accelerate_prepared = False
+    start_step, seconds = _run(trainer, resume, stop)
     after = trainer.evaluate()["eval_loss"]
     log.info("val loss after training: %.4f (before %.4f)", after, state["val_loss_before"])
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under FSDP
@@ -143,11 +141,43 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     checkpoints.finished(run_dir)
 
 
-def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokenizer: Any, quantization: str,
+def _live(live_dir: Path, resume: Path | None, rank: int) -> Any:
+    """DVCLive on the main process only (None elsewhere), resumed from the checkpoint's snapshot, leaving dvc.yaml
+    alone (it declares these metrics and plots itself)."""
+    from dvclive import Live
+
+    if rank != 0:
+        return None
+    if resume:
+        restore_live(resume, live_dir)
+    return Live(dir=str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+def _run(trainer: Any, resume: Path | None, stop: StopOnPreemption) -> tuple[int, float]:
+    """Train from `resume` (or the start); exit PREEMPTED_EXIT_CODE when SIGTERM stopped it early. Returns the step
+    it started from and the seconds it took."""
+    start_step = checkpoints.step_of(resume) if resume else 0
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        log.warning("stopped by SIGTERM at step %d of %d; checkpoint saved; exit %d",
+                    trainer.state.global_step, trainer.state.max_steps, checkpoints.PREEMPTED_EXIT_CODE)
+        checkpoints.exit_preempted()
+    if resume and trainer.state.global_step == start_step:
+        log.warning("resumed from %s, the last step's checkpoint of a run that stopped before writing its outputs: "
+                    "no step was trained in this run (steps_this_run: 0 in the metrics)", resume)
+    return start_step, seconds
+
+
+def _write_outputs(params: Params, base: BaseModel, trainer: Any, tokenizer: Any, quantization: str,
                    weights: dict[str, Any]) -> None:
     with atomic_dir(params.paths.adapter_dir) as out:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out, state_dict=weights)
-        _sort_target_modules(out / packaging.ADAPTER_CONFIG)
+        config_file = out / packaging.ADAPTER_CONFIG
+        if config_file.is_file():  # (method: full writes none)
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            write_json(config_file, packaging.stable_adapter_config(config))
         tokenizer.save_pretrained(out)
         (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
             "base_model": asdict(base),
@@ -155,17 +185,6 @@ def _write_outputs(params: Params, base: models.BaseModel, trainer: Any, tokeniz
             "seed": params.base.seed,
             "quantization": quantization,
         }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _sort_target_modules(config_file: Path) -> None:
-    """PEFT writes `target_modules` in set order, which changes from run to run (string hashing is salted):
-    sorted, the same training gives the same adapter_config.json, and DVC sees an unchanged output."""
-    if not config_file.is_file():  # method: full
-        return
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict[str, Any], before: float,
@@ -182,8 +201,8 @@ def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict
     metrics: dict[str, Any] = {
         "val_loss_before": round(before, 6),
         "val_loss_after": round(after, 6),
-        "val_perplexity_before": round(math.exp(min(before, 50.0)), 4),
-        "val_perplexity_after": round(math.exp(min(after, 50.0)), 4),
+        "val_perplexity_before": round(perplexity(before), 4),
+        "val_perplexity_after": round(perplexity(after), 4),
         "train_loss": round(sum(losses) / len(losses), 6) if losses else None,  # mean of the logged losses
         "steps": state.global_step,
         "resumed_from_step": start_step,
@@ -203,7 +222,7 @@ def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict
     }
     if torch.cuda.is_available():
         metrics["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        utilization = sft.mfu(tokens_per_second, total, trainable, world_size)
+        utilization = mfu(tokens_per_second, total, trainable, world_size)
         if utilization is not None:
             metrics["mfu"] = round(utilization, 4)
     write_json(params.paths.train_metrics, metrics)

@@ -1,0 +1,230 @@
+"""Converters from common dataset formats to canonical chat messages, and the checks every record must pass.
+
+Formats: `messages` (OpenAI), `sharegpt` (conversations with from/value), `alpaca` (instruction/input/output),
+`prompt_completion`, `orca` (system_prompt/question/response), `summarization` (dialogue/summary plus an
+instruction), `columns` (an explicit mapping of columns to roles), and `preference` (prompt/chosen/rejected, kept
+in its own canonical shape for a later DPO stage). `detect_format` names the format of a sample of rows only when
+exactly one fits.
+
+A canonical message list is `[{"role": "system"|"user"|"assistant", "content": str}, ...]`: an optional system
+message first, then user and assistant turns alternating, ending with an assistant turn. Converters raise
+`InvalidRecord` with the field at fault; the caller decides (by `data.on_invalid`) whether that is an error or a
+counted reject.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from skytune.core.errors import SkytuneError
+from skytune.core.params.schema import Format
+
+Messages = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class InvalidRecord(SkytuneError):
+    """A record that cannot become a valid conversation; `field` names the key at fault."""
+
+    def __init__(self, field: str, reason: str, detail: str = "") -> None:
+        self.field = field
+        self.reason = reason  # a fixed phrase, so that rejects group by reason in the metrics
+        self.detail = detail  # what varies: the offending value
+        super().__init__(f"{field}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise InvalidRecord(key, "missing")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise InvalidRecord(key, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def from_alpaca(row: dict[str, Any]) -> Messages:
+    """`{"instruction", "input"?, "output", "system"?}` -> one user turn and one assistant turn."""
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
+    system = _text(row, "system", required=False)
+    return ([{"role": "system", "content": system}] if system.strip() else []) + messages
+
+
+def from_sharegpt(row: dict[str, Any]) -> Messages:
+    """`{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}` -> messages."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        raise InvalidRecord("conversations", "missing or not a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise InvalidRecord(f"conversations[{i}]", "not an object")
+        speaker = _text(turn, "from")
+        if speaker not in SHAREGPT_ROLES:
+            raise InvalidRecord(f"conversations[{i}].from", "unknown speaker", repr(speaker))
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn, "value")})
+    return messages
+
+
+def from_messages(row: dict[str, Any]) -> Messages:
+    """OpenAI style `{"messages": [{"role", "content"}, ...]}`: copied, keeping only role and content."""
+    turns = row.get("messages")
+    if not isinstance(turns, list):
+        raise InvalidRecord("messages", "missing or not a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise InvalidRecord(f"messages[{i}]", "not an object")
+        messages.append({"role": _text(turn, "role"), "content": _text(turn, "content")})
+    return messages
+
+
+def _turns(row: dict[str, Any], key: str, role: str) -> Messages:
+    """A field that holds either plain text (one `role` turn) or a list of messages."""
+    value = row.get(key)
+    if isinstance(value, list):
+        return from_messages({"messages": value}) if value else []
+    return [{"role": role, "content": _text(row, key)}]
+
+
+def from_prompt_completion(row: dict[str, Any]) -> Messages:
+    """`{"prompt", "completion"}`, each text or a list of messages."""
+    return _turns(row, "prompt", "user") + _turns(row, "completion", "assistant")
+
+
+def from_orca(row: dict[str, Any]) -> Messages:
+    """`{"system_prompt"?, "question", "response"}` (OpenOrca)."""
+    system = _text(row, "system_prompt", required=False)
+    messages = [{"role": "user", "content": _text(row, "question")},
+                {"role": "assistant", "content": _text(row, "response")}]
+    return ([{"role": "system", "content": system}] if system.strip() else []) + messages
+
+
+def from_summarization(row: dict[str, Any], instruction: str) -> Messages:
+    """`{"dialogue", "summary"}` (samsum-like): the instruction and the dialogue as the user turn."""
+    return [{"role": "user", "content": f"{instruction}\n\n{_text(row, 'dialogue')}"},
+            {"role": "assistant", "content": _text(row, "summary")}]
+
+
+def from_columns(row: dict[str, Any], columns: dict[str, str]) -> Messages:
+    """An explicit mapping `{"system"?: col, "user": col, "assistant": col}` for any other single-turn table."""
+    messages = []
+    for role in ROLES:
+        if role in columns:
+            text = _text(row, columns[role], required=role != "system")
+            if role != "system" or text.strip():
+                messages.append({"role": role, "content": text})
+    return messages
+
+
+PREFERENCE_KEYS = (("prompt", "chosen", "rejected"), ("prompt_messages", "chosen_messages", "rejected_messages"))
+
+
+def to_preference(row: dict[str, Any]) -> dict[str, Messages]:
+    """`{"prompt", "chosen", "rejected"}` (text or messages; silogen's `*_messages` names too) -> the canonical
+    preference shape `{"prompt": [..., user], "chosen": [assistant...], "rejected": [assistant...]}`."""
+    keys = next((k for k in PREFERENCE_KEYS if k[0] in row), PREFERENCE_KEYS[0])
+    prompt = _turns(row, keys[0], "user")
+    validate(prompt + [{"role": "assistant", "content": "-"}])
+    out = {"prompt": prompt}
+    for name, key in zip(("chosen", "rejected"), keys[1:], strict=True):
+        answer = _turns(row, key, "assistant")
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            raise InvalidRecord(key, "must be assistant text or assistant messages")
+        for turn in answer:
+            validate(prompt + [turn])
+        out[name] = answer
+    if out["chosen"] == out["rejected"]:
+        raise InvalidRecord(keys[2], "identical to the chosen answer")
+    return out
+
+
+FORMATS = tuple(f for f in typing.get_args(Format) if f != "auto")  # the explicit formats of params.yaml
+
+# Which keys identify each format in auto-detection; `columns` and `summarization` options need params.
+_SIGNATURES: dict[str, tuple[frozenset[str], ...]] = {
+    "messages": (frozenset({"messages"}),),
+    "sharegpt": (frozenset({"conversations"}),),
+    "alpaca": (frozenset({"instruction", "output"}),),
+    "preference": tuple(frozenset(k) for k in PREFERENCE_KEYS),
+    "prompt_completion": (frozenset({"prompt", "completion"}),),
+    "orca": (frozenset({"question", "response"}),),
+    "summarization": (frozenset({"dialogue", "summary"}),),
+}
+
+
+def detect_format(rows: list[dict[str, Any]]) -> str | None:
+    """The one format whose keys every row has, or None when none or several fit (ask the user for `format:`)."""
+    if not rows:
+        return None
+    fits = [name for name, signatures in _SIGNATURES.items()
+            if all(any(sig <= row.keys() for sig in signatures) for row in rows)]
+    if "preference" in fits:  # prompt/chosen/rejected rows also carry "prompt"
+        fits = [f for f in fits if f != "prompt_completion"]
+    return fits[0] if len(fits) == 1 else None
+
+
+def converter(fmt: str, *, instruction: str | None = None,
+              columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], Messages]:
+    """The converter for `fmt`, with its options bound. (`preference` has its own shape: see `to_preference`.)"""
+    if fmt == "summarization":
+        if not instruction:
+            raise SkytuneError("format summarization needs `instruction` (the task put before each dialogue)")
+        return lambda row: from_summarization(row, instruction)
+    if fmt == "columns":
+        if not columns or "user" not in columns or "assistant" not in columns:
+            raise SkytuneError("format columns needs `columns` mapping at least user and assistant to column names")
+        return lambda row: from_columns(row, columns)
+    return {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages,
+            "prompt_completion": from_prompt_completion, "orca": from_orca}[fmt]
+
+
+def validate(messages: Messages) -> None:
+    """Raise InvalidRecord unless `messages` is a trainable conversation (see the module docstring)."""
+    if not messages:
+        raise InvalidRecord("messages", "empty conversation")
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, message in enumerate(messages):
+        if message["role"] not in ROLES:
+            raise InvalidRecord(f"messages[{i}].role", "unknown role", repr(message["role"]))
+        if not message["content"].strip():
+            raise InvalidRecord(f"messages[{i}].content", "empty")
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRecord(f"messages[{i}].content", "not valid UTF-8", exc.reason) from exc
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            offset = len(messages) - len(body)
+            raise InvalidRecord(f"messages[{i + offset}].role", f"expected {expected}, got {message['role']}")
+    if not body or body[-1]["role"] != "assistant":
+        raise InvalidRecord("messages", "the last turn must be from the assistant")
+
+
+def record_converter(fmt: str, *, instruction: str | None = None,
+                     columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations, or
+    `{"prompt", "chosen", "rejected"}` for preference data. Raises InvalidRecord."""
+    if fmt == "preference":
+        return to_preference
+    convert = converter(fmt, instruction=instruction, columns=columns)
+
+    def conversation(row: dict[str, Any]) -> dict[str, Any]:
+        messages = convert(row)
+        validate(messages)
+        return {"messages": messages}
+
+    return conversation
+
+
+def to_messages(row: dict[str, Any], fmt: str) -> Messages:
+    """Convert and validate one row of a format without options (a convenience for one-off use)."""
+    return record_converter(fmt)(row)["messages"]

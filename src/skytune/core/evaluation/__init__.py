@@ -1,0 +1,1 @@
+"""Evaluation: batched generation behind one function (transformers or vLLM), and scoring answers."""

@@ -1,0 +1,1 @@
+"""Training: the SFT trainer, its callbacks and DVCLive logging, checkpoints, distributed helpers and MFU."""

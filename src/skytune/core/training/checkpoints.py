@@ -1,0 +1,203 @@
+"""Resumable checkpoints that survive spot preemption: a completion marker, the newest complete one, pruning,
+and the SIGTERM notice.
+
+A checkpoint directory (`checkpoint-<step>`, as the transformers Trainer writes it) counts only once its marker
+`COMPLETE.json` exists and every file listed there has its size and sha256: a checkpoint torn by a kill mid-write, or
+damaged later, is skipped and the one before it is used (transformers#35782 has no such fallback). The marker is
+written last, through a temporary file, fsync and rename, so it never exists half-written.
+
+Checkpoints of different training inputs never mix: each run writes under `<root>/<fingerprint>/`, the fingerprint
+hashing everything that determines the result (params, base model, data, this package's code and the versions of
+the training libraries). A run that finishes and writes its outputs removes its checkpoints (`finished`), so a
+forced re-run (`dvc exp run -f`) trains again instead of passing a finished run's last checkpoint off as a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import skytune
+from skytune.core.atomic import file_sha256
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+ENV_DIR = "SKYTUNE_CHECKPOINT_DIR"
+# Exit code of a training run stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL ("try again"). SkyPilot's
+# `job_recovery.recover_on_exit_codes: [75]` relaunches on it; the relaunch resumes from that checkpoint.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTED_FILE_ENV = "SKYTUNE_PREEMPTED_FILE"  # set by skytune.core.processes, which cannot see its workers' exit codes
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+# The libraries whose version changes what training computes (a checkpoint written under one is not resumed under
+# another).
+TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """A short stable hash of JSON-able `inputs`."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def code_digest(package_dir: Path | None = None) -> str:
+    """The sha256 of this package's Python sources (every `.py` under `package_dir`, default the installed skytune
+    package), paths and contents, in sorted order: a code change gives another checkpoint directory."""
+    root = package_dir or Path(skytune.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of TRAINING_PACKAGES."""
+    return {name: metadata.version(name) for name in TRAINING_PACKAGES}
+
+
+def root(configured: str) -> Path:
+    """The checkpoint root: $SKYTUNE_CHECKPOINT_DIR (a bucket mount on a spot VM) or `configured`."""
+    return Path(os.environ.get(ENV_DIR) or configured)
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith(".tmp"))
+
+
+def mark_complete(directory: Path) -> None:
+    """Write the completion marker of a fully written checkpoint directory."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in _files(directory)}
+    tmp = directory / f".tmp-{MARKER}"
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump({"files": files}, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / MARKER)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some mounts cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check(directory: Path) -> str | None:
+    """Why `directory` is not a complete checkpoint, or None if it is."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        return "no completion marker (torn by a kill mid-write?)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable completion marker: {exc}"
+    if not files:
+        return "empty checkpoint"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def step_of(directory: Path) -> int:
+    match = _STEP.match(directory.name)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Every `checkpoint-<step>` directory in `run_dir`, newest first."""
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `run_dir`; newer incomplete ones are logged and removed."""
+    for directory in checkpoints(run_dir):
+        problem = check(directory)
+        if problem is None:
+            return directory
+        log.warning("skipping checkpoint %s: %s; removing it", directory, problem)
+        shutil.rmtree(directory, ignore_errors=True)
+    return None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints; delete older ones (only ever after a newer one is complete)."""
+    complete = 0
+    for directory in checkpoints(run_dir):
+        if (directory / MARKER).is_file():
+            complete += 1
+            if complete > keep:
+                shutil.rmtree(directory, ignore_errors=True)
+        elif complete:  # an incomplete one older than a complete one can never be resumed from
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def finished(run_dir: Path) -> None:
+    """A run wrote its outputs: remove its checkpoints (optimizer states included). Call only after the outputs are
+    complete; a run killed before that keeps them and resumes."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("training finished and its outputs are written: removed its checkpoints in %s", run_dir)
+
+
+def keep_count(configured: int) -> int:
+    """How many complete checkpoints to keep. On a bucket mount ($SKYTUNE_CHECKPOINT_DIR, MOUNT_CACHED) files upload
+    in the background after they are written, so the newest complete checkpoint may not be in the bucket yet when
+    the VM dies: the one before it is kept too, whatever train.save_total_limit says."""
+    if configured < 2 and os.environ.get(ENV_DIR):
+        log.warning("train.save_total_limit %d on a bucket mount (%s): keeping 2, so an upload still in flight "
+                    "never leaves the bucket without a complete checkpoint", configured, ENV_DIR)
+        return 2
+    return configured
+
+
+def exit_preempted() -> NoReturn:
+    """Exit with PREEMPTED_EXIT_CODE, telling a launcher that waits on this process (skytune.core.processes) as well."""
+    flag = os.environ.get(PREEMPTED_FILE_ENV)
+    if flag:
+        Path(flag).touch()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+class PreemptionNotice:
+    """Turns SIGTERM (a spot preemption notice, `sky jobs cancel`, a scheduler's stop) into a flag the training loop
+    polls, so it can save a checkpoint and exit with PREEMPTED_EXIT_CODE instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.received:
+            log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting with %d",
+                        PREEMPTED_EXIT_CODE)
+        self.received = True
+
+    def __enter__(self) -> PreemptionNotice:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,1 @@
+"""Laptop-side cloud tools: managed jobs and sweeps on SkyPilot, preflight checks, buckets, dvc exp overrides."""
