@@ -112,3 +112,19 @@ def test_detect_format_only_when_unambiguous(rows: list[dict], expected: str | N
     from skytune.core.data.chat_format import detect_format
 
     assert detect_format(rows) == expected
+
+
+def test_content_parts_are_joined_and_non_text_parts_reject_the_record() -> None:
+    row = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "input_text", "text": "briefly."}]},
+        {"role": "assistant", "content": [{"type": "output_text", "value": "Done."}]}]}
+    assert to_messages(row, "messages") == [{"role": "user", "content": "Describe\nbriefly."},
+                                            {"role": "assistant", "content": "Done."}]
+    for part in ({"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "input_audio"}, "text"):
+        row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]},
+                            {"role": "assistant", "content": "A cat."}]}
+        with pytest.raises(InvalidRecord) as caught:
+            to_messages(row, "messages")
+        assert (caught.value.field, caught.value.reason) == ("messages[0].content[1]", "non_text_content")
+    with pytest.raises(InvalidRecord, match="content\\[0\\].text: expected a string, got int"):
+        to_messages({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages")

@@ -73,8 +73,32 @@ def from_sharegpt(row: dict[str, Any]) -> Messages:
     return messages
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI's chat and responses names for a text part
+PART_SEPARATOR = "\n"
+
+
+def _content(turn: dict[str, Any], field: str) -> str:
+    """A message's `content`: text, or a list of content parts (`{"type": "text", "text" | "value": ...}`) joined
+    by PART_SEPARATOR. A non-text part (image, audio, video, file) rejects the record: multimodal training is out
+    of scope, and dropping the part would train answers about something the model never saw."""
+    value = turn.get("content")
+    if not isinstance(value, list):
+        return _text(turn, "content")
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            raise InvalidRecord(f"{field}.content[{j}]", "non_text_content", repr(kind))
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            raise InvalidRecord(f"{field}.content[{j}].text", f"expected a string, got {type(text).__name__}")
+        texts.append(text)
+    return PART_SEPARATOR.join(texts)
+
+
 def from_messages(row: dict[str, Any]) -> Messages:
-    """OpenAI style `{"messages": [{"role", "content"}, ...]}`: copied, keeping only role and content."""
+    """OpenAI style `{"messages": [{"role", "content"}, ...]}`: copied, keeping only role and content (text, or
+    text parts joined)."""
     turns = row.get("messages")
     if not isinstance(turns, list):
         raise InvalidRecord("messages", "missing or not a list")
@@ -82,7 +106,7 @@ def from_messages(row: dict[str, Any]) -> Messages:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise InvalidRecord(f"messages[{i}]", "not an object")
-        messages.append({"role": _text(turn, "role"), "content": _text(turn, "content")})
+        messages.append({"role": _text(turn, "role"), "content": _content(turn, f"messages[{i}]")})
     return messages
 
 
