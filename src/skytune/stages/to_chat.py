@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,9 +52,23 @@ def _resolve_format(source: SourceParams, path: Path) -> str:
     return detected
 
 
-def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]) -> tuple[str, dict, list[dict]]:
+def replacements(source: SourceParams, references: dict[str, str]) -> dict[str, str]:
+    """A source's `replace` table with the `references` (${identity.name}, ...) its values name filled in."""
+    table = {}
+    for key, value in (source.replace or {}).items():
+        for name in re.findall(r"\$\{([^}]*)\}", value):
+            if f"${{{name}}}" not in references:
+                raise SkytuneError(f"params.yaml data.sources[{source.name}].replace[{key!r}]: ${{{name}}} is not "
+                                   f"known; a value may name {', '.join(sorted(references))}")
+        for reference, text in references.items():
+            value = value.replace(reference, text)
+        table[key] = value
+    return table
+
+
+def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
     """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
-    name, spec, path, out, on_invalid, max_reject_fraction, unreadable = job
+    name, spec, path, out, on_invalid, max_reject_fraction, unreadable, table = job
     if unreadable and not path.stat().st_size:  # nothing ingest could read: no format to detect
         raise SkytuneError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
                          "the ingested directory")
@@ -77,6 +92,7 @@ def _convert_source(job: tuple[str, SourceParams | None, Path, Path, str, float]
                 tally["rejected"] += 1
                 continue
             tally["records"] += 1
+            record = chat_format.replace_text(record, table)
             yield {"id": content_hash(record), "source": name, **record}
 
     write_jsonl(out / f"{name}.jsonl", records())
@@ -102,8 +118,10 @@ def main(params: Params) -> None:
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.chat_dir) as out:
         unreadable = Counter(r["source"] for r in rejects)
+        references = {"${identity.name}": params.identity.name, "${identity.creator}": params.identity.creator}
         jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction,
-                 unreadable[name]) for name in sorted(specs)]
+                 unreadable[name], replacements(specs[name], references) if specs[name] else {})
+                for name in sorted(specs)]
         sizes = [job[2].stat().st_size for job in jobs]
         for name, tally, source_rejects in map_in_processes(_convert_source, jobs, sizes):
             counts[name] = tally

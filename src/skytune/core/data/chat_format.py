@@ -233,6 +233,22 @@ def validate(messages: Messages) -> None:
         raise InvalidRecord("messages", "the last turn must be from the assistant")
 
 
+def replace_text(record: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
+    """`record` (a conversation or a preference record) with every `table` key replaced by its value in the
+    content of every message, longest key first."""
+    if not table:
+        return record
+    keys = sorted(table, key=len, reverse=True)
+
+    def fix(text: str) -> str:
+        for key in keys:
+            text = text.replace(key, table[key])
+        return text
+
+    return {field: [{**m, "content": fix(m["content"])} for m in value] if isinstance(value, list) else value
+            for field, value in record.items()}
+
+
 def record_converter(fmt: str, *, instruction: str | None = None,
                      columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations, or

@@ -106,6 +106,9 @@ class SourceParams:
     max_samples: int | None = field(default=None, metadata={"ge": 1})
     instruction: str | None = None
     columns: dict[str, str] | None = None
+    # Text replaced in every message at to_chat: {"{{name}}": "${identity.name}"}; a value may name
+    # ${identity.name} and ${identity.creator}.
+    replace: dict[str, str] | None = None
 
     def _problems(self) -> list[str]:
         problems = []

@@ -1,12 +1,13 @@
 """Sweeps: a grid of params.yaml overrides fanned out to parallel SkyPilot managed jobs, and pulled back to compare.
 
-    python -m skytune.face.cloud.sweep launch NAME train.lora_r=4,8,16,32 [train.learning_rate=1e-4,2e-4] [--dry-run]
-                                     [-- extra `sky jobs launch` arguments, e.g. --secret HF_TOKEN]
+    python -m skytune.face.cloud.sweep launch NAME train.lora_r=4,8,16,32 [train.learning_rate=1e-4,2e-4]
+        [--dry-run] [-- extra `sky jobs launch` arguments, e.g. --secret HF_TOKEN]
     python -m skytune.face.cloud.sweep pull NAME   # dvc exp pull origin <each experiment of the sweep>, then a table
     make sweep NAME=r GRID="train.lora_r=4,8,16,32"      make sweep-pull NAME=r
 
 Each grid point is one `sky jobs launch sky/train.yaml` (skytune.face.cloud.jobs: at the pushed HEAD) with
-OVERRIDES set to its values and EXP_NAME `<NAME>-<index>`, so each job trains on its own spot VM and pushes its own DVC experiment.
+OVERRIDES set to its values and EXP_NAME `<NAME>-<index>`, so each job trains on its own spot VM and pushes its own
+DVC experiment.
 Every grid point is checked against the params schema before the first job is launched: a typo costs nothing.
 Values are split on commas; a value holding a comma is not expressible in a grid (launch it with make launch).
 """

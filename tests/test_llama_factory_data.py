@@ -1,0 +1,58 @@
+"""Real third-party data: LLaMA-Factory's demo files (../shared/data/llama-factory, Apache-2.0) through the data
+stages, as a user would point skytune at them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, copy_inputs, run_stages, write_params
+
+from skytune.core.atomic import read_jsonl
+from skytune.stages import ingest, to_chat
+
+LLAMA_FACTORY = REPO.parent / "shared" / "data" / "llama-factory"
+needs_shared = pytest.mark.skipif(not LLAMA_FACTORY.is_dir(),
+                                  reason="../shared/data/llama-factory is absent (a clone outside CI)")
+
+
+@needs_shared
+def test_identity_placeholders_become_this_projects_identity(tmp_path: Path) -> None:
+    """identity.json is alpaca with {{name}} and {{author}} in the answers; dataset_info.json maps it as alpaca."""
+    root = copy_inputs(tmp_path)
+    shutil.copy2(LLAMA_FACTORY / "identity.json", root / "data/raw/lf_identity.json")
+    assert json.loads((LLAMA_FACTORY / "dataset_info.json").read_text())["identity"]["file_name"] == "identity.json"
+    rows = json.loads((LLAMA_FACTORY / "identity.json").read_text())
+    assert sum("{{name}}" in r["output"] for r in rows) > 70  # what the test is about is really in the file
+
+    def edit(params: dict) -> None:
+        params["identity"].update(name="Orbit", creator="the Orbit Lab")
+        params["data"]["sources"] = [{"name": "lf_identity", "path": "lf_identity.json", "format": "alpaca",
+                                      "replace": {"{{name}}": "${identity.name}",
+                                                  "{{author}}": "${identity.creator}"}}]
+        params["merge_data"]["mixture"] = {}
+
+    write_params(root, edit)
+    run_stages(root, ingest, to_chat)
+    records = read_jsonl(root / "data/chat/lf_identity.jsonl")
+    assert len(records) == len(rows)  # 0 rejects
+    texts = [m["content"] for r in records for m in r["messages"]]
+    assert not [t for t in texts if "{{" in t]
+    expected = [r["output"].replace("{{name}}", "Orbit").replace("{{author}}", "the Orbit Lab") for r in rows]
+    assert sorted(r["messages"][-1]["content"] for r in records) == sorted(expected)
+
+
+def test_a_replacement_naming_an_unknown_param_is_refused(tmp_path: Path) -> None:
+    from skytune.core.errors import SkytuneError
+
+    root = copy_inputs(tmp_path)
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"][0]["replace"] = {"{{name}}": "${identity.nmae}"}
+
+    write_params(root, edit)
+    run_stages(root, ingest)
+    with pytest.raises(SkytuneError, match=r"replace\['\{\{name\}\}'\]: \$\{identity.nmae\} is not known"):
+        run_stages(root, to_chat)
