@@ -128,3 +128,19 @@ def test_content_parts_are_joined_and_non_text_parts_reject_the_record() -> None
         assert (caught.value.field, caught.value.reason) == ("messages[0].content[1]", "non_text_content")
     with pytest.raises(InvalidRecord, match="content\\[0\\].text: expected a string, got int"):
         to_messages({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages")
+
+
+def test_a_row_labelled_undesirable_is_kept_apart_never_as_a_conversation() -> None:
+    from skytune.core.data.chat_format import record_converter
+
+    convert = record_converter("messages")
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a bad answer"}]
+    assert convert({"messages": turns, "label": False}) == {"prompt": turns[:1], "completion": turns[1:],
+                                                            "label": False}
+    assert convert({"messages": turns, "label": True}) == {"messages": turns}  # desirable: an SFT target
+    assert convert({"messages": turns, "kto_tag": False})["label"] is False  # LLaMA-Factory's column name
+    prompt_completion = record_converter("prompt_completion")  # TRL's unpaired preference rows
+    assert prompt_completion({"prompt": "q", "completion": "a", "label": False})["completion"] == [
+        {"role": "assistant", "content": "a"}]
+    with pytest.raises(InvalidRecord, match="label: expected true or false"):
+        convert({"messages": turns, "label": "no"})

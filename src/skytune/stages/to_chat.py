@@ -75,7 +75,7 @@ def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
     fmt = "messages" if spec is None else _resolve_format(spec, path)
     convert = chat_format.record_converter(fmt, instruction=spec.instruction if spec else None,
                                            columns=spec.columns if spec else None)
-    tally = {"rows": 0, "records": 0, "rejected": 0}
+    tally = {"rows": 0, "records": 0, "rejected": 0, "undesirable": 0}
     rejects: list[dict] = []
 
     def records() -> Iterator[dict[str, Any]]:
@@ -92,6 +92,7 @@ def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
                 tally["rejected"] += 1
                 continue
             tally["records"] += 1
+            tally["undesirable"] += record.get("label") is False
             record = chat_format.replace_text(record, table)
             yield {"id": content_hash(record), "source": name, **record}
 
@@ -130,6 +131,8 @@ def main(params: Params) -> None:
     reasons = Counter(f"{r['source']}: {r['reason']}" for r in rejects)
     write_json(params.paths.to_chat_metrics, {
         "records": {name: c["records"] for name, c in counts.items()},
+        # rows labelled undesirable (label: false): kept with the preference data, never trained on
+        "undesirable": {name: c["undesirable"] for name, c in counts.items() if c["undesirable"]},
         "rejected": dict(sorted(Counter(r["source"] for r in rejects).items())),
         "rejected_total": len(rejects),
         "reject_reasons": dict(sorted(reasons.items())),

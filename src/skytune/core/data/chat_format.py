@@ -249,10 +249,25 @@ def replace_text(record: dict[str, Any], table: dict[str, str]) -> dict[str, Any
             for field, value in record.items()}
 
 
+LABEL_KEYS = ("label", "kto_tag")  # TRL's unpaired preference rows; LLaMA-Factory's KTO tag
+
+
+def _desirable(row: dict[str, Any]) -> bool:
+    """False for a row explicitly labelled undesirable (KTO-style `label: false`): never an SFT target."""
+    key = next((k for k in LABEL_KEYS if k in row), None)
+    if key is None:
+        return True
+    if not isinstance(row[key], bool):
+        raise InvalidRecord(key, "expected true or false", repr(row[key]))
+    return row[key]
+
+
 def record_converter(fmt: str, *, instruction: str | None = None,
                      columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations, or
-    `{"prompt", "chosen", "rejected"}` for preference data. Raises InvalidRecord."""
+    """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations,
+    `{"prompt", "chosen", "rejected"}` for preference data, or `{"prompt", "completion", "label": false}` for a
+    conversation labelled undesirable (kept apart with the preference data, never trained on). Raises
+    InvalidRecord."""
     if fmt == "preference":
         return to_preference
     convert = converter(fmt, instruction=instruction, columns=columns)
@@ -260,7 +275,9 @@ def record_converter(fmt: str, *, instruction: str | None = None,
     def conversation(row: dict[str, Any]) -> dict[str, Any]:
         messages = convert(row)
         validate(messages)
-        return {"messages": messages}
+        if _desirable(row):
+            return {"messages": messages}
+        return {"prompt": messages[:-1], "completion": messages[-1:], "label": False}
 
     return conversation
 

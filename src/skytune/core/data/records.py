@@ -1,7 +1,8 @@
 """Canonical records: content hashes, the keys used for dedup and splitting, and the seeded order.
 
-A record is either a conversation `{"id", "source", "messages"}` or a preference pair
-`{"id", "source", "prompt", "chosen", "rejected"}` (kept for a later DPO stage).
+A record is a conversation `{"id", "source", "messages"}`, a preference pair `{"id", "source", "prompt", "chosen",
+"rejected"}`, or a completion labelled undesirable `{"id", "source", "prompt", "completion", "label": false}` (the
+last two kept apart for a later preference stage, never trained on by SFT).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def normalize(text: str) -> str:
 
 
 def _turns(record: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(prompt turns, answer turns) of a conversation or a preference pair."""
+    """(prompt turns, answer turns) of a conversation, a preference pair or a labelled completion."""
+    if "completion" in record:
+        return record["prompt"], record["completion"]
     if "prompt" in record:
         return record["prompt"], [{"role": "chosen", "content": json.dumps(record["chosen"])},
                                   {"role": "rejected", "content": json.dumps(record["rejected"])}]

@@ -1,0 +1,36 @@
+"""Rows labelled undesirable (KTO-style `label: false`) through the data stages: never in the SFT data, kept with
+the preference outputs, counted in the metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import copy_inputs, run_stages, write_params
+
+from skytune.core.atomic import read_jsonl
+from skytune.stages import ingest, merge_data, split, to_chat
+
+
+def test_undesirable_rows_are_never_trained_and_are_kept_apart(tmp_path: Path) -> None:
+    root = copy_inputs(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}." if i % 3 else f"Maybe {i + 7}."}],
+             "label": bool(i % 3)} for i in range(60)]
+    (root / "data/raw/kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad_answers = {r["messages"][1]["content"] for r in rows if not r["label"]}
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"].append({"name": "kto", "path": "kto.jsonl", "format": "messages"})
+
+    write_params(root, edit)
+    run_stages(root, ingest, to_chat, split, merge_data)
+    assert json.loads((root / "metrics/to_chat.json").read_text())["undesirable"] == {"kto": len(bad_answers)}
+    trained = {m["content"] for part in ("train", "val") for r in read_jsonl(root / f"data/{part}.jsonl")
+               for m in r["messages"]}
+    assert not trained & bad_answers  # never an SFT target, nor in the val loss
+    kept = [r for part in ("train", "val") for r in read_jsonl(root / f"data/preference/{part}.jsonl")
+            if r.get("label") is False]
+    assert {r["completion"][0]["content"] for r in kept} == bad_answers and all(r["source"] == "kto" for r in kept)
+    assert len({r["messages"][1]["content"] for part in ("train", "val") for r in
+                read_jsonl(root / f"data/{part}.jsonl") if r["source"] == "kto"}) == 60 - len(bad_answers)
