@@ -144,3 +144,30 @@ def test_a_row_labelled_undesirable_is_kept_apart_never_as_a_conversation() -> N
         {"role": "assistant", "content": "a"}]
     with pytest.raises(InvalidRecord, match="label: expected true or false"):
         convert({"messages": turns, "label": "no"})
+
+
+def test_every_common_preference_shape_becomes_the_canonical_one() -> None:
+    from skytune.core.data.chat_format import detect_format, to_preference
+
+    canonical = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+                 "rejected": [{"role": "assistant", "content": "Go away."}]}
+    shapes = [
+        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+        {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello."},
+         "rejected": {"from": "gpt", "value": "Go away."}},  # ShareGPT ranking
+        {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},  # HH
+    ]
+    for row in shapes:
+        assert to_preference(row) == canonical, row
+        assert detect_format([row]) == "preference", row
+    hh = {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D",
+          "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: E"}
+    assert to_preference(hh)["prompt"] == [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                                           {"role": "user", "content": "C"}]
+    with pytest.raises(InvalidRecord, match="does not share the chosen one's prompt"):
+        to_preference({**hh, "rejected": "\n\nHuman: X\n\nAssistant: E"})
+    with pytest.raises(InvalidRecord, match="chosen: expected a message object"):
+        to_preference({"conversations": [{"from": "human", "value": "Hi?"}], "chosen": "Hello.",
+                       "rejected": {"from": "gpt", "value": "No."}})

@@ -56,3 +56,30 @@ def test_a_replacement_naming_an_unknown_param_is_refused(tmp_path: Path) -> Non
     run_stages(root, ingest)
     with pytest.raises(SkytuneError, match=r"replace\['\{\{name\}\}'\]: \$\{identity.nmae\} is not known"):
         run_stages(root, to_chat)
+
+
+@needs_shared
+def test_sharegpt_ranking_preferences_are_detected_and_kept_whole(tmp_path: Path) -> None:
+    """dpo_en_demo.json: sharegpt `conversations` with `chosen`/`rejected` message objects (dataset_info.json:
+    ranking, sharegpt); `format: auto` must see preference data, not malformed conversations."""
+    root = copy_inputs(tmp_path)
+    shutil.copy2(LLAMA_FACTORY / "dpo_en_demo.json", root / "data/raw/dpo.json")
+    info = json.loads((LLAMA_FACTORY / "dataset_info.json").read_text())["dpo_en_demo"]
+    assert info["ranking"] and info["formatting"] == "sharegpt"
+    rows = json.loads((LLAMA_FACTORY / "dpo_en_demo.json").read_text())
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"].append({"name": "dpo", "path": "dpo.json", "format": "auto"})
+
+    write_params(root, edit)
+    run_stages(root, ingest, to_chat)
+    assert json.loads((root / "metrics/to_chat.json").read_text())["rejected"].get("dpo", 0) == 0
+    records = read_jsonl(root / "data/chat/dpo.jsonl")
+    assert len(records) == len(rows)
+    by_answer = {r["chosen"][0]["content"]: r for r in records}
+    for row in rows:  # every turn kept, system turns included, in order
+        record = by_answer[row["chosen"]["value"]]
+        assert [m["content"] for m in record["prompt"]] == [t["value"] for t in row["conversations"]]
+        assert record["rejected"] == [{"role": "assistant", "content": row["rejected"]["value"]}]
+    assert sum(r["prompt"][0]["role"] == "system" for r in records) == sum(
+        r["conversations"][0]["from"] == "system" for r in rows) > 0

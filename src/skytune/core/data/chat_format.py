@@ -14,6 +14,7 @@ counted reject.
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -148,18 +149,55 @@ def from_columns(row: dict[str, Any], columns: dict[str, str]) -> Messages:
     return messages
 
 
-PREFERENCE_KEYS = (("prompt", "chosen", "rejected"), ("prompt_messages", "chosen_messages", "rejected_messages"))
+PREFERENCE_KEYS = (("prompt", "chosen", "rejected"), ("prompt_messages", "chosen_messages", "rejected_messages"),
+                   ("conversations", "chosen", "rejected"))
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")  # Anthropic HH-RLHF transcripts
+
+
+def _sharegpt_answer(row: dict[str, Any], key: str) -> Messages:
+    """A ShareGPT ranking answer: one message object `{"from": "gpt", "value": ...}`."""
+    value = row.get(key)
+    if not isinstance(value, dict):
+        raise InvalidRecord(key, "expected a message object {from, value}", type(value).__name__)
+    return from_sharegpt({"conversations": [value]})
+
+
+def from_hh_transcript(text: str, field: str) -> Messages:
+    """An Anthropic HH transcript ("\n\nHuman: ...\n\nAssistant: ...") -> messages."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise InvalidRecord(field, "not a Human:/Assistant: transcript")
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def _preference_parts(row: dict[str, Any]) -> tuple[Messages, Messages, Messages, tuple[str, str, str]]:
+    """(prompt, chosen, rejected, the keys they came from) of any of the preference shapes."""
+    if "conversations" in row:  # ShareGPT ranking (LLaMA-Factory's dpo_en_demo)
+        keys = PREFERENCE_KEYS[2]
+        return (from_sharegpt({"conversations": row["conversations"]}), _sharegpt_answer(row, "chosen"),
+                _sharegpt_answer(row, "rejected"), keys)
+    keys = next((k for k in PREFERENCE_KEYS if k[0] in row), None)
+    if keys is None:  # Anthropic HH: two whole transcripts that share everything but the last answer
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise InvalidRecord("prompt", "missing")
+        chosen, rejected = (from_hh_transcript(row[k], k) for k in ("chosen", "rejected"))
+        if chosen[:-1] != rejected[:-1]:
+            raise InvalidRecord("rejected", "its transcript does not share the chosen one's prompt")
+        return chosen[:-1], chosen[-1:], rejected[-1:], ("chosen", "chosen", "rejected")
+    return (_turns(row, keys[0], "user"), _turns(row, keys[1], "assistant"), _turns(row, keys[2], "assistant"),
+            keys)
 
 
 def to_preference(row: dict[str, Any]) -> dict[str, Messages]:
-    """`{"prompt", "chosen", "rejected"}` (text or messages; silogen's `*_messages` names too) -> the canonical
-    preference shape `{"prompt": [..., user], "chosen": [assistant...], "rejected": [assistant...]}`."""
-    keys = next((k for k in PREFERENCE_KEYS if k[0] in row), PREFERENCE_KEYS[0])
-    prompt = _turns(row, keys[0], "user")
+    """Every common preference shape -> the canonical `{"prompt": [..., user], "chosen": [assistant...],
+    "rejected": [assistant...]}`: `prompt`/`chosen`/`rejected` as text or messages (silogen's `*_messages` names
+    too), ShareGPT ranking (`conversations` with `chosen`/`rejected` message objects), and Anthropic HH (whole
+    `chosen`/`rejected` transcripts)."""
+    prompt, chosen, rejected, keys = _preference_parts(row)
     validate(prompt + [{"role": "assistant", "content": "-"}])
     out = {"prompt": prompt}
-    for name, key in zip(("chosen", "rejected"), keys[1:], strict=True):
-        answer = _turns(row, key, "assistant")
+    for name, key, answer in (("chosen", keys[1], chosen), ("rejected", keys[2], rejected)):
         if not answer or any(m["role"] != "assistant" for m in answer):
             raise InvalidRecord(key, "must be assistant text or assistant messages")
         for turn in answer:
@@ -177,7 +215,7 @@ _SIGNATURES: dict[str, tuple[frozenset[str], ...]] = {
     "messages": (frozenset({"messages"}),),
     "sharegpt": (frozenset({"conversations"}),),
     "alpaca": (frozenset({"instruction", "output"}),),
-    "preference": tuple(frozenset(k) for k in PREFERENCE_KEYS),
+    "preference": (*(frozenset(k) for k in PREFERENCE_KEYS), frozenset({"chosen", "rejected"})),
     "prompt_completion": (frozenset({"prompt", "completion"}),),
     "orca": (frozenset({"question", "response"}),),
     "summarization": (frozenset({"dialogue", "summary"}),),
@@ -190,8 +228,8 @@ def detect_format(rows: list[dict[str, Any]]) -> str | None:
         return None
     fits = [name for name, signatures in _SIGNATURES.items()
             if all(any(sig <= row.keys() for sig in signatures) for row in rows)]
-    if "preference" in fits:  # prompt/chosen/rejected rows also carry "prompt"
-        fits = [f for f in fits if f != "prompt_completion"]
+    if "preference" in fits:  # preference rows also carry "prompt" or "conversations"
+        fits = [f for f in fits if f not in ("prompt_completion", "sharegpt")]
     return fits[0] if len(fits) == 1 else None
 
 
