@@ -171,3 +171,22 @@ def test_every_common_preference_shape_becomes_the_canonical_one() -> None:
     with pytest.raises(InvalidRecord, match="chosen: expected a message object"):
         to_preference({"conversations": [{"from": "human", "value": "Hi?"}], "chosen": "Hello.",
                        "rejected": {"from": "gpt", "value": "No."}})
+
+
+def test_a_sharegpt_variant_maps_by_tags_and_columns_as_llama_factory_writes_them() -> None:
+    from skytune.core.data.chat_format import record_converter
+    from skytune.core.params.schema import SharegptTags
+
+    # dataset_info.json's OpenAI-style sharegpt: {"columns": {"messages": "messages", "system": "system"},
+    # "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+    tags = SharegptTags(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant")
+    convert = record_converter("sharegpt", columns={"messages": "messages", "system": "system"}, tags=tags)
+    row = {"system": "Be brief.",
+           "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    assert convert(row)["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": "Yo"}]
+    with pytest.raises(InvalidRecord, match=r"messages\[0\].role: unknown speaker \('human'\)"):
+        convert({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"}]})
+    plain = record_converter("sharegpt")  # no tags: ShareGPT's own from/value/human/gpt
+    assert plain({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})["messages"][1] \
+        == {"role": "assistant", "content": "b"}

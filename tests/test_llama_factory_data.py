@@ -83,3 +83,32 @@ def test_sharegpt_ranking_preferences_are_detected_and_kept_whole(tmp_path: Path
         assert record["rejected"] == [{"role": "assistant", "content": row["rejected"]["value"]}]
     assert sum(r["prompt"][0]["role"] == "system" for r in records) == sum(
         r["conversations"][0]["from"] == "system" for r in rows) > 0
+
+
+@needs_shared
+def test_dataset_info_tags_and_columns_load_as_params_with_the_same_meaning(tmp_path: Path) -> None:
+    """Every sharegpt entry of LLaMA-Factory's dataset_info.json whose columns we map (messages, system) loads as a
+    source as written there, and converts a row of that shape."""
+    from skytune.core.data.chat_format import record_converter
+    from skytune.core.params import load_params
+
+    info = json.loads((LLAMA_FACTORY / "dataset_info.json").read_text())
+    entries = {k: v for k, v in info.items() if v.get("formatting") == "sharegpt" and "tags" in v
+               and set(v.get("columns", {})) <= {"messages", "system"}}
+    assert len(entries) >= 3  # ultrachat_200k, lmsys_chat, open_thoughts, ...
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"] = [{"name": name, "path": f"{name}.jsonl", "format": "sharegpt",
+                                      "columns": entry["columns"], "tags": entry["tags"]}
+                                     for name, entry in entries.items()]
+
+    write_params(tmp_path, edit)
+    sources = load_params(tmp_path / "params.yaml").data.sources
+    for source in sources:
+        entry = entries[source.name]
+        tags = entry["tags"]
+        turns = [{tags["role_tag"]: tags["user_tag"], tags["content_tag"]: "Hi"},
+                 {tags["role_tag"]: tags["assistant_tag"], tags["content_tag"]: "Hello"}]
+        convert = record_converter("sharegpt", columns=source.columns, tags=source.tags)
+        assert convert({entry["columns"]["messages"]: turns})["messages"] == [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], source.name

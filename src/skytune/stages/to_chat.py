@@ -74,7 +74,7 @@ def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
                          "the ingested directory")
     fmt = "messages" if spec is None else _resolve_format(spec, path)
     convert = chat_format.record_converter(fmt, instruction=spec.instruction if spec else None,
-                                           columns=spec.columns if spec else None)
+                                           columns=spec.columns if spec else None, tags=spec.tags if spec else None)
     tally = {"rows": 0, "records": 0, "rejected": 0, "undesirable": 0}
     rejects: list[dict] = []
 

@@ -58,19 +58,30 @@ def from_alpaca(row: dict[str, Any]) -> Messages:
     return ([{"role": "system", "content": system}] if system.strip() else []) + messages
 
 
-def from_sharegpt(row: dict[str, Any]) -> Messages:
-    """`{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}` -> messages."""
-    turns = row.get("conversations")
+def from_sharegpt(row: dict[str, Any], tags: Any = None, columns: dict[str, str] | None = None) -> Messages:
+    """`{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}` -> messages. A ShareGPT variant
+    names its keys and speakers in `tags` (role_tag, content_tag, user_tag, assistant_tag, system_tag) and its
+    columns in `columns` (messages, system), as LLaMA-Factory's dataset_info.json does."""
+    columns = columns or {}
+    role_tag = getattr(tags, "role_tag", None) or "from"
+    content_tag = getattr(tags, "content_tag", None) or "value"
+    speakers = SHAREGPT_ROLES if tags is None else {  # with tags, exactly the speakers they name (or the defaults)
+        tags.user_tag or "human": "user", tags.assistant_tag or "gpt": "assistant",
+        tags.system_tag or "system": "system"}
+    key = columns.get("messages", "conversations")
+    turns = row.get(key)
     if not isinstance(turns, list):
-        raise InvalidRecord("conversations", "missing or not a list")
+        raise InvalidRecord(key, "missing or not a list")
     messages = []
+    if "system" in columns and _text(row, columns["system"], required=False).strip():
+        messages.append({"role": "system", "content": _text(row, columns["system"])})
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise InvalidRecord(f"conversations[{i}]", "not an object")
-        speaker = _text(turn, "from")
-        if speaker not in SHAREGPT_ROLES:
-            raise InvalidRecord(f"conversations[{i}].from", "unknown speaker", repr(speaker))
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn, "value")})
+            raise InvalidRecord(f"{key}[{i}]", "not an object")
+        speaker = _text(turn, role_tag)
+        if speaker not in speakers:
+            raise InvalidRecord(f"{key}[{i}].{role_tag}", "unknown speaker", repr(speaker))
+        messages.append({"role": speakers[speaker], "content": _text(turn, content_tag)})
     return messages
 
 
@@ -233,8 +244,8 @@ def detect_format(rows: list[dict[str, Any]]) -> str | None:
     return fits[0] if len(fits) == 1 else None
 
 
-def converter(fmt: str, *, instruction: str | None = None,
-              columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], Messages]:
+def converter(fmt: str, *, instruction: str | None = None, columns: dict[str, str] | None = None,
+              tags: Any = None) -> Callable[[dict[str, Any]], Messages]:
     """The converter for `fmt`, with its options bound. (`preference` has its own shape: see `to_preference`.)"""
     if fmt == "summarization":
         if not instruction:
@@ -244,6 +255,8 @@ def converter(fmt: str, *, instruction: str | None = None,
         if not columns or "user" not in columns or "assistant" not in columns:
             raise SkytuneError("format columns needs `columns` mapping at least user and assistant to column names")
         return lambda row: from_columns(row, columns)
+    if fmt == "sharegpt":
+        return lambda row: from_sharegpt(row, tags, columns)
     return {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages,
             "prompt_completion": from_prompt_completion, "orca": from_orca}[fmt]
 
@@ -300,15 +313,15 @@ def _desirable(row: dict[str, Any]) -> bool:
     return row[key]
 
 
-def record_converter(fmt: str, *, instruction: str | None = None,
-                     columns: dict[str, str] | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def record_converter(fmt: str, *, instruction: str | None = None, columns: dict[str, str] | None = None,
+                     tags: Any = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations,
     `{"prompt", "chosen", "rejected"}` for preference data, or `{"prompt", "completion", "label": false}` for a
     conversation labelled undesirable (kept apart with the preference data, never trained on). Raises
     InvalidRecord."""
     if fmt == "preference":
         return to_preference
-    convert = converter(fmt, instruction=instruction, columns=columns)
+    convert = converter(fmt, instruction=instruction, columns=columns, tags=tags)
 
     def conversation(row: dict[str, Any]) -> dict[str, Any]:
         messages = convert(row)

@@ -61,6 +61,9 @@ def _build(tp: Any, node: yaml.Node, key: str, path: Path, problems: list[str]) 
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
+        mapped = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(node, yaml.MappingNode) and len(mapped) == 1:  # a section: its own problems, by key
+            return _build(mapped[0], node, key, path, problems)
         # Try each member quietly; report against the first if none fits.
         for member in args:
             trial: list[str] = []

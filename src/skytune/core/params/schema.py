@@ -93,6 +93,21 @@ Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", 
 
 
 @dataclass(frozen=True)
+class SharegptTags:
+    """What a ShareGPT variant calls its keys and speakers (LLaMA-Factory's dataset_info.json `tags`); unset ones
+    keep ShareGPT's own: from, value, human, gpt, system."""
+
+    role_tag: str | None = None
+    content_tag: str | None = None
+    user_tag: str | None = None
+    assistant_tag: str | None = None
+    system_tag: str | None = None
+
+
+SHAREGPT_COLUMNS = ("messages", "system")  # LLaMA-Factory's column names a sharegpt source may map
+
+
+@dataclass(frozen=True)
 class SourceParams:
     """One raw source: a local file or glob under `paths.raw_dir` (`path`), or a hub dataset (`hub`)."""
 
@@ -109,6 +124,7 @@ class SourceParams:
     # Text replaced in every message at to_chat: {"{{name}}": "${identity.name}"}; a value may name
     # ${identity.name} and ${identity.creator}.
     replace: dict[str, str] | None = None
+    tags: SharegptTags | None = None  # format sharegpt: the keys and speakers of a ShareGPT variant
 
     def _problems(self) -> list[str]:
         problems = []
@@ -120,6 +136,11 @@ class SourceParams:
             problems.append("format summarization needs `instruction`")
         if self.format == "columns" and not (self.columns and {"user", "assistant"} <= self.columns.keys()):
             problems.append("format columns needs `columns` with at least `user` and `assistant`")
+        if self.format == "sharegpt" and self.columns and not set(self.columns) <= set(SHAREGPT_COLUMNS):
+            problems.append(f"format sharegpt maps only the columns {', '.join(SHAREGPT_COLUMNS)} (as LLaMA-Factory's "
+                            f"dataset_info.json), not {sorted(set(self.columns) - set(SHAREGPT_COLUMNS))}")
+        if self.tags is not None and self.format != "sharegpt":
+            problems.append("`tags` are for format sharegpt")
         return problems
 
 
