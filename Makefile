@@ -27,9 +27,6 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: venv-path run install install-test test show report merged gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
 
 
-venv-path:  # for sky/node.sh
-	@echo $(VENV)
-
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -41,6 +38,9 @@ $(VENV)/.installed: requirements.txt requirements-models.txt pyproject.toml | $(
 	touch $@
 
 install: $(VENV)/.installed
+
+venv-path:  # for sky/node.sh
+	@echo $(VENV)
 
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.installed $(SKY_VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-test.txt
@@ -153,6 +153,9 @@ REVS ?=
 report: install
 	$(BIN)/python -m skytune.face.report $(REVS)
 
+# The environments it builds are passed on explicitly: the conditional export below is decided when make reads
+# this file, before a fresh clone has built them.
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	LLAMA_CPP_DIR=$(abspath $(GGUF_VENV)/src) LLAMA_CPP_PYTHON=$(abspath $(GGUF_VENV)/bin/python) \
+		$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -34,6 +34,25 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("SKYTUNE_CACHE", str(Path(tempfile.gettempdir()) / "skytune-test-cache"))
 
 
+# CI sets SKYTUNE_ALLOWED_SKIPS to the skips it accepts (a regex over the reasons: no GPU here, say); any other skip
+# fails the run, so that an environment a fresh clone forgot to build cannot pass as green.
+ALLOWED_SKIPS_ENV = "SKYTUNE_ALLOWED_SKIPS"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import re
+
+    allowed = os.environ.get(ALLOWED_SKIPS_ENV)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if allowed is None or reporter is None:
+        return
+    unexpected = [r for r in reporter.stats.get("skipped", []) if not re.search(allowed, str(r.longrepr))]
+    for report in unexpected:
+        reporter.write_line(f"skip not allowed in this run ({ALLOWED_SKIPS_ENV}): {report.nodeid}: {report.longrepr}")
+    if unexpected:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 # The fast profile of the bulk of the tests: the built-in random 2-layer model, with the settings it learns its
 # identity with in seconds. params.yaml's embedded default is a real 135M model (SmolLM2-135M-Instruct); one slow
 # test runs it end to end (test_pipeline_e2e.py), the family tests run real tokenizers (test_real_families.py).
