@@ -87,7 +87,7 @@ def ensure_pad_token(tokenizer: Any, strategy: str = "auto") -> str:
     `auto` keeps the tokenizer's own pad token when it is distinct, else reuses an unused special token, then UNK,
     then BOS (pad positions are masked from both the loss and attention, so the reuse is harmless and the embeddings
     never grow). `unused`, `unk` and `bos` ask for one of those; `add` adds `<|pad|>` (the model's embeddings must
-    then cover it: `models.fit_embeddings`).
+    then cover it: `models.loading.fit_embeddings`).
     """
     stops = set(stop_tokens(tokenizer))
     choices = {
