@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,15 @@ def test_a_misspelt_sharegpt_tag_or_column_is_named_with_the_closest_key(tmp_pat
     text = str(caught.value)
     assert "data.sources[1].tags.role_tg: unknown key; did you mean 'data.sources[1].tags.role_tag'?" in text
     assert "format sharegpt maps only the columns messages, system" in text and "['tools']" in text
+
+
+def test_the_readmes_typo_example_is_what_the_loader_says(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    shown = readme[readme.index("error: params.yaml: 2 problem(s)"):].split("```")[0].strip().splitlines()
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("\n  lora_r:", "\n  lora_rank:"))
+    with contextlib.chdir(tmp_path), pytest.raises(ParamsError) as caught:
+        load_params()  # params.yaml in the working directory, as a stage reads it
+    said = f"error: {caught.value}".splitlines()
+    assert len(said) == len(shown) and said[0] == shown[0]
+    for ours, theirs in zip(said[1:], shown[1:], strict=True):
+        assert ours.startswith(theirs.split(" (valid here:")[0].removesuffix(" ...")), (ours, theirs)
