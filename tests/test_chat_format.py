@@ -40,7 +40,8 @@ def test_messages_keeps_role_and_content_only() -> None:
      "messages[0].role", "expected user, got assistant"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt", "messages",
      "the last turn must be from the assistant"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "messages[0].role", "unknown role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages", "messages[0].role", "unknown role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "messages[0]", "tool_result_without_call"),
     ({"messages": []}, "messages", "messages", "empty conversation"),
 ])
 def test_invalid_rows_name_the_field(row: dict, fmt: str, field: str, reason: str) -> None:

@@ -4,11 +4,13 @@ stages, as a user would point skytune at them."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import REPO, copy_inputs, run_stages, write_params
+from real_vocabs import build_family, missing
 
 from skytune.core.atomic import read_jsonl
 from skytune.stages import ingest, to_chat
@@ -112,3 +114,124 @@ def test_dataset_info_tags_and_columns_load_as_params_with_the_same_meaning(tmp_
         convert = record_converter("sharegpt", columns=source.columns, tags=source.tags)
         assert convert({entry["columns"]["messages"]: turns})["messages"] == [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], source.name
+
+
+def _source(name: str, entry: dict) -> dict:
+    """A params.yaml source from a dataset_info.json entry, with the same meaning: `formatting` (alpaca when
+    absent) as the format, `columns` and `tags` as they are (`ranking` is what mapping chosen/rejected says)."""
+    source = {"name": name, "path": entry["file_name"], "format": entry.get("formatting", "alpaca")}
+    source.update({k: entry[k] for k in ("columns", "tags") if k in entry})
+    return source
+
+
+def _key(row_or_record: dict) -> str:
+    """A glaive conversation's texts (calls left out) and tool names, raw row or canonical record alike: the key
+    that matches them."""
+    if "conversations" in row_or_record:
+        turns, tools = row_or_record["conversations"], [t["name"] for t in json.loads(row_or_record["tools"])]
+    else:
+        turns, tools = row_or_record["messages"], [t["function"]["name"] for t in row_or_record.get("tools", [])]
+    return "\x1e".join([t["value"] if "value" in t else t["content"] for t in turns
+                         if t.get("from") != "function_call" and not t.get("tool_calls")] + tools)
+
+
+def _assistant_texts(row: dict) -> list[str]:
+    """What Qwen2.5's template writes for each assistant turn of a glaive row, up to its <|im_end|>: a gpt turn's
+    text, or a function_call as <tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call> (from the template's
+    source, written here by hand)."""
+    out = []
+    for turn in row["conversations"]:
+        if turn["from"] == "gpt":
+            out.append(turn["value"] + "<|im_end|>")
+        elif turn["from"] == "function_call":
+            call = json.loads(turn["value"])
+            out.append('<tool_call>\n{"name": "' + call["name"] + '", "arguments": '
+                       + json.dumps(call["arguments"], ensure_ascii=False) + "}\n</tool_call><|im_end|>")
+    return out
+
+
+@needs_shared
+@pytest.mark.skipif(bool(missing("qwen2")), reason=str(missing("qwen2")))
+def test_the_four_demo_files_through_the_data_stages_and_tool_calls_trained_on_a_real_qwen_template(
+        tmp_path: Path) -> None:
+    """alpaca_en_demo, identity, glaive_toolcall_en_demo and dpo_en_demo, mapped as dataset_info.json maps them,
+    through ingest -> merge_data on the real Qwen2 vocabulary with Qwen2.5's official template (tools inside),
+    then a few training steps: the tool calls are trained, the tool results are not."""
+    from importlib.resources import files
+
+    from skytune.core.params import load_params
+    from skytune.stages import merge_data, split, train
+
+    info = json.loads((LLAMA_FACTORY / "dataset_info.json").read_text())
+    names = {"alpaca_en_demo": "alpaca", "identity": "lf_identity", "glaive_toolcall_en_demo": "glaive",
+             "dpo_en_demo": "dpo"}
+    raw = {name: json.loads((LLAMA_FACTORY / info[key]["file_name"]).read_text()) for key, name in names.items()}
+    names_of = {name: name for name in raw}
+    root = copy_inputs(tmp_path)
+    for key in names:
+        shutil.copy2(LLAMA_FACTORY / info[key]["file_name"], root / "data/raw")
+    (root / "templates").mkdir(exist_ok=True)
+    (root / "templates/qwen2_5.jinja").write_text(
+        files("trl").joinpath("chat_templates", "qwen2_5.jinja").read_text(encoding="utf-8"))
+    base = build_family("qwen2", tmp_path / "qwen2")
+
+    def edit(params: dict) -> None:
+        params["model"].update(base=str(base), chat_template="templates/qwen2_5.jinja")
+        params["data"]["sources"] = [_source(name, info[key]) for key, name in names.items()]
+        params["data"]["sources"][1]["replace"] = {"{{name}}": "${identity.name}", "{{author}}": "${identity.creator}"}
+        params["identity"].update(enabled=False, name="Orbit", creator="the Orbit Lab")
+        params["split"].update(val_fraction=0.02, val_fraction_by_source={"alpaca": 0.0, "lf_identity": 0.0})
+        params["merge_data"]["mixture"] = {"alpaca": {"rows": 8}, "lf_identity": {"rows": 4}, "glaive": {"rows": 20}}
+        params["train"].update(max_length=1024, batch_size=2, total_batch_size=4, epochs=1, save_steps=1000,
+                               eval_steps=1000, logging_steps=2, gate_samples=32)
+
+    write_params(root, edit)
+    paths = load_params(root / "params.yaml").paths
+    run_stages(root, ingest, to_chat, split, merge_data)
+
+    to_chat_metrics = json.loads((root / paths.to_chat_metrics).read_text())
+    assert to_chat_metrics["rejected_total"] == 0, to_chat_metrics["reject_reasons"]
+    assert to_chat_metrics["records"] == {"alpaca": 999, "dpo": 300, "glaive": 300, "lf_identity": 91}
+    assert to_chat_metrics["tool_calls"] == {"glaive": sum(
+        any(t["from"] == "function_call" for t in r["conversations"]) for r in raw["glaive"])}
+    chats = {name: read_jsonl(root / paths.chat_dir / f"{name}.jsonl") for name in names.values()}
+    # glaive: every turn kept in order, calls as calls, observations as tool results, the tools with each record
+    speaker = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
+    by_key = {_key(r): r for r in chats["glaive"]}
+    for row in raw["glaive"]:
+        record = by_key[_key(row)]
+        assert [m["role"] for m in record["messages"]] == [speaker[t["from"]] for t in row["conversations"]]
+        assert [t["function"]["name"] for t in record.get("tools", [])] == [t["name"] for t in json.loads(row["tools"])]
+        for message, turn in zip(record["messages"], row["conversations"], strict=True):
+            if turn["from"] == "function_call":
+                assert message["tool_calls"][0]["function"] == json.loads(turn["value"])
+            else:
+                assert message["content"] == turn["value"]
+    # identity: the placeholders replaced; dpo: system turns kept, all in the preference outputs (less duplicates)
+    assert not [m for r in chats["lf_identity"] for m in r["messages"] if "{{" in m["content"]]
+    assert sum("Orbit" in r["messages"][-1]["content"] for r in chats["lf_identity"]) > 70
+    assert sum(r["prompt"][0]["role"] == "system" for r in chats["dpo"]) > 0
+    preference = [r for part in ("train", "val") for r in read_jsonl(root / paths.preference_dir / f"{part}.jsonl")]
+    split_counts = json.loads((root / paths.split_dir / "summary.json").read_text())
+    for name, rows in raw.items():  # split drops exact repeats only: counted independently here
+        repeats = len(rows) - len({json.dumps(r, sort_keys=True) for r in rows})
+        assert split_counts[names_of[name]]["exact_duplicates"] == repeats
+    assert len(preference) == 300 - split_counts["dpo"]["exact_duplicates"] == 295
+
+    run_stages(root, train)
+    runs = [re.findall(r"⟦(.*?)⟧", text, flags=re.S) for text in
+            re.findall(r"~~~~text\n(.*?)\n~~~~$", (root / paths.train_samples).read_text(), flags=re.M | re.S)]
+    train_records = read_jsonl(root / paths.train_file)
+    glaive = [r for r in train_records if r["source"] == "glaive"]
+    raw_by_key = {_key(r): r for r in raw["glaive"]}
+    shown = 0
+    for record, trained in zip(train_records, runs, strict=False):
+        if record["source"] != "glaive":
+            continue
+        row = raw_by_key[_key(record)]
+        assert trained == _assistant_texts(row)  # calls and answers trained, each with its <|im_end|>
+        assert not [t for t in trained if "<tool_response>" in t]  # results never
+        shown += 1
+    assert shown >= 10 and any(r["messages"][1:] and "tool_calls" in str(r) for r in glaive)
+    metrics = json.loads((root / paths.train_metrics).read_text())
+    assert metrics["gate"]["train"]["problems"] == {}

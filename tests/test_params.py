@@ -112,14 +112,15 @@ def test_a_plain_exponent_float_is_a_float(tmp_path: Path) -> None:
 def test_a_misspelt_sharegpt_tag_or_column_is_named_with_the_closest_key(tmp_path: Path) -> None:
     def edit(params: dict) -> None:
         params["data"]["sources"][1].update(format="sharegpt", tags={"role_tg": "role"},
-                                            columns={"messages": "messages", "tools": "tools"})
+                                            columns={"messages": "messages", "tool": "tools"})
 
     write_params(tmp_path, edit)
     with pytest.raises(ParamsError) as caught:
         load_params(tmp_path / "params.yaml")
     text = str(caught.value)
     assert "data.sources[1].tags.role_tg: unknown key; did you mean 'data.sources[1].tags.role_tag'?" in text
-    assert "format sharegpt maps only the columns messages, system" in text and "['tools']" in text
+    assert "data.sources[1]: columns.tool: format sharegpt maps only the columns messages, system, tools" in text
+    assert "did you mean 'tools'?" in text
 
 
 def test_the_readmes_typo_example_is_what_the_loader_says(tmp_path: Path) -> None:

@@ -71,9 +71,12 @@ def write_json(target: Path | str, data: Any) -> None:
 
 
 def dumps_line(record: dict[str, Any]) -> bytes:
-    """One JSONL line: keys sorted, UTF-8, so the bytes depend on content only. Values JSON cannot hold
-    (bytes, decimals from parquet) are written as strings."""
-    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE, default=str)
+    """One JSONL line: UTF-8, the record's own keys sorted (a record starts with its `id`) and nested objects in
+    the order they were built or read, so the bytes depend on content only. Nested order is the data's: a tool
+    call's arguments and a function schema's properties keep the order their author wrote, which is the order a
+    model trained on them learns to write. Values JSON cannot hold (bytes, decimals from parquet) are written as
+    strings."""
+    return orjson.dumps(dict(sorted(record.items())), option=orjson.OPT_APPEND_NEWLINE, default=str)
 
 
 def write_jsonl(target: Path | str, records: Iterable[dict[str, Any] | bytes]) -> int:

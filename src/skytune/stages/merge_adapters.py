@@ -83,7 +83,7 @@ def main(params: Params) -> None:
         raise SkytuneError(f"{params.paths.val_file} is empty: merge_adapters checks the merge on val records "
                            "(split.val_fraction must leave some)")
     tokenizer.padding_side = "right"
-    batch = tokenizer([tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records],
+    batch = tokenizer([chat_template.render(tokenizer, r["messages"], r.get("tools")) for r in records],
                       return_tensors="pt", padding=True, add_special_tokens=False)
     metrics: dict[str, Any] = {"merge_dtype": str(dtype).removeprefix("torch."), "logit_check_records": len(records)}
     if not (adapter_dir / packaging.ADAPTER_CONFIG).is_file():  # train.method: full saved the whole model

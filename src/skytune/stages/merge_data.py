@@ -101,29 +101,38 @@ class Lengths:
     """Exact token counts of conversations rendered with the model's chat template, in batches."""
 
     def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
         self.render = chat_template.Renderer(tokenizer)
+        self.checked: set[tuple[bool, bool]] = set()  # kinds of structured conversations the template writes
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             self.count = lambda texts: [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         else:  # a slow (Python) tokenizer
             self.count = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def __call__(self, conversations: list[list[dict[str, str]]]) -> list[int]:
-        return self.count([self.render(c) for c in conversations]) if conversations else []
+    def __call__(self, conversations: list[list[dict[str, Any]]], tools: list[dict[str, Any]] | None = None,
+                 ) -> list[int]:
+        return self.count([self.render(c, tools) for c in conversations]) if conversations else []
 
 
-def _truncate(messages: list[dict[str, str]], lengths: Lengths, max_length: int) -> list[dict[str, str]] | None:
+def _truncate(record: dict[str, Any], lengths: Lengths, max_length: int) -> list[dict[str, Any]] | None:
     """The longest prefix ending with an assistant turn that fits, or None."""
+    messages = record["messages"]
     ends = [i + 1 for i, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
     for end in reversed(ends):
-        if lengths([messages[:end]])[0] <= max_length:
+        if lengths([messages[:end]], record.get("tools"))[0] <= max_length:
             return messages[:end]
     return None
 
 
-def _render(lengths: Lengths, record: dict[str, Any]) -> str:
+def _render(lengths: Lengths, record: dict[str, Any], template: str) -> str:
+    messages, tools = record["messages"], record.get("tools")
+    kind = (bool(tools) or any("tool_calls" in m for m in messages), any("reasoning_content" in m for m in messages))
+    if any(kind) and kind not in lengths.checked:  # before training: a template with no place for them is an error
+        chat_template.check_writes(lengths.tokenizer, messages, tools, template)
+        lengths.checked.add(kind)
     try:
-        return lengths.render(record["messages"])
+        return lengths.render(messages, tools)
     except Exception as exc:  # jinja raises its own types, and templates raise on purpose (roles they refuse)
         raise SkytuneError(f"the chat template failed on record {record['id']} of source {record['source']}: {exc}. "
                          "Filter such records out or choose another template") from exc
@@ -132,7 +141,7 @@ def _render(lengths: Lengths, record: dict[str, Any]) -> str:
 def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int]:
     """Write a contiguous run of the final order to its own file, measuring and length-checking each record;
     return per-source counts, the length histogram and how many were written. Runs in a worker process."""
-    files, keys, numbers, offsets, out_path, base, max_length, policy, sample_every, histogram_on = job
+    files, keys, numbers, offsets, out_path, base, max_length, policy, sample_every, histogram_on, template = job
     lengths = Lengths(load_tokenizer(base))
     stats: dict[str, Counter[str]] = defaultdict(Counter)
     histogram: Counter[int] = Counter()
@@ -146,7 +155,7 @@ def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int
                 for key, number, offset in rows[start:start + BATCH]:
                     handles[number].seek(offset)
                     batch.append((key, orjson.loads(handles[number].readline())))
-                texts = [_render(lengths, r) for _, r in batch]
+                texts = [_render(lengths, r, template) for _, r in batch]
                 sizes = [len(t.encode("utf-8")) for t in texts]
                 # Tokens never outnumber bytes: count only what may be too long, and the statistics' sample.
                 todo = [i for i, (key, _) in enumerate(batch) if sizes[i] > max_length or key % sample_every == 0]
@@ -156,14 +165,14 @@ def _write_chunk(job: tuple) -> tuple[dict[str, Counter[str]], Counter[int], int
                     n_tokens = counted.get(i)
                     size = sizes[i]
                     if n_tokens is not None and n_tokens > max_length:
-                        cut = _truncate(record["messages"], lengths, max_length) if policy == "truncate" else None
+                        cut = _truncate(record, lengths, max_length) if policy == "truncate" else None
                         if cut is None:
                             source["dropped_too_long"] += 1
                             continue
                         source["truncated"] += 1
                         record = record | {"messages": cut}
-                        size = len(lengths.render(cut).encode("utf-8"))
-                        n_tokens = lengths([cut])[0] if key % sample_every == 0 else None
+                        size = len(lengths.render(cut, record.get("tools")).encode("utf-8"))
+                        n_tokens = lengths([cut], record.get("tools"))[0] if key % sample_every == 0 else None
                     source["rows"] += 1
                     source["turns"] += len(record["messages"])
                     source["bytes"] += size
@@ -232,7 +241,8 @@ def _write_part(files: list[Path], order: tuple[np.ndarray, np.ndarray, np.ndarr
     bounds = np.linspace(0, len(order_keys), min(os.cpu_count() or 1, max(1, len(order_keys) // CHUNK)) + 1)
     chunks = [(files, order_keys[a:b], file_numbers[a:b], file_offsets[a:b],
                Path(target).with_name(f".{Path(target).name}.chunk{i}"), base,
-               params.train.max_length, params.data.length_policy, sample_every, histogram_on)
+               params.train.max_length, params.data.length_policy, sample_every, histogram_on,
+               f"model.chat_template: {params.model.chat_template}, for {base.name}")
               for i, (a, b) in enumerate(zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True))]
     stats: dict[str, Counter[str]] = defaultdict(Counter)
     histogram: Counter[int] = Counter()

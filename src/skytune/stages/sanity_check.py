@@ -83,7 +83,7 @@ def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict
     """One model's answers to `rows` and its perplexity on `val`."""
     dtype = compute_dtype(params.train.compute_dtype)
     stops = chat_template.stop_tokens(tokenizer)
-    prompts = [chat_template.render_prompt(tokenizer, r["messages"]) for r in rows]
+    prompts = [chat_template.render_prompt(tokenizer, r["messages"], r.get("tools")) for r in rows]
     sc = params.sanity_check
     model = load_full_precision(source, revision, dtype)
     fit_embeddings(model, tokenizer)

@@ -68,14 +68,15 @@ def replacements(source: SourceParams, references: dict[str, str]) -> dict[str, 
 
 def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
     """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
-    name, spec, path, out, on_invalid, max_reject_fraction, unreadable, table = job
+    name, spec, path, out, on_invalid, max_reject_fraction, unreadable, table, reasoning = job
     if unreadable and not path.stat().st_size:  # nothing ingest could read: no format to detect
         raise SkytuneError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
                          "the ingested directory")
     fmt = "messages" if spec is None else _resolve_format(spec, path)
     convert = chat_format.record_converter(fmt, instruction=spec.instruction if spec else None,
-                                           columns=spec.columns if spec else None, tags=spec.tags if spec else None)
-    tally = {"rows": 0, "records": 0, "rejected": 0, "undesirable": 0}
+                                           columns=spec.columns if spec else None, tags=spec.tags if spec else None,
+                                           reasoning=reasoning)
+    tally = {"rows": 0, "records": 0, "rejected": 0, "undesirable": 0, "tool_calls": 0, "reasoning": 0}
     rejects: list[dict] = []
 
     def records() -> Iterator[dict[str, Any]]:
@@ -93,6 +94,9 @@ def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
                 continue
             tally["records"] += 1
             tally["undesirable"] += record.get("label") is False
+            messages = [m for part in ("messages", "prompt", "completion", "chosen") for m in record.get(part, ())]
+            tally["tool_calls"] += any("tool_calls" in m for m in messages)
+            tally["reasoning"] += any("reasoning_content" in m for m in messages)
             record = chat_format.replace_text(record, table)
             yield {"id": content_hash(record), "source": name, **record}
 
@@ -121,7 +125,7 @@ def main(params: Params) -> None:
         unreadable = Counter(r["source"] for r in rejects)
         references = {"${identity.name}": params.identity.name, "${identity.creator}": params.identity.creator}
         jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction,
-                 unreadable[name], replacements(specs[name], references) if specs[name] else {})
+                 unreadable[name], replacements(specs[name], references) if specs[name] else {}, params.data.reasoning)
                 for name in sorted(specs)]
         sizes = [job[2].stat().st_size for job in jobs]
         for name, tally, source_rejects in map_in_processes(_convert_source, jobs, sizes):
@@ -133,6 +137,9 @@ def main(params: Params) -> None:
         "records": {name: c["records"] for name, c in counts.items()},
         # rows labelled undesirable (label: false): kept with the preference data, never trained on
         "undesirable": {name: c["undesirable"] for name, c in counts.items() if c["undesirable"]},
+        # records whose assistant calls tools, and records that keep a reasoning trace (data.reasoning: keep)
+        "tool_calls": {name: c["tool_calls"] for name, c in counts.items() if c["tool_calls"]},
+        "reasoning": {name: c["reasoning"] for name, c in counts.items() if c["reasoning"]},
         "rejected": dict(sorted(Counter(r["source"] for r in rejects).items())),
         "rejected_total": len(rejects),
         "reject_reasons": dict(sorted(reasons.items())),

@@ -206,12 +206,69 @@ def resolve_template(tokenizer: Any, strategy: str) -> tuple[str, list[str]]:
     return template, notes
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def render(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+           add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`, with the `tools` they may call (none: the template's plain form)."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
     """The text the model sees before it answers: every message but the last assistant one, plus the
     generation prompt."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render(tokenizer, messages, tools, add_generation_prompt=True)
+
+
+def structured(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:
+    """Whether a conversation carries more than roles and contents (tools, calls, results, reasoning): the
+    template then writes text that depends on them, and the fixed-pieces shortcuts do not apply."""
+    return bool(tools) or any(len(m) > 2 for m in messages)
+
+
+_TOOL_PROBE = "probe_\u2063tool"
+_REASONING_PROBE = "\u2063probe reasoning\u2063"
+
+
+def _writes(tokenizer: Any, messages: list[dict[str, Any]], probe: str, tools: list[dict[str, Any]] | None = None,
+            ) -> bool:
+    try:
+        return probe in render(tokenizer, messages, tools)
+    except Exception:  # noqa: BLE001 - jinja's own errors and raise_exception(): a template that refuses the role
+        return False
+
+
+def writes_tool_calls(tokenizer: Any) -> bool:
+    """Whether the chat template writes tool calls and their results (given `tools=`)."""
+    call = {"type": "function", "function": {"name": _TOOL_PROBE, "arguments": {}}}
+    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": _REASONING_PROBE}, {"role": "assistant", "content": "a"}]
+    tools = [{"type": "function", "function": {"name": _TOOL_PROBE, "parameters": {"type": "object"}}}]
+    return _writes(tokenizer, messages[:2], _TOOL_PROBE, tools) and _writes(tokenizer, messages, _REASONING_PROBE,
+                                                                             tools)
+
+
+def writes_reasoning(tokenizer: Any) -> bool:
+    """Whether the chat template writes an assistant's `reasoning_content` (Qwen3-style `<think>` blocks)."""
+    messages = [{"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a", "reasoning_content": _REASONING_PROBE}]
+    return _writes(tokenizer, messages, _REASONING_PROBE)
+
+
+def check_writes(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 template: str) -> None:
+    """Raise a clear error when a conversation has tool calls or reasoning that the chat template (named by
+    `template`) has no place for: trained without them, the model would learn answers with their cause cut out."""
+    if (tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages)) and not writes_tool_calls(tokenizer):
+        raise SkytuneError(f"the data has tool calls, but the chat template ({template}) does not write tools, calls "
+                           "and their results. Choose a template with tool support (model.chat_template: a "
+                           "templates/<file>.jinja such as Qwen2.5's, or a model whose own template has it), or "
+                           "remove the tool-calling sources")
+    if any("reasoning_content" in m for m in messages) and not writes_reasoning(tokenizer):
+        raise SkytuneError(f"the data has reasoning traces, but the chat template ({template}) has no place for them "
+                           "(it drops reasoning_content). Set data.reasoning: drop, or choose a template that "
+                           "writes them (Qwen3-style <think> blocks)")
 
 
 def template_pieces(tokenizer: Any, roles: tuple[str, ...]) -> list[str] | None:
@@ -246,10 +303,12 @@ class Renderer:
         self.pieces: dict[tuple[str, ...], list[str] | None] = {}
         self.seen: dict[tuple[str, ...], int] = {}
 
-    def jinja(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+    def jinja(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return render(self.tokenizer, messages, tools)
 
-    def __call__(self, messages: list[dict[str, str]]) -> str:
+    def __call__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        if structured(messages, tools):
+            return self.jinja(messages, tools)
         roles = tuple(m["role"] for m in messages)
         if roles not in self.pieces:
             self.pieces[roles] = template_pieces(self.tokenizer, roles)

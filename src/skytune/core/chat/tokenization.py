@@ -4,7 +4,10 @@ The loss masks are derived from the rendered chat template itself, not from `{% 
 is rendered once per sequence of roles with sentinels in place of the contents, which gives the fixed pieces it
 writes around each message; the real rendering is then walked piece by piece to find every message's characters.
 That works for any template that writes the contents in order (verbatim or trimmed), markers or not, and
-the tokenizer's offsets turn character spans into token labels.
+the tokenizer's offsets turn character spans into token labels. A conversation with tools, tool calls or reasoning
+traces has text that depends on more than its contents: there an assistant turn is what the template writes after
+the generation prompt of the messages before it, up to its end-of-turn token (its trace, its content and its calls,
+exactly what the model is asked to produce when served); tool results are context.
 
 `gate()` checks the invariants whose violation peers only discover at inference (a model that never stops, a
 double BOS, an empty answer) and `render_samples()` shows a human what is trained.
@@ -12,6 +15,7 @@ double BOS, an empty answer) and `render_samples()` shows a human what is traine
 
 from __future__ import annotations
 
+import json
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +24,9 @@ from typing import Any
 from skytune.core.chat.chat_template import (
     document_bos,
     end_of_turn_token,
+    render,
     stop_tokens,
+    structured,
     template_pieces,
 )
 from skytune.core.errors import SkytuneError
@@ -61,6 +67,9 @@ class Encoded:
     offsets: list[tuple[int, int]]
     turns: list[Turn] = field(default_factory=list)
     template_bos: int = 0
+    # Character ranges whose training the gate checks: (invariant broken if wrong, start, end, must be trained).
+    expected: list[tuple[str, int, int, bool]] = field(default_factory=list)
+    reasoning_dropped: int = 0  # assistant traces the template did not write (Qwen3 drops those of earlier turns)
 
 
 class Encoder:
@@ -89,13 +98,22 @@ class Encoder:
             self.pieces[roles] = pieces
         return self.pieces[roles]
 
-    def template_bos(self, messages: list[dict[str, str]]) -> int:
-        """BOS tokens the template writes around these messages' contents (none comes from the contents)."""
+    def template_bos(self, messages: list[dict[str, Any]], text: str, tools: list[dict[str, Any]] | None) -> int:
+        """BOS tokens the template writes around these messages' data (none comes from the data)."""
         bos = self.tokenizer.bos_token
-        return sum(piece.count(bos) for piece in self._pieces(tuple(m["role"] for m in messages))) if bos else 0
+        if not bos:
+            return 0
+        if not structured(messages, tools):
+            return sum(piece.count(bos) for piece in self._pieces(tuple(m["role"] for m in messages)))
+        data = json.dumps([messages, tools or []], ensure_ascii=False)
+        return text.count(bos) - data.count(bos)
 
-    def locate(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """Render `messages`; return the text and each message's content span [start, end) in it."""
+    def locate(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+               ) -> tuple[str, list[tuple[int, int]]]:
+        """Render `messages`; return the text and each message's content span [start, end) in it (for a
+        structured conversation, each assistant turn's span up to its end-of-turn token; others are empty)."""
+        if structured(messages, tools):
+            return self._locate_turns(messages, tools)
         pieces = self._pieces(tuple(m["role"] for m in messages))
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         if not text.startswith(pieces[0]):
@@ -115,6 +133,37 @@ class Encoder:
                                     "beyond trimming it: the loss masks cannot be derived from it")
         return text, spans
 
+    def _locate_turns(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                      ) -> tuple[str, list[tuple[int, int]]]:
+        """Each assistant turn as the text the template writes after the generation prompt of the messages
+        before it, up to (not including) its end-of-turn token."""
+        text = render(self.tokenizer, messages, tools)
+        spans: list[tuple[int, int]] = []
+        for i, message in enumerate(messages):
+            if message["role"] == "tool":  # a result: its content, after the call it answers
+                content = message["content"].strip()
+                found = text.find(content, spans[-1][1] if spans else 0)
+                if found < 0:
+                    raise TemplateError(f"the chat template does not write the tool result of message {i}")
+                spans.append((found, found + len(content)))
+                continue
+            if message["role"] != "assistant":
+                spans.append(spans[-1] if spans else (0, 0))
+                continue
+            prompt = render(self.tokenizer, messages[:i], tools, add_generation_prompt=True)
+            if not text.startswith(prompt):
+                raise TemplateError(f"the chat template writes the conversation before message {i} differently "
+                                    "when the model is asked to answer (add_generation_prompt) than when the answer "
+                                    "follows: the loss masks cannot be derived from it")
+            start, eot = len(prompt), text.find(self.eot, len(prompt))
+            eot = len(text) if eot < 0 else eot
+            content = message["content"].strip()
+            if content and content not in text[start:eot]:
+                raise TemplateError(f"the chat template changes the content of message {i} (assistant) beyond "
+                                    "trimming it: the loss masks cannot be derived from it")
+            spans.append((start, max(start, len(text[:eot].rstrip(" \t")))))
+        return text, spans
+
     def _trained(self, text: str, messages: list[dict[str, str]],
                  spans: list[tuple[int, int]]) -> list[tuple[int, int, int | None]]:
         """Character ranges to train: (start, end of content, end of the end-of-turn token or None)."""
@@ -132,8 +181,9 @@ class Encoder:
         return out
 
     def encode(self, records: list[dict[str, Any]]) -> list[Encoded]:
-        """Tokenize records `{"id", "source", "messages"}` (no special tokens added: the template writes them)."""
-        located = [self.locate(r["messages"]) for r in records]
+        """Tokenize records `{"id", "source", "messages", "tools"?}` (no special tokens added: the template writes
+        them)."""
+        located = [self.locate(r["messages"], r.get("tools")) for r in records]
         batch = self.tokenizer([text for text, _ in located], add_special_tokens=False, return_offsets_mapping=True)
         eot_id = self.tokenizer.convert_tokens_to_ids(self.eot)
         out = []
@@ -150,9 +200,39 @@ class Encoder:
                     eot = next((j for j in inside if offsets[j][1] == eot_end and ids[j] == eot_id), None)
                     content = [j for j in inside if j != eot]
                     turns.append(Turn(content[0] if content else (eot or 0), (content[-1] + 1) if content else 0, eot))
-            out.append(Encoded(record["id"], record.get("source", ""), text, list(ids), labels,
-                               [tuple(o) for o in offsets], turns, self.template_bos(record["messages"])))
+            encoded = Encoded(record["id"], record.get("source", ""), text, list(ids), labels,
+                              [tuple(o) for o in offsets], turns,
+                              self.template_bos(record["messages"], text, record.get("tools")))
+            if self.loss != "full" and structured(record["messages"], record.get("tools")):
+                self._expect(encoded, record["messages"], spans)
+            out.append(encoded)
         return out
+
+    def _expect(self, encoded: Encoded, messages: list[dict[str, Any]], spans: list[tuple[int, int]]) -> None:
+        """What the gate must find trained in a structured conversation: each trained assistant turn's reasoning
+        trace and calls; and never a tool result."""
+        trained = {i for i, m in enumerate(messages) if m["role"] == "assistant"}
+        if self.loss == "completion_only":
+            trained = {max(trained)}
+        text = encoded.text
+        for i, message in enumerate(messages):
+            start, end = spans[i]
+            if message["role"] == "tool":
+                encoded.expected.append(("tool_result_trained", start, end, False))
+            if i not in trained:
+                continue
+            trace = message.get("reasoning_content", "").strip()
+            if trace:
+                found = text.find(trace, start, end)
+                if found < 0:
+                    encoded.reasoning_dropped += 1
+                else:
+                    encoded.expected.append(("reasoning_not_trained", found, found + len(trace), True))
+            for call in message.get("tool_calls", ()):
+                name = call["function"]["name"]
+                found = text.find(name, start, end)  # not found: an empty range, which fails the check
+                encoded.expected.append(("tool_call_not_trained", found, found + len(name) if found >= 0 else found,
+                                         True))
 
 
 @dataclass
@@ -163,6 +243,7 @@ class GateReport:
     tokens: int = 0
     trained_tokens: int = 0
     assistant_turns: int = 0
+    reasoning_dropped: int = 0
     problems: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -174,7 +255,8 @@ class GateReport:
 
     def as_metrics(self) -> dict[str, Any]:
         return {"sequences": self.sequences, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
-                "assistant_turns": self.assistant_turns, "problems": dict(sorted(self.problems.items()))}
+                "assistant_turns": self.assistant_turns, "reasoning_dropped": self.reasoning_dropped,
+                "problems": dict(sorted(self.problems.items()))}
 
 
 def gate(tokenizer: Any, records: list[Encoded], *, max_length: int, loss: str, where: str) -> GateReport:
@@ -189,7 +271,10 @@ def gate(tokenizer: Any, records: list[Encoded], *, max_length: int, loss: str, 
     - `end_of_turn_not_trained`: an assistant turn trained without its end-of-turn token (a model that never stops);
     - `empty_assistant_turn`: an assistant turn with nothing to learn but the end-of-turn token;
     - `nothing_trained`: a sequence with no trained token;
-    - `too_long`: a sequence longer than `max_length` (merge_data should have dropped or truncated it).
+    - `too_long`: a sequence longer than `max_length` (merge_data should have dropped or truncated it);
+    - `tool_call_not_trained`, `reasoning_not_trained`: a trained assistant turn's call or reasoning trace outside
+      the loss (or not written in its turn); `tool_result_trained`: a tool's result inside it (results are context:
+      the model must learn to call, not to invent what the tool says).
     """
     report = GateReport()
     eot_token = end_of_turn_token(tokenizer)
@@ -213,6 +298,12 @@ def gate(tokenizer: Any, records: list[Encoded], *, max_length: int, loss: str, 
             report.add("nothing_trained", record)
         if len(record.input_ids) > max_length:
             report.add("too_long", record, f"{len(record.input_ids)} > {max_length} tokens")
+        report.reasoning_dropped += record.reasoning_dropped
+        for invariant, start, end, must_train in record.expected:
+            inside = [label != IGNORE for (a, b), label in zip(record.offsets, record.labels, strict=True)
+                      if a < end and b > start]
+            if (not inside or not all(inside)) if must_train else any(inside):
+                report.add(invariant, record, f"characters {start}-{end}")
         for k, turn in enumerate(record.turns):
             report.assistant_turns += 1
             if turn.eot is None or record.labels[turn.eot] == IGNORE:

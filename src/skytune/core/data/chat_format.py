@@ -6,10 +6,11 @@ instruction), `columns` (an explicit mapping of columns to roles), and `preferen
 in its own canonical shape for a later DPO stage). `detect_format` names the format of a sample of rows only when
 exactly one fits.
 
-A canonical message list is `[{"role": "system"|"user"|"assistant", "content": str}, ...]`: an optional system
-message first, then user and assistant turns alternating, ending with an assistant turn. Converters raise
-`InvalidRecord` with the field at fault; the caller decides (by `data.on_invalid`) whether that is an error or a
-counted reject.
+A canonical message is `{"role": "system"|"user"|"assistant"|"tool", "content": str}`; an assistant message may
+also carry `tool_calls` and `reasoning_content`, a tool result a `tool_call_id` (see `tool_calls`). A conversation
+is an optional system message, then a user turn, each answered by the assistant, whose calls (if any) are answered
+by tool results and then by the assistant again; it ends with an assistant turn. Converters raise `InvalidRecord`
+with the field at fault; the caller decides (by `data.on_invalid`) whether that is an error or a counted reject.
 """
 
 from __future__ import annotations
@@ -19,22 +20,17 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from skytune.core.data.invalid import InvalidRecord
+from skytune.core.data.tool_calls import check_calls, parse_calls, parse_tools
 from skytune.core.errors import SkytuneError
 from skytune.core.params.schema import Format
 
-Messages = list[dict[str, str]]
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class InvalidRecord(SkytuneError):
-    """A record that cannot become a valid conversation; `field` names the key at fault."""
-
-    def __init__(self, field: str, reason: str, detail: str = "") -> None:
-        self.field = field
-        self.reason = reason  # a fixed phrase, so that rejects group by reason in the metrics
-        self.detail = detail  # what varies: the offending value
-        super().__init__(f"{field}: {reason}" + (f" ({detail})" if detail else ""))
+Messages = list[dict[str, Any]]
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "function_call", "observation": "tool"}
+REASONING_KEYS = ("reasoning_content", "thinking")  # an assistant message's trace: Qwen3/DeepSeek's name, gpt-oss's
+THINK = re.compile(r"\A\s*<think>(.*?)</think>\s*", re.DOTALL)  # a trace written inline, before the answer
 
 
 def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -59,20 +55,23 @@ def from_alpaca(row: dict[str, Any]) -> Messages:
 
 
 def from_sharegpt(row: dict[str, Any], tags: Any = None, columns: dict[str, str] | None = None) -> Messages:
-    """`{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}` -> messages. A ShareGPT variant
-    names its keys and speakers in `tags` (role_tag, content_tag, user_tag, assistant_tag, system_tag) and its
-    columns in `columns` (messages, system), as LLaMA-Factory's dataset_info.json does."""
+    """`{"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value": str}, ...]}` ->
+    messages. A `function_call` turn is the assistant calling (its value the JSON of a call, or of a list of
+    calls), an `observation` the result. A ShareGPT variant names its keys and speakers in `tags` (role_tag,
+    content_tag, user_tag, assistant_tag, system_tag, function_tag, observation_tag) and its columns in `columns`
+    (messages, system), as LLaMA-Factory's dataset_info.json does."""
     columns = columns or {}
     role_tag = getattr(tags, "role_tag", None) or "from"
     content_tag = getattr(tags, "content_tag", None) or "value"
     speakers = SHAREGPT_ROLES if tags is None else {  # with tags, exactly the speakers they name (or the defaults)
         tags.user_tag or "human": "user", tags.assistant_tag or "gpt": "assistant",
-        tags.system_tag or "system": "system"}
+        tags.system_tag or "system": "system", tags.function_tag or "function_call": "function_call",
+        tags.observation_tag or "observation": "tool"}
     key = columns.get("messages", "conversations")
     turns = row.get(key)
     if not isinstance(turns, list):
         raise InvalidRecord(key, "missing or not a list")
-    messages = []
+    messages: Messages = []
     if "system" in columns and _text(row, columns["system"], required=False).strip():
         messages.append({"role": "system", "content": _text(row, columns["system"])})
     for i, turn in enumerate(turns):
@@ -81,36 +80,65 @@ def from_sharegpt(row: dict[str, Any], tags: Any = None, columns: dict[str, str]
         speaker = _text(turn, role_tag)
         if speaker not in speakers:
             raise InvalidRecord(f"{key}[{i}].{role_tag}", "unknown speaker", repr(speaker))
-        messages.append({"role": speakers[speaker], "content": _text(turn, content_tag)})
+        role = speakers[speaker]
+        if role == "function_call":
+            calls = parse_calls(_text(turn, content_tag), f"{key}[{i}].{content_tag}")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": role, "content": _text(turn, content_tag)})
     return messages
 
 
 TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI's chat and responses names for a text part
+REASONING_PARTS = ("reasoning", "thinking")  # a trace as a content part (Anthropic's thinking blocks, ...)
 PART_SEPARATOR = "\n"
 
 
-def _content(turn: dict[str, Any], field: str) -> str:
-    """A message's `content`: text, or a list of content parts (`{"type": "text", "text" | "value": ...}`) joined
-    by PART_SEPARATOR. A non-text part (image, audio, video, file) rejects the record: multimodal training is out
-    of scope, and dropping the part would train answers about something the model never saw."""
+def _content(turn: dict[str, Any], field: str) -> tuple[str, str]:
+    """A message's (text, reasoning). `content` is text, or a list of content parts (`{"type": "text", "text" |
+    "value": ...}`) joined by PART_SEPARATOR; `reasoning`/`thinking` parts are the trace. A non-text part (image,
+    audio, video, file) rejects the record: multimodal training is out of scope, and dropping the part would train
+    answers about something the model never saw."""
     value = turn.get("content")
     if not isinstance(value, list):
-        return _text(turn, "content")
-    texts = []
+        return ("" if value is None and turn.get("tool_calls") else _text(turn, "content")), ""
+    texts, traces = [], []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS:
+        if kind not in TEXT_PARTS + REASONING_PARTS:
             raise InvalidRecord(f"{field}.content[{j}]", "non_text_content", repr(kind))
-        text = part.get("text", part.get("value"))
+        text = next((part[k] for k in ("text", "value", kind) if k in part), None)
         if not isinstance(text, str):
             raise InvalidRecord(f"{field}.content[{j}].text", f"expected a string, got {type(text).__name__}")
-        texts.append(text)
-    return PART_SEPARATOR.join(texts)
+        (traces if kind in REASONING_PARTS else texts).append(text)
+    return PART_SEPARATOR.join(texts), PART_SEPARATOR.join(traces)
+
+
+def _message(turn: dict[str, Any], field: str) -> dict[str, Any]:
+    """One OpenAI-style message -> canonical: role, content (text parts joined), and an assistant's trace
+    (`reasoning_content`, `thinking`, reasoning parts, or a leading `<think>` block) and `tool_calls`, a tool
+    result's `tool_call_id`."""
+    role = _text(turn, "role")
+    content, reasoning = _content(turn, field)
+    message: dict[str, Any] = {"role": role, "content": content}
+    if role == "assistant":
+        key = next((k for k in REASONING_KEYS if turn.get(k)), None)
+        if key is not None:
+            reasoning = _text(turn, key)
+        inline = THINK.match(content)
+        if inline and not reasoning:
+            reasoning, message["content"] = inline.group(1).strip("\n"), content[inline.end():]
+        if reasoning.strip():
+            message["reasoning_content"] = reasoning
+        if turn.get("tool_calls"):
+            message["tool_calls"] = parse_calls(turn["tool_calls"], f"{field}.tool_calls")
+    if role == "tool" and isinstance(turn.get("tool_call_id"), str):
+        message["tool_call_id"] = turn["tool_call_id"]
+    return message
 
 
 def from_messages(row: dict[str, Any]) -> Messages:
-    """OpenAI style `{"messages": [{"role", "content"}, ...]}`: copied, keeping only role and content (text, or
-    text parts joined)."""
+    """OpenAI style `{"messages": [{"role", "content", "tool_calls"?, ...}, ...]}` -> canonical messages."""
     turns = row.get("messages")
     if not isinstance(turns, list):
         raise InvalidRecord("messages", "missing or not a list")
@@ -118,7 +146,7 @@ def from_messages(row: dict[str, Any]) -> Messages:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise InvalidRecord(f"messages[{i}]", "not an object")
-        messages.append({"role": _text(turn, "role"), "content": _content(turn, f"messages[{i}]")})
+        messages.append(_message(turn, f"messages[{i}]"))
     return messages
 
 
@@ -152,7 +180,7 @@ def from_summarization(row: dict[str, Any], instruction: str) -> Messages:
 def from_columns(row: dict[str, Any], columns: dict[str, str]) -> Messages:
     """An explicit mapping `{"system"?: col, "user": col, "assistant": col}` for any other single-turn table."""
     messages = []
-    for role in ROLES:
+    for role in ("system", "user", "assistant"):
         if role in columns:
             text = _text(row, columns[role], required=role != "system")
             if role != "system" or text.strip():
@@ -165,12 +193,12 @@ PREFERENCE_KEYS = (("prompt", "chosen", "rejected"), ("prompt_messages", "chosen
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")  # Anthropic HH-RLHF transcripts
 
 
-def _sharegpt_answer(row: dict[str, Any], key: str) -> Messages:
+def _sharegpt_answer(row: dict[str, Any], key: str, tags: Any) -> Messages:
     """A ShareGPT ranking answer: one message object `{"from": "gpt", "value": ...}`."""
     value = row.get(key)
     if not isinstance(value, dict):
         raise InvalidRecord(key, "expected a message object {from, value}", type(value).__name__)
-    return from_sharegpt({"conversations": [value]})
+    return from_sharegpt({"conversations": [value]}, tags)
 
 
 def from_hh_transcript(text: str, field: str) -> Messages:
@@ -182,12 +210,15 @@ def from_hh_transcript(text: str, field: str) -> Messages:
             for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
 
 
-def _preference_parts(row: dict[str, Any]) -> tuple[Messages, Messages, Messages, tuple[str, str, str]]:
+def _preference_parts(row: dict[str, Any], tags: Any = None, columns: dict[str, str] | None = None,
+                      ) -> tuple[Messages, Messages, Messages, tuple[str, str, str]]:
     """(prompt, chosen, rejected, the keys they came from) of any of the preference shapes."""
-    if "conversations" in row:  # ShareGPT ranking (LLaMA-Factory's dpo_en_demo)
-        keys = PREFERENCE_KEYS[2]
-        return (from_sharegpt({"conversations": row["conversations"]}), _sharegpt_answer(row, "chosen"),
-                _sharegpt_answer(row, "rejected"), keys)
+    columns = columns or {}
+    if "conversations" in row or "chosen" in columns:  # ShareGPT ranking (LLaMA-Factory's dpo_en_demo)
+        keys = (columns.get("messages", "conversations"), columns.get("chosen", "chosen"),
+                columns.get("rejected", "rejected"))
+        return (from_sharegpt(row, tags, columns), _sharegpt_answer(row, keys[1], tags),
+                _sharegpt_answer(row, keys[2], tags), keys)
     keys = next((k for k in PREFERENCE_KEYS if k[0] in row), None)
     if keys is None:  # Anthropic HH: two whole transcripts that share everything but the last answer
         if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
@@ -200,12 +231,13 @@ def _preference_parts(row: dict[str, Any]) -> tuple[Messages, Messages, Messages
             keys)
 
 
-def to_preference(row: dict[str, Any]) -> dict[str, Messages]:
+def to_preference(row: dict[str, Any], tags: Any = None, columns: dict[str, str] | None = None,
+                  ) -> dict[str, Messages]:
     """Every common preference shape -> the canonical `{"prompt": [..., user], "chosen": [assistant...],
     "rejected": [assistant...]}`: `prompt`/`chosen`/`rejected` as text or messages (silogen's `*_messages` names
     too), ShareGPT ranking (`conversations` with `chosen`/`rejected` message objects), and Anthropic HH (whole
-    `chosen`/`rejected` transcripts)."""
-    prompt, chosen, rejected, keys = _preference_parts(row)
+    `chosen`/`rejected` transcripts). A ShareGPT variant's `tags` and `columns` are as in `from_sharegpt`."""
+    prompt, chosen, rejected, keys = _preference_parts(row, tags, columns)
     validate(prompt + [{"role": "assistant", "content": "-"}])
     out = {"prompt": prompt}
     for name, key, answer in (("chosen", keys[1], chosen), ("rejected", keys[2], rejected)):
@@ -261,52 +293,78 @@ def converter(fmt: str, *, instruction: str | None = None, columns: dict[str, st
             "prompt_completion": from_prompt_completion, "orca": from_orca}[fmt]
 
 
-def validate(messages: Messages) -> None:
-    """Raise InvalidRecord unless `messages` is a trainable conversation (see the module docstring)."""
+def _next_roles(previous: dict[str, Any] | None) -> tuple[str, ...]:
+    """The roles that may follow `previous` in a conversation's body (after the optional system message)."""
+    if previous is None:
+        return ("user",)
+    if previous["role"] == "assistant":
+        return ("tool",) if previous.get("tool_calls") else ("user",)
+    return ("tool", "assistant") if previous["role"] == "tool" else ("assistant",)
+
+
+def validate(messages: Messages, tools: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+    """Raise InvalidRecord unless `messages` is a trainable conversation (see the module docstring) whose calls
+    name functions of `tools`."""
     if not messages:
         raise InvalidRecord("messages", "empty conversation")
-    body = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = 1 if messages[0]["role"] == "system" else 0
+    previous = None
     for i, message in enumerate(messages):
-        if message["role"] not in ROLES:
-            raise InvalidRecord(f"messages[{i}].role", "unknown role", repr(message["role"]))
-        if not message["content"].strip():
+        role = message["role"]
+        if role not in ROLES:
+            raise InvalidRecord(f"messages[{i}].role", "unknown role", repr(role))
+        if not message["content"].strip() and not message.get("tool_calls"):
             raise InvalidRecord(f"messages[{i}].content", "empty")
         try:
             message["content"].encode("utf-8")
+            message.get("reasoning_content", "").encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidRecord(f"messages[{i}].content", "not valid UTF-8", exc.reason) from exc
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            offset = len(messages) - len(body)
-            raise InvalidRecord(f"messages[{i + offset}].role", f"expected {expected}, got {message['role']}")
-    if not body or body[-1]["role"] != "assistant":
+        if i < offset:
+            continue
+        allowed = _next_roles(previous)
+        if role not in allowed:
+            if role == "tool":
+                raise InvalidRecord(f"messages[{i}]", "tool_result_without_call")
+            raise InvalidRecord(f"messages[{i}].role", f"expected {' or '.join(allowed)}, got {role}")
+        previous = message
+    if previous is None or previous["role"] != "assistant":
         raise InvalidRecord("messages", "the last turn must be from the assistant")
+    check_calls(messages, list(tools))
 
 
 def replace_text(record: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
     """`record` (a conversation or a preference record) with every `table` key replaced by its value in the
-    content of every message, longest key first."""
+    content and reasoning of every message, longest key first."""
     if not table:
         return record
     keys = sorted(table, key=len, reverse=True)
 
-    def fix(text: str) -> str:
-        for key in keys:
-            text = text.replace(key, table[key])
-        return text
+    def fix(message: dict[str, Any]) -> dict[str, Any]:
+        out = dict(message)
+        for field in ("content", "reasoning_content"):
+            if field in out:
+                for key in keys:
+                    out[field] = out[field].replace(key, table[key])
+        return out
 
-    return {field: [{**m, "content": fix(m["content"])} for m in value] if isinstance(value, list) else value
+    return {field: [fix(m) for m in value] if field != "tools" and isinstance(value, list) else value
             for field, value in record.items()}
+
+
+def drop_reasoning(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` without reasoning traces (`data.reasoning: drop`)."""
+    return {field: [{k: v for k, v in m.items() if k != "reasoning_content"} for m in value]
+            if field != "tools" and isinstance(value, list) else value for field, value in record.items()}
 
 
 LABEL_KEYS = ("label", "kto_tag")  # TRL's unpaired preference rows; LLaMA-Factory's KTO tag
 
 
-def _desirable(row: dict[str, Any]) -> bool:
+def _desirable(row: dict[str, Any], column: str | None) -> bool:
     """False for a row explicitly labelled undesirable (KTO-style `label: false`): never an SFT target."""
-    key = next((k for k in LABEL_KEYS if k in row), None)
-    if key is None:
+    key = column if column is not None else next((k for k in LABEL_KEYS if k in row), None)
+    if key is None or key not in row:
         return True
     if not isinstance(row[key], bool):
         raise InvalidRecord(key, "expected true or false", repr(row[key]))
@@ -314,21 +372,27 @@ def _desirable(row: dict[str, Any]) -> bool:
 
 
 def record_converter(fmt: str, *, instruction: str | None = None, columns: dict[str, str] | None = None,
-                     tags: Any = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Raw row -> the body of a canonical record, validated: `{"messages"}` for conversations,
-    `{"prompt", "chosen", "rejected"}` for preference data, or `{"prompt", "completion", "label": false}` for a
-    conversation labelled undesirable (kept apart with the preference data, never trained on). Raises
-    InvalidRecord."""
-    if fmt == "preference":
-        return to_preference
+                     tags: Any = None, reasoning: str = "keep") -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Raw row -> the body of a canonical record, validated: `{"messages", "tools"?}` for conversations,
+    `{"prompt", "chosen", "rejected"}` for preference data (a sharegpt source whose `columns` map `chosen` and
+    `rejected` is ShareGPT ranking), or `{"prompt", "completion", "label": false}` for a conversation labelled
+    undesirable (kept apart with the preference data, never trained on). `reasoning: drop` removes the traces.
+    Raises InvalidRecord."""
+    columns = columns or {}
+    finish = drop_reasoning if reasoning == "drop" else (lambda record: record)
+    if fmt == "preference" or (fmt == "sharegpt" and "chosen" in columns):
+        return lambda row: finish(to_preference(row, tags, columns))
     convert = converter(fmt, instruction=instruction, columns=columns, tags=tags)
+    tools_column = columns.get("tools", "tools")
 
     def conversation(row: dict[str, Any]) -> dict[str, Any]:
         messages = convert(row)
-        validate(messages)
-        if _desirable(row):
-            return {"messages": messages}
-        return {"prompt": messages[:-1], "completion": messages[-1:], "label": False}
+        tools = parse_tools(row.get(tools_column), tools_column)
+        validate(messages, tools)
+        body = {"tools": tools} if tools else {}
+        if _desirable(row, columns.get("kto_tag")):
+            return finish({"messages": messages, **body})
+        return finish({"prompt": messages[:-1], "completion": messages[-1:], "label": False, **body})
 
     return conversation
 

@@ -48,12 +48,22 @@ def _turns(record: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str,
     return record["messages"][:-1], record["messages"][-1:]
 
 
+def _compared(message: dict[str, Any]) -> str:
+    """A message as dedup compares it: role and normalized text, and its trace, calls and call id verbatim."""
+    extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+    text = f"{message['role']}\x1f{normalize(message['content'])}"
+    return text + "\x1f" + orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else text
+
+
 def dedup_keys(record: dict[str, Any]) -> tuple[int, int]:
     """(prompt key, normalized key): 64-bit keys of the normalized prompt (records that ask the same thing share
-    it) and of the whole normalized record (near-identical duplicates share it). Normalizes each text once."""
+    it; the tools they may call are part of the prompt) and of the whole normalized record (near-identical
+    duplicates share it). Normalizes each text once."""
     prompt, answer = _turns(record)
-    head = "\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in prompt)
-    tail = "\x1e".join(f"{m['role']}\x1f{normalize(m['content'])}" for m in answer)
+    head = "\x1e".join(map(_compared, prompt))
+    if record.get("tools"):
+        head += "\x1c" + orjson.dumps(record["tools"], option=orjson.OPT_SORT_KEYS).decode()
+    tail = "\x1e".join(map(_compared, answer))
     return _key(head), _key(head + "\x1d" + tail)
 
 

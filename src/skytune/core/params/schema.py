@@ -8,6 +8,8 @@ A dataclass may define `_problems()` for checks across its keys (say, exactly on
 
 from __future__ import annotations
 
+import difflib
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,16 +97,20 @@ Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", 
 @dataclass(frozen=True)
 class SharegptTags:
     """What a ShareGPT variant calls its keys and speakers (LLaMA-Factory's dataset_info.json `tags`); unset ones
-    keep ShareGPT's own: from, value, human, gpt, system."""
+    keep ShareGPT's own: from, value, human, gpt, system, function_call, observation."""
 
     role_tag: str | None = None
     content_tag: str | None = None
     user_tag: str | None = None
     assistant_tag: str | None = None
     system_tag: str | None = None
+    function_tag: str | None = None  # the assistant calling a tool: the turn's value is the JSON of the call(s)
+    observation_tag: str | None = None  # a tool's result
 
 
-SHAREGPT_COLUMNS = ("messages", "system")  # LLaMA-Factory's column names a sharegpt source may map
+# LLaMA-Factory's column names a sharegpt source may map: `chosen` and `rejected` make it ShareGPT ranking
+# (preference data), `kto_tag` names a row's true/false label, `tools` its function schemas.
+SHAREGPT_COLUMNS = ("messages", "system", "tools", "chosen", "rejected", "kto_tag")
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,12 @@ class SourceParams:
             problems.append("format summarization needs `instruction`")
         if self.format == "columns" and not (self.columns and {"user", "assistant"} <= self.columns.keys()):
             problems.append("format columns needs `columns` with at least `user` and `assistant`")
-        if self.format == "sharegpt" and self.columns and not set(self.columns) <= set(SHAREGPT_COLUMNS):
-            problems.append(f"format sharegpt maps only the columns {', '.join(SHAREGPT_COLUMNS)} (as LLaMA-Factory's "
-                            f"dataset_info.json), not {sorted(set(self.columns) - set(SHAREGPT_COLUMNS))}")
+        for column in sorted(set(self.columns or ()) - set(SHAREGPT_COLUMNS)) if self.format == "sharegpt" else ():
+            close = difflib.get_close_matches(column, SHAREGPT_COLUMNS, n=1)
+            problems.append(f"columns.{column}: format sharegpt maps only the columns {', '.join(SHAREGPT_COLUMNS)} "
+                            "(as LLaMA-Factory's dataset_info.json)" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if self.format == "sharegpt" and self.columns and ("chosen" in self.columns) != ("rejected" in self.columns):
+            problems.append("columns: ShareGPT ranking maps both `chosen` and `rejected`")
         if self.tags is not None and self.format != "sharegpt":
             problems.append("`tags` are for format sharegpt")
         return problems
@@ -150,6 +159,7 @@ class DataParams:
     on_invalid: Literal["error", "skip"]
     max_reject_fraction: float = _range(ge=0.0, le=1.0)
     length_policy: Literal["drop", "truncate"]
+    reasoning: Literal["keep", "drop"]
 
 
 @dataclass(frozen=True)
