@@ -1,13 +1,15 @@
 """Data stages at scale: ingest -> to_chat -> split -> merge_data on a synthetic mixed-format source, against a
-naive pandas implementation of the same work, side by side in one run.
+naive pandas implementation of the same work, side by side in one run. The mix holds alpaca, ShareGPT, OpenAI
+messages (parquet), orca (CSV), tool-calling conversations (OpenAI tool_calls and tool results, with their tools)
+and messages whose content is a list of parts; rendered with Qwen2.5's template (tools inside) on both sides.
 
     .venv/bin/python bench/data_throughput.py               # 1M rows (about 10 minutes, most of it the naive run)
     .venv/bin/python bench/data_throughput.py --rows 100000
 
 Each side runs in its own process, so its peak RSS is its own. The naive side reads every file whole into
 pandas, converts, validates and hashes row by row with `.apply`, tokenizes one conversation at a time, and
-shuffles in memory: what a first script does. Both use the same tokenizer (the built-in model that our ingest
-builds) and drop conversations longer than train.max_length. Targets (2 cores): ours >= 5x the naive rows/s,
+shuffles in memory: what a first script does. Both use the same tokenizer (the embedded default's base, SmolLM2,
+which our ingest resolves) and drop conversations longer than train.max_length. Targets (2 cores): ours >= 5x the naive rows/s,
 peak RSS < 2 GB, 1M rows in < 90 s.
 """
 
@@ -28,8 +30,12 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+QWEN25 = Path(__import__("trl").__file__).parent / "chat_templates" / "qwen2_5.jinja"
 # Share of rows per format; each format goes to its own file type so every reader is exercised.
-MIX = {"alpaca": 0.4, "sharegpt": 0.3, "messages": 0.2, "orca": 0.1}
+MIX = {"alpaca": 0.3, "sharegpt": 0.3, "messages": 0.2, "orca": 0.1, "tools": 0.05, "parts": 0.05}
+TOOL = {"type": "function", "function": {"name": "lookup", "description": "Look a word up",
+                                         "parameters": {"type": "object", "properties": {"word": {"type": "string"}},
+                                                        "required": ["word"]}}}
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
          "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 
@@ -80,6 +86,22 @@ def generate(raw: Path, rows: int, seed: int = 0) -> dict[str, int]:
         writer.writerow(["system_prompt", "question", "response"])
         for _ in range(counts["orca"]):
             writer.writerow(["You are helpful.", sentence(rng, 4, 20), sentence(rng, *long_tail())])
+    with open(raw / "tools.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(counts["tools"]):
+            call = {"id": f"c{i}", "type": "function",
+                    "function": {"name": "lookup", "arguments": json.dumps({"word": rng.choice(WORDS)})}}
+            if i % 200 == 1:
+                call["function"]["arguments"] = "{word: "  # invalid: arguments that are not JSON
+            messages = [{"role": "user", "content": sentence(rng, 3, 15)},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": f"c{i}", "content": sentence(rng, 3, 30)},
+                        {"role": "assistant", "content": sentence(rng, *long_tail())}]
+            fh.write(json.dumps({"messages": messages, "tools": [TOOL]}) + "\n")
+    with open(raw / "parts.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(counts["parts"]):
+            parts = [{"type": "text", "text": sentence(rng, 3, 10)}, {"type": "text", "text": sentence(rng, 3, 10)}]
+            fh.write(json.dumps({"messages": [{"role": "user", "content": parts},
+                                              {"role": "assistant", "content": sentence(rng, *long_tail())}]}) + "\n")
     return counts
 
 
@@ -90,7 +112,12 @@ def configure(work: Path) -> None:
         {"name": "sharegpt", "path": "sharegpt.jsonl", "format": "auto"},
         {"name": "messages", "path": "messages.parquet", "format": "messages"},
         {"name": "orca", "path": "orca.csv", "format": "orca"},
+        {"name": "tools", "path": "tools.jsonl", "format": "messages"},
+        {"name": "parts", "path": "parts.jsonl", "format": "auto"},
     ]
+    (work / "templates").mkdir()
+    (work / "templates" / "qwen2_5.jinja").write_text(QWEN25.read_text(encoding="utf-8"), encoding="utf-8")
+    params["model"]["chat_template"] = "templates/qwen2_5.jinja"  # ChatML with tools, on the built-in tokenizer
     params["identity"]["enabled"] = False
     params["merge_data"]["mixture"] = {}
     params["base"]["log_level"] = "WARNING"
@@ -123,17 +150,21 @@ def run_naive() -> int:
     import pandas as pd
     from transformers import AutoTokenizer
 
+    from skytune.core.models.base import BaseModel, location
     from skytune.core.params import load_params
 
     params = load_params()
     raw = Path(params.paths.raw_dir)
-    tokenizer = AutoTokenizer.from_pretrained(params.paths.base_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location(BaseModel.load(params.paths.base_model_dir)))
     frames = {
         "alpaca": pd.read_json(raw / "alpaca.jsonl", lines=True, dtype=False),
         "sharegpt": pd.read_json(raw / "sharegpt.jsonl", lines=True, dtype=False),
         "messages": pd.read_parquet(raw / "messages.parquet"),
         "orca": pd.read_csv(raw / "orca.csv", keep_default_na=False),
+        "tools": pd.read_json(raw / "tools.jsonl", lines=True, dtype=False),
+        "parts": pd.read_json(raw / "parts.jsonl", lines=True, dtype=False),
     }
+    tokenizer.chat_template = Path("templates/qwen2_5.jinja").read_text(encoding="utf-8")
 
     def convert(row: pd.Series, fmt: str):
         if fmt == "alpaca":
@@ -147,6 +178,23 @@ def run_naive() -> int:
             return [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]
         if fmt == "messages":
             return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        if fmt == "parts":
+            return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                     else "\n".join(p["text"] for p in m["content"])} for m in row["messages"]]
+        if fmt == "tools":
+            out = []
+            for m in row["messages"]:
+                m = dict(m)
+                if m.get("tool_calls"):
+                    try:
+                        m["tool_calls"] = [{"type": "function", "function": {
+                            "name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                            for c in m["tool_calls"]]
+                    except ValueError:
+                        return None
+                    m["content"] = ""
+                out.append(m)
+            return out
         return [{"role": "system", "content": row["system_prompt"]}, {"role": "user", "content": row["question"]},
                 {"role": "assistant", "content": row["response"]}]
 
@@ -162,7 +210,8 @@ def run_naive() -> int:
     data = data.drop_duplicates("id")
     data["val"] = data["id"].apply(lambda i: int(hashlib.sha256(f"{params.base.seed}:{i}".encode()).hexdigest(), 16)
                                    / 16**64 < params.split.val_fraction)
-    data["tokens"] = data["messages_out"].apply(lambda m: len(tokenizer.apply_chat_template(m, tokenize=True)))
+    data["tokens"] = data.apply(lambda r: len(tokenizer.apply_chat_template(
+        r["messages_out"], tools=[TOOL] if r["source"] == "tools" else None, tokenize=True)), axis=1)
     data = data[data["tokens"] <= params.train.max_length]
     data = data.sample(frac=1.0, random_state=params.base.seed)
     for name, part in (("train", data[~data["val"]]), ("val", data[data["val"]])):

