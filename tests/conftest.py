@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,17 @@ def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def trained_runs(encoded: Any) -> list[str]:
+    """The trained text of an encoded sequence (`tokenization.Encoded`), as maximal runs of trained characters:
+    read from its labels and offsets here, not from the code that renders the samples."""
+    runs: list[list[int]] = []
+    for (a, b), label in zip(encoded.offsets, encoded.labels, strict=True):
+        if label == -100 or a == b:
+            continue
+        if runs and a <= runs[-1][1]:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return [encoded.text[a:b] for a, b in runs]

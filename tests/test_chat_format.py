@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skytune.core.data.chat_format import InvalidRecord, to_messages, validate
+from skytune.core.params.schema import SharegptTags
 
 
 def test_alpaca_with_and_without_input_and_system() -> None:
@@ -121,7 +122,10 @@ def test_content_parts_are_joined_and_non_text_parts_reject_the_record() -> None
         {"role": "assistant", "content": [{"type": "output_text", "value": "Done."}]}]}
     assert to_messages(row, "messages") == [{"role": "user", "content": "Describe\nbriefly."},
                                             {"role": "assistant", "content": "Done."}]
-    for part in ({"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "input_audio"}, "text"):
+    bare = {"messages": [{"role": "user", "content": ["Describe", {"type": "text", "text": "briefly."}]},
+                         {"role": "assistant", "content": "Done."}]}
+    assert to_messages(bare, "messages")[0]["content"] == "Describe\nbriefly."  # a bare string part is text
+    for part in ({"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "input_audio"}, {"text": "no type"}):
         row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]},
                             {"role": "assistant", "content": "A cat."}]}
         with pytest.raises(InvalidRecord) as caught:
@@ -143,8 +147,14 @@ def test_a_row_labelled_undesirable_is_kept_apart_never_as_a_conversation() -> N
     prompt_completion = record_converter("prompt_completion")  # TRL's unpaired preference rows
     assert prompt_completion({"prompt": "q", "completion": "a", "label": False})["completion"] == [
         {"role": "assistant", "content": "a"}]
+    for label in ("positive", 0):  # a class label, not KTO's: only true/false counts unless kto_tag is mapped
+        assert convert({"messages": turns, "label": label}) == {"messages": turns}
+    kto = record_converter("sharegpt", columns={"messages": "messages", "kto_tag": "label"},
+                           tags=SharegptTags(role_tag="role", content_tag="content", user_tag="user",
+                                             assistant_tag="assistant"))
+    assert kto({"messages": turns, "label": 0})["label"] is False
     with pytest.raises(InvalidRecord, match="label: expected true or false"):
-        convert({"messages": turns, "label": "no"})
+        kto({"messages": turns, "label": "no"})  # mapped as the KTO tag: it must say
 
 
 def test_every_common_preference_shape_becomes_the_canonical_one() -> None:
@@ -159,6 +169,10 @@ def test_every_common_preference_shape_becomes_the_canonical_one() -> None:
         {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello."},
          "rejected": {"from": "gpt", "value": "Go away."}},  # ShareGPT ranking
         {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},  # HH
+        {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],  # TRL implicit
+         "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]},
+        {"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+         "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]},  # H4
     ]
     for row in shapes:
         assert to_preference(row) == canonical, row
@@ -176,7 +190,6 @@ def test_every_common_preference_shape_becomes_the_canonical_one() -> None:
 
 def test_a_sharegpt_variant_maps_by_tags_and_columns_as_llama_factory_writes_them() -> None:
     from skytune.core.data.chat_format import record_converter
-    from skytune.core.params.schema import SharegptTags
 
     # dataset_info.json's OpenAI-style sharegpt: {"columns": {"messages": "messages", "system": "system"},
     # "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}

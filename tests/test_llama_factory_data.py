@@ -219,8 +219,8 @@ def test_the_four_demo_files_through_the_data_stages_and_tool_calls_trained_on_a
     assert len(preference) == 300 - split_counts["dpo"]["exact_duplicates"] == 295
 
     run_stages(root, train)
-    runs = [re.findall(r"⟦(.*?)⟧", text, flags=re.S) for text in
-            re.findall(r"~~~~text\n(.*?)\n~~~~$", (root / paths.train_samples).read_text(), flags=re.M | re.S)]
+    runs = [re.findall(r"⟦(.*?)⟧", text, flags=re.DOTALL) for text in
+            re.findall(r"~~~~text\n(.*?)\n~~~~$", (root / paths.train_samples).read_text(), flags=re.MULTILINE | re.DOTALL)]
     train_records = read_jsonl(root / paths.train_file)
     glaive = [r for r in train_records if r["source"] == "glaive"]
     raw_by_key = {_key(r): r for r in raw["glaive"]}

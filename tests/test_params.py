@@ -119,8 +119,18 @@ def test_a_misspelt_sharegpt_tag_or_column_is_named_with_the_closest_key(tmp_pat
         load_params(tmp_path / "params.yaml")
     text = str(caught.value)
     assert "data.sources[1].tags.role_tg: unknown key; did you mean 'data.sources[1].tags.role_tag'?" in text
-    assert "data.sources[1]: columns.tool: format sharegpt maps only the columns messages, system, tools" in text
+    assert "data.sources[1]: columns.tool: format sharegpt maps only messages, system, tools" in text
     assert "did you mean 'tools'?" in text
+
+
+def test_a_misspelt_role_of_format_columns_is_named(tmp_path: Path) -> None:
+    def edit(params: dict) -> None:
+        params["data"]["sources"][1].update(format="columns", columns={"user": "q", "assistant": "a", "sytem": "s"})
+
+    write_params(tmp_path, edit)
+    with pytest.raises(ParamsError, match=r"columns.sytem: format columns maps only system, user, assistant, tools, "
+                                          r"kto_tag; did you mean 'system'\?"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_the_readmes_typo_example_is_what_the_loader_says(tmp_path: Path) -> None:

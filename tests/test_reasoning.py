@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import copy_inputs, run_stages, write_params
+from conftest import copy_inputs, run_stages, trained_runs, write_params
 from real_vocabs import missing, real_tokenizer
 
 from skytune.core.chat import chat_template, tokenization
@@ -40,6 +40,15 @@ def test_every_way_of_writing_a_trace_becomes_reasoning_content(assistant: dict)
     assert dropped["messages"][-1] == {"role": "assistant", "content": ANSWER}
 
 
+def test_an_inline_trace_is_found_in_any_format() -> None:
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": f"<think>{TRACE}</think>a"}]}
+    alpaca = {"instruction": "q", "output": f"<think>\n{TRACE}\n</think>\n\na"}
+    for fmt, row in (("sharegpt", sharegpt), ("alpaca", alpaca)):
+        assert record_converter(fmt)(row)["messages"][-1] == {"role": "assistant", "content": "a",
+                                                              "reasoning_content": TRACE}
+        assert record_converter(fmt, reasoning="drop")(row)["messages"][-1] == {"role": "assistant", "content": "a"}
+
+
 def test_a_trace_with_no_answer_is_rejected() -> None:
     with pytest.raises(InvalidRecord) as caught:
         record_converter("messages")(_row({"content": "", "reasoning_content": TRACE}))
@@ -58,17 +67,6 @@ def qwen3() -> Any:
     return tokenizer
 
 
-def _trained(encoded: tokenization.Encoded) -> list[str]:
-    runs: list[list[int]] = []
-    for (a, b), label in zip(encoded.offsets, encoded.labels, strict=True):
-        if label != tokenization.IGNORE and a < b:
-            if runs and a <= runs[-1][1]:
-                runs[-1][1] = b
-            else:
-                runs.append([a, b])
-    return [encoded.text[a:b] for a, b in runs]
-
-
 def test_kept_traces_are_trained_inside_the_assistant_turn(qwen3: Any) -> None:
     messages = [{"role": "user", "content": "What is 2 plus 2?"},
                 {"role": "assistant", "content": ANSWER, "reasoning_content": "first trace"},
@@ -78,7 +76,7 @@ def test_kept_traces_are_trained_inside_the_assistant_turn(qwen3: Any) -> None:
                                                                       "messages": messages}])
     # Qwen3 writes the last turn's trace as <think>\n...\n</think>\n\n before the answer, and drops the traces of
     # turns before the last question: those are counted, not trained.
-    assert _trained(encoded) == [f"{ANSWER}<|im_end|>", "<think>\n3 plus 3 makes 6.\n</think>\n\nIt is 6.<|im_end|>"]
+    assert trained_runs(encoded) == [f"{ANSWER}<|im_end|>", "<think>\n3 plus 3 makes 6.\n</think>\n\nIt is 6.<|im_end|>"]
     report = tokenization.gate(qwen3, [encoded], max_length=512, loss="assistant_only", where="test")
     assert report.reasoning_dropped == 1 and not report.problems
     # The gate checks the trace is inside the loss: take it out, and the gate refuses.

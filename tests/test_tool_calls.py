@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import trained_runs
 from tiny_archs import build_tiny
 
 from skytune.core.chat import chat_template, tokenization
@@ -92,11 +93,30 @@ def _broken(edit: Any) -> dict:
     (lambda r: r.update(tools=[{"description": "no name"}]), "tools[0]", "invalid_tools"),
     (lambda r: r["messages"][1].update(tool_calls=[{"function": {"arguments": "{}"}}]), "messages[1].tool_calls[0]",
      "invalid_tool_call"),
+    (lambda r: r["messages"][1]["tool_calls"].append({"id": "call_2", "function": {"name": "get_weather"}}),
+     "messages[3]", "tool_call_without_result"),  # two calls, one result, then the answer
+    (lambda r: r["messages"][1]["tool_calls"].append({"id": "call_1", "function": {"name": "get_weather"}}),
+     "messages[1].tool_calls[1].id", "invalid_tool_call"),  # a duplicate id
 ])
 def test_each_reject_reason_names_the_field(edit: Any, field: str, reason: str) -> None:
     with pytest.raises(InvalidRecord) as caught:
         record_converter("messages")(_broken(edit))
     assert (caught.value.field, caught.value.reason) == (field, reason)
+
+
+def test_a_conversation_may_end_with_the_call() -> None:
+    row = _broken(lambda r: r.update(messages=r["messages"][:2]))
+    assert record_converter("messages")(row)["messages"][-1]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_preference_rows_may_call_tools() -> None:
+    row = {"prompt": OPENAI_ROW["messages"][:3], "chosen": "It is 21 degrees in Paris.", "rejected": "No idea.",
+           "tools": OPENAI_ROW["tools"]}
+    record = record_converter("preference")(row)
+    assert record["tools"] == [{"type": "function", "function": WEATHER}]
+    assert [m["role"] for m in record["prompt"]] == ["user", "assistant", "tool"]
+    with pytest.raises(InvalidRecord, match="unknown_function"):
+        record_converter("preference")({k: v for k, v in row.items() if k != "tools"})
 
 
 def test_a_sharegpt_call_that_is_not_json_is_rejected() -> None:
@@ -114,24 +134,11 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_tokenizer(describe_base("local", "qwen2", str(path), None, template="keep", pad_token="auto"))
 
 
-def _runs(encoded: tokenization.Encoded) -> list[str]:
-    """The trained text, as maximal runs of trained characters."""
-    runs: list[list[int]] = []
-    for (a, b), label in zip(encoded.offsets, encoded.labels, strict=True):
-        if label == tokenization.IGNORE or a == b:
-            continue
-        if runs and a <= runs[-1][1]:
-            runs[-1][1] = b
-        else:
-            runs.append([a, b])
-    return [encoded.text[a:b] for a, b in runs]
-
-
 def test_calls_are_trained_and_results_are_context(qwen: Any) -> None:
     record = {"id": "r", "source": "s", "messages": CANONICAL, "tools": [{"type": "function", "function": WEATHER}]}
     [encoded] = tokenization.Encoder(qwen, "assistant_only").encode([record])
     # Qwen2.5 writes a call as <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call> (its template's own text).
-    assert _runs(encoded) == [
+    assert trained_runs(encoded) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         "It is 21 degrees in Paris.<|im_end|>"]
     assert "<tool_response>\n{\"celsius\": 21}\n</tool_response>" in encoded.text  # the result is there, untrained
@@ -140,7 +147,7 @@ def test_calls_are_trained_and_results_are_context(qwen: Any) -> None:
     assert report.assistant_turns == 2 and not report.problems
     # completion_only: the last answer alone
     [last] = tokenization.Encoder(qwen, "completion_only").encode([record])
-    assert _runs(last) == ["It is 21 degrees in Paris.<|im_end|>"]
+    assert trained_runs(last) == ["It is 21 degrees in Paris.<|im_end|>"]
 
 
 def test_the_gate_refuses_a_trained_result_or_an_untrained_call(qwen: Any) -> None:
@@ -156,6 +163,17 @@ def test_the_gate_refuses_a_trained_result_or_an_untrained_call(qwen: Any) -> No
         broken = tokenization.Encoded(**{**encoded.__dict__, "labels": labels})
         with pytest.raises(tokenization.GateError, match=invariant):
             tokenization.gate(qwen, [broken], max_length=1024, loss="assistant_only", where="test")
+
+
+def test_a_template_that_ignores_the_tools_or_drops_the_calls_is_not_tool_capable(qwen: Any) -> None:
+    own = qwen.chat_template
+    try:
+        qwen.chat_template = own.replace("{%- if tools %}", "{%- if false %}")  # never writes the schemas
+        assert not chat_template.writes_tool_calls(qwen)
+        qwen.chat_template = own.replace("{{- tool_call.arguments | tojson }}", "")  # writes no arguments
+        assert not chat_template.writes_tool_calls(qwen)
+    finally:
+        qwen.chat_template = own
 
 
 def test_a_template_without_tools_is_refused_by_name(qwen: Any) -> None:

@@ -68,7 +68,7 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
                   "messages": [{"role": "user", "content": q}]} for intent, q in identity.PROBES.items()]
     for r in read_jsonl(params.paths.val_file)[: params.sanity_check.val_records]:
         rows.append({"kind": "val", "id": r["id"], "messages": r["messages"][:-1],
-                     "expected": r["messages"][-1]["content"]})
+                     "expected": r["messages"][-1]["content"]} | ({"tools": r["tools"]} if r.get("tools") else {}))
     for row in rows:
         users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
         if not users:

@@ -240,13 +240,15 @@ def _writes(tokenizer: Any, messages: list[dict[str, Any]], probe: str, tools: l
 
 
 def writes_tool_calls(tokenizer: Any) -> bool:
-    """Whether the chat template writes tool calls and their results (given `tools=`)."""
-    call = {"type": "function", "function": {"name": _TOOL_PROBE, "arguments": {}}}
+    """Whether the chat template writes the tools (given `tools=`), an assistant's calls and their results: each
+    carries its own probe, and all three must appear."""
+    described, argument, result = (f"probe_\u2063{what}" for what in ("described", "argument", "result"))
+    call = {"type": "function", "function": {"name": _TOOL_PROBE, "arguments": {"x": argument}}}
     messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "content": _REASONING_PROBE}, {"role": "assistant", "content": "a"}]
-    tools = [{"type": "function", "function": {"name": _TOOL_PROBE, "parameters": {"type": "object"}}}]
-    return _writes(tokenizer, messages[:2], _TOOL_PROBE, tools) and _writes(tokenizer, messages, _REASONING_PROBE,
-                                                                             tools)
+                {"role": "tool", "content": result}, {"role": "assistant", "content": "a"}]
+    tools = [{"type": "function", "function": {"name": _TOOL_PROBE, "description": described,
+                                               "parameters": {"type": "object"}}}]
+    return all(_writes(tokenizer, messages, probe, tools) for probe in (described, argument, result))
 
 
 def writes_reasoning(tokenizer: Any) -> bool:

@@ -104,6 +104,8 @@ def _content(turn: dict[str, Any], field: str) -> tuple[str, str]:
         return ("" if value is None and turn.get("tool_calls") else _text(turn, "content")), ""
     texts, traces = [], []
     for j, part in enumerate(value):
+        if isinstance(part, str):  # a bare string among the parts: text
+            part = {"type": "text", "text": part}
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in TEXT_PARTS + REASONING_PARTS:
             raise InvalidRecord(f"{field}.content[{j}]", "non_text_content", repr(kind))
@@ -116,8 +118,7 @@ def _content(turn: dict[str, Any], field: str) -> tuple[str, str]:
 
 def _message(turn: dict[str, Any], field: str) -> dict[str, Any]:
     """One OpenAI-style message -> canonical: role, content (text parts joined), and an assistant's trace
-    (`reasoning_content`, `thinking`, reasoning parts, or a leading `<think>` block) and `tool_calls`, a tool
-    result's `tool_call_id`."""
+    (`reasoning_content`, `thinking`, reasoning parts) and `tool_calls`, a tool result's `tool_call_id`."""
     role = _text(turn, "role")
     content, reasoning = _content(turn, field)
     message: dict[str, Any] = {"role": role, "content": content}
@@ -125,9 +126,6 @@ def _message(turn: dict[str, Any], field: str) -> dict[str, Any]:
         key = next((k for k in REASONING_KEYS if turn.get(k)), None)
         if key is not None:
             reasoning = _text(turn, key)
-        inline = THINK.match(content)
-        if inline and not reasoning:
-            reasoning, message["content"] = inline.group(1).strip("\n"), content[inline.end():]
         if reasoning.strip():
             message["reasoning_content"] = reasoning
         if turn.get("tool_calls"):
@@ -220,6 +218,9 @@ def _preference_parts(row: dict[str, Any], tags: Any = None, columns: dict[str, 
         return (from_sharegpt(row, tags, columns), _sharegpt_answer(row, keys[1], tags),
                 _sharegpt_answer(row, keys[2], tags), keys)
     keys = next((k for k in PREFERENCE_KEYS if k[0] in row), None)
+    if keys is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        keys = ("chosen", "chosen", "rejected")  # TRL's implicit prompt: two whole conversations
+        return [], _turns(row, "chosen", "assistant"), _turns(row, "rejected", "assistant"), keys
     if keys is None:  # Anthropic HH: two whole transcripts that share everything but the last answer
         if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
             raise InvalidRecord("prompt", "missing")
@@ -232,23 +233,37 @@ def _preference_parts(row: dict[str, Any], tags: Any = None, columns: dict[str, 
 
 
 def to_preference(row: dict[str, Any], tags: Any = None, columns: dict[str, str] | None = None,
-                  ) -> dict[str, Messages]:
+                  tools_column: str | None = "tools") -> dict[str, Any]:
     """Every common preference shape -> the canonical `{"prompt": [..., user], "chosen": [assistant...],
     "rejected": [assistant...]}`: `prompt`/`chosen`/`rejected` as text or messages (silogen's `*_messages` names
-    too), ShareGPT ranking (`conversations` with `chosen`/`rejected` message objects), and Anthropic HH (whole
-    `chosen`/`rejected` transcripts). A ShareGPT variant's `tags` and `columns` are as in `from_sharegpt`."""
+    too), conversations that repeat the prompt or carry it whole (HuggingFaceH4's, TRL's implicit prompt),
+    ShareGPT ranking (`conversations` with `chosen`/`rejected` message objects), and Anthropic HH (whole
+    `chosen`/`rejected` transcripts); with the `tools` the row may call. A ShareGPT variant's `tags` and
+    `columns` are as in `from_sharegpt`."""
     prompt, chosen, rejected, keys = _preference_parts(row, tags, columns)
-    validate(prompt + [{"role": "assistant", "content": "-"}])
-    out = {"prompt": prompt}
+    prompt, chosen, rejected = _shared_prompt(*map(inline_reasoning, (prompt, chosen, rejected)))
+    tools = parse_tools(row.get(tools_column), tools_column) if tools_column else []
+    validate(prompt + [{"role": "assistant", "content": "-"}], tools)
+    out: dict[str, Any] = {"prompt": prompt}
     for name, key, answer in (("chosen", keys[1], chosen), ("rejected", keys[2], rejected)):
-        if not answer or any(m["role"] != "assistant" for m in answer):
+        if not answer or any(m["role"] not in ("assistant", "tool") for m in answer) or answer[0]["role"] == "tool":
             raise InvalidRecord(key, "must be assistant text or assistant messages")
-        for turn in answer:
-            validate(prompt + [turn])
+        validate(prompt + answer, tools)
         out[name] = answer
     if out["chosen"] == out["rejected"]:
         raise InvalidRecord(keys[2], "identical to the chosen answer")
-    return out
+    return out | ({"tools": tools} if tools else {})
+
+
+def _shared_prompt(prompt: Messages, chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    """Answers given as whole conversations (TRL's implicit prompt; HuggingFaceH4's, which repeat the prompt)
+    split into the prompt they share and the answers."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n and (not prompt or chosen[:n] == prompt or chosen[:n][-len(prompt):] == prompt):
+        return chosen[:n], chosen[n:], rejected[n:]
+    return prompt, chosen, rejected
 
 
 FORMATS = tuple(f for f in typing.get_args(Format) if f != "auto")  # the explicit formats of params.yaml
@@ -291,6 +306,20 @@ def converter(fmt: str, *, instruction: str | None = None, columns: dict[str, st
         return lambda row: from_sharegpt(row, tags, columns)
     return {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "messages": from_messages,
             "prompt_completion": from_prompt_completion, "orca": from_orca}[fmt]
+
+
+def inline_reasoning(messages: Messages) -> Messages:
+    """Messages with a trace written inline at the start of an assistant's text (`<think>...</think>`, as Qwen3 and
+    DeepSeek-R1 answer) moved to `reasoning_content`, whatever format they came from."""
+    out = []
+    for message in messages:
+        inline = THINK.match(message["content"]) if message["role"] == "assistant" else None
+        if inline and "reasoning_content" not in message:
+            message = {**message, "content": message["content"][inline.end():]}
+            if inline.group(1).strip():
+                message["reasoning_content"] = inline.group(1).strip("\n")
+        out.append(message)
+    return out
 
 
 def _next_roles(previous: dict[str, Any] | None) -> tuple[str, ...]:
@@ -362,13 +391,17 @@ LABEL_KEYS = ("label", "kto_tag")  # TRL's unpaired preference rows; LLaMA-Facto
 
 
 def _desirable(row: dict[str, Any], column: str | None) -> bool:
-    """False for a row explicitly labelled undesirable (KTO-style `label: false`): never an SFT target."""
-    key = column if column is not None else next((k for k in LABEL_KEYS if k in row), None)
-    if key is None or key not in row:
+    """False for a row explicitly labelled undesirable (KTO-style `label: false`): never an SFT target. An unmapped
+    `label`/`kto_tag` counts only when it is true or false (a classification label means something else); a mapped
+    `kto_tag` column must hold true/false (or 1/0)."""
+    if column is None:
+        return next((row[k] for k in LABEL_KEYS if isinstance(row.get(k), bool)), True)
+    value = row.get(column)
+    if value is None:
         return True
-    if not isinstance(row[key], bool):
-        raise InvalidRecord(key, "expected true or false", repr(row[key]))
-    return row[key]
+    if value not in (True, False):  # 1 and 0 compare equal to True and False
+        raise InvalidRecord(column, "expected true or false", repr(value))
+    return bool(value)
 
 
 def record_converter(fmt: str, *, instruction: str | None = None, columns: dict[str, str] | None = None,
@@ -380,14 +413,15 @@ def record_converter(fmt: str, *, instruction: str | None = None, columns: dict[
     Raises InvalidRecord."""
     columns = columns or {}
     finish = drop_reasoning if reasoning == "drop" else (lambda record: record)
+    # A row's function schemas: the mapped column, or `tools` in the shapes that carry one.
+    tools_column = columns.get("tools") or ("tools" if fmt in ("messages", "sharegpt", "preference") else None)
     if fmt == "preference" or (fmt == "sharegpt" and "chosen" in columns):
-        return lambda row: finish(to_preference(row, tags, columns))
+        return lambda row: finish(to_preference(row, tags, columns, tools_column))
     convert = converter(fmt, instruction=instruction, columns=columns, tags=tags)
-    tools_column = columns.get("tools", "tools")
 
     def conversation(row: dict[str, Any]) -> dict[str, Any]:
-        messages = convert(row)
-        tools = parse_tools(row.get(tools_column), tools_column)
+        messages = inline_reasoning(convert(row))
+        tools = parse_tools(row.get(tools_column), tools_column) if tools_column else []
         validate(messages, tools)
         body = {"tools": tools} if tools else {}
         if _desirable(row, columns.get("kto_tag")):

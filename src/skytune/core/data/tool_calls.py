@@ -78,11 +78,14 @@ def parse_calls(value: Any, field: str) -> list[dict[str, Any]]:
 
 
 def check_calls(messages: list[Message], tools: list[dict[str, Any]]) -> None:
-    """Raise InvalidRecord for a call to a function not in `tools` (`unknown_function`) and for a result with no
-    call before it (`tool_result_without_call`): a `tool` message must follow an assistant's calls or another
-    result, at most one result per call, and a `tool_call_id` must name one of those calls."""
+    """Raise InvalidRecord for a call to a function not in `tools` (`unknown_function`), for a result with no call
+    before it (`tool_result_without_call`: a `tool` message must follow an assistant's calls or another result, at
+    most one result per call, and a `tool_call_id` must name one of those calls), and for a call left unanswered
+    when the conversation goes on (`tool_call_without_result`; a conversation may end with calls: the model learns
+    to make them). Call ids must be unique."""
     known = {tool["function"]["name"] for tool in tools}
     pending: list[str | None] = []
+    seen: set[str] = set()
     for i, message in enumerate(messages):
         if message["role"] == "tool":
             if not pending:
@@ -92,9 +95,14 @@ def check_calls(messages: list[Message], tools: list[dict[str, Any]]) -> None:
                 raise InvalidRecord(f"messages[{i}].tool_call_id", "tool_result_without_call", repr(wanted))
             pending.remove(wanted if wanted in pending else pending[0])
             continue
-        pending = []
+        if pending:
+            raise InvalidRecord(f"messages[{i}]", "tool_call_without_result", f"{len(pending)} call(s) unanswered")
         for j, call in enumerate(message.get("tool_calls", ())):
             name = call["function"]["name"]
             if name not in known:
                 raise InvalidRecord(f"messages[{i}].tool_calls[{j}]", "unknown_function", repr(name))
+            if call.get("id") in seen:
+                raise InvalidRecord(f"messages[{i}].tool_calls[{j}].id", "invalid_tool_call", "duplicate id")
+            if call.get("id") is not None:
+                seen.add(call["id"])
             pending.append(call.get("id"))

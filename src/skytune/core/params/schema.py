@@ -9,7 +9,6 @@ A dataclass may define `_problems()` for checks across its keys (say, exactly on
 from __future__ import annotations
 
 import difflib
-
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +110,7 @@ class SharegptTags:
 # LLaMA-Factory's column names a sharegpt source may map: `chosen` and `rejected` make it ShareGPT ranking
 # (preference data), `kto_tag` names a row's true/false label, `tools` its function schemas.
 SHAREGPT_COLUMNS = ("messages", "system", "tools", "chosen", "rejected", "kto_tag")
+COLUMNS_ROLES = ("system", "user", "assistant", "tools", "kto_tag")  # what format `columns` maps to column names
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,11 @@ class SourceParams:
             problems.append("format summarization needs `instruction`")
         if self.format == "columns" and not (self.columns and {"user", "assistant"} <= self.columns.keys()):
             problems.append("format columns needs `columns` with at least `user` and `assistant`")
-        for column in sorted(set(self.columns or ()) - set(SHAREGPT_COLUMNS)) if self.format == "sharegpt" else ():
-            close = difflib.get_close_matches(column, SHAREGPT_COLUMNS, n=1)
-            problems.append(f"columns.{column}: format sharegpt maps only the columns {', '.join(SHAREGPT_COLUMNS)} "
-                            "(as LLaMA-Factory's dataset_info.json)" + (f"; did you mean {close[0]!r}?" if close else ""))
+        known = {"sharegpt": SHAREGPT_COLUMNS, "columns": COLUMNS_ROLES}.get(self.format, ())
+        for column in sorted(set(self.columns or ()) - set(known)) if known else ():
+            close = difflib.get_close_matches(column, known, n=1)
+            problems.append(f"columns.{column}: format {self.format} maps only {', '.join(known)}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
         if self.format == "sharegpt" and self.columns and ("chosen" in self.columns) != ("rejected" in self.columns):
             problems.append("columns: ShareGPT ranking maps both `chosen` and `rejected`")
         if self.tags is not None and self.format != "sharegpt":
