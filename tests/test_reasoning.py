@@ -41,7 +41,8 @@ def test_every_way_of_writing_a_trace_becomes_reasoning_content(assistant: dict)
 
 
 def test_an_inline_trace_is_found_in_any_format() -> None:
-    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": f"<think>{TRACE}</think>a"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "q"},
+                                  {"from": "gpt", "value": f"<think>{TRACE}</think>a"}]}
     alpaca = {"instruction": "q", "output": f"<think>\n{TRACE}\n</think>\n\na"}
     for fmt, row in (("sharegpt", sharegpt), ("alpaca", alpaca)):
         assert record_converter(fmt)(row)["messages"][-1] == {"role": "assistant", "content": "a",
@@ -76,7 +77,8 @@ def test_kept_traces_are_trained_inside_the_assistant_turn(qwen3: Any) -> None:
                                                                       "messages": messages}])
     # Qwen3 writes the last turn's trace as <think>\n...\n</think>\n\n before the answer, and drops the traces of
     # turns before the last question: those are counted, not trained.
-    assert trained_runs(encoded) == [f"{ANSWER}<|im_end|>", "<think>\n3 plus 3 makes 6.\n</think>\n\nIt is 6.<|im_end|>"]
+    assert trained_runs(encoded) == [f"{ANSWER}<|im_end|>",
+                                     "<think>\n3 plus 3 makes 6.\n</think>\n\nIt is 6.<|im_end|>"]
     report = tokenization.gate(qwen3, [encoded], max_length=512, loss="assistant_only", where="test")
     assert report.reasoning_dropped == 1 and not report.problems
     # The gate checks the trace is inside the loss: take it out, and the gate refuses.

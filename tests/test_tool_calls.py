@@ -249,3 +249,29 @@ def test_each_tool_reject_is_counted_with_its_file_line_and_reason(tmp_path: Pat
         (21 + i, reason) for i, reason in enumerate(edits)]
     metrics = json.loads((root / "metrics/to_chat.json").read_text())
     assert metrics["records"]["tools"] == 20 and metrics["rejected"]["tools"] == len(edits)
+
+
+def test_the_shipped_chatml_tools_template_on_the_embedded_defaults_real_tokenizer() -> None:
+    """templates/chatml_tools.jinja on SmolLM2's real tokenizer (the embedded default's base): tools, calls, results
+    and a trace written; calls and the trace trained, results not; the gate passes. Expected texts by hand."""
+    from conftest import REPO
+    from real_vocabs import missing, real_tokenizer
+
+    if missing("smollm2"):
+        pytest.skip(str(missing("smollm2")))
+    tokenizer = real_tokenizer("smollm2")
+    tokenizer.chat_template = (REPO / "templates/chatml_tools.jinja").read_text(encoding="utf-8")
+    chat_template.ensure_pad_token(tokenizer)
+    assert chat_template.writes_tool_calls(tokenizer) and chat_template.writes_reasoning(tokenizer)
+    messages = [*CANONICAL[:-1], {**CANONICAL[-1], "reasoning_content": "The tool said 21."}]
+    record = {"id": "r", "source": "s", "messages": messages, "tools": [{"type": "function", "function": WEATHER}]}
+    [encoded] = tokenization.Encoder(tokenizer, "assistant_only").encode([record])
+    assert trained_runs(encoded) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "<think>\nThe tool said 21.\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>"]
+    assert "<|im_start|>user\n<tool_response>\n{\"celsius\": 21}\n</tool_response><|im_end|>" in encoded.text
+    report = tokenization.gate(tokenizer, [encoded], max_length=2048, loss="assistant_only", where="test")
+    assert not report.problems and report.assistant_turns == 2
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert chat_template.render(tokenizer, plain) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n")

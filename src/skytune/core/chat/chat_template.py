@@ -264,13 +264,14 @@ def check_writes(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dic
     `template`) has no place for: trained without them, the model would learn answers with their cause cut out."""
     if (tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages)) and not writes_tool_calls(tokenizer):
         raise SkytuneError(f"the data has tool calls, but the chat template ({template}) does not write tools, calls "
-                           "and their results. Choose a template with tool support (model.chat_template: a "
-                           "templates/<file>.jinja such as Qwen2.5's, or a model whose own template has it), or "
-                           "remove the tool-calling sources")
+                           "and their results. Choose a template with tool support (model.chat_template: "
+                           "templates/chatml_tools.jinja for a ChatML tokenizer, another templates/<file>.jinja, or "
+                           "a model whose own template has it), or remove the tool-calling sources")
     if any("reasoning_content" in m for m in messages) and not writes_reasoning(tokenizer):
         raise SkytuneError(f"the data has reasoning traces, but the chat template ({template}) has no place for them "
                            "(it drops reasoning_content). Set data.reasoning: drop, or choose a template that "
-                           "writes them (Qwen3-style <think> blocks)")
+                           "writes them (Qwen3-style <think> blocks; templates/chatml_tools.jinja for a ChatML "
+                           "tokenizer)")
 
 
 def template_pieces(tokenizer: Any, roles: tuple[str, ...]) -> list[str] | None:
