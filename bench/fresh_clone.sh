@@ -22,6 +22,10 @@ mb() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
 
 run=$(seconds make run)
 export PATH="$PWD/.venv/bin:$PATH"
+evaluate=$(python -c 'import json; from skytune.core.params import load_params
+m = json.load(open(load_params().paths.eval_metrics))
+print("base %s s (once per base), tuned %s s (every experiment); flagged as forgetting: %d"
+      % (m["seconds_base"], m["seconds_tuned"], m["regressions"]))')
 pipeline=$(seconds dvc exp run -f)
 
 dvc remote add -q --local -d bench "$work/remote"
@@ -35,6 +39,7 @@ workspace=$(bytes models data metrics sanity_check_result dvclive)
 copies=$(find . -path ./.venv -prune -o -path './.venv-*' -prune -o -type f -size +100M -print | wc -l)
 
 printf 'make run (fresh clone, installs included): %4d s   (target 600)\n' "$run"
+printf 'the evaluate stages in make run: %s\n' "$evaluate"
 printf 'pipeline alone (dvc exp run -f):           %4d s\n' "$pipeline"
 printf 'a second experiment (-S train.lora_r=16):  %4d s\n' "$experiment"
 printf 'per extra experiment: cache +%s, remote +%s; its adapter + metrics %s (target <= 1.2x)\n' \

@@ -21,7 +21,8 @@ import pytest
 from skytune.core.models.builtin import build_builtin
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "export")
+STAGES = ("ingest", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "evaluate_base",
+          "evaluate", "export")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -58,7 +59,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # identity with in seconds. params.yaml's embedded default is a real 135M model (SmolLM2-135M-Instruct); one slow
 # test runs it end to end (test_pipeline_e2e.py), the family tests run real tokenizers (test_real_families.py).
 TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
-                "train": {"epochs": 10, "learning_rate": 0.002, "lora_alpha": 32, "max_length": 256}}
+                "train": {"epochs": 10, "learning_rate": 0.002, "lora_alpha": 32, "max_length": 256},
+                "evaluate": {"limit": 8, "general_text": {"prompts": 4, "max_new_tokens": 32}}}
 
 
 def tiny_profile(params: dict) -> dict:
@@ -76,9 +78,10 @@ def copy_inputs(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     write_params(dest)
     shutil.copytree(REPO / paths.raw_dir, dest / paths.raw_dir)
-    for prompts in (paths.sanity_prompts, paths.retained_prompts):
+    for prompts in (paths.sanity_prompts, paths.retained_prompts, paths.general_prompts, paths.lm_eval_pin):
         (dest / prompts).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / prompts, dest / prompts)
+    shutil.copytree(REPO / paths.eval_tasks_dir, dest / paths.eval_tasks_dir)
     return dest
 
 
@@ -127,7 +130,7 @@ class PipelineRun:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
-    """Run all eight stages on the embedded default, on CPU, recording which params each stage reads."""
+    """Run every stage on the embedded default, on CPU, recording which params each stage reads."""
     import importlib
 
     from skytune.core.params import TrackedParams, load_params

@@ -87,3 +87,29 @@ def test_vllm_answers_like_transformers_on_the_merged_model(pipeline: PipelineRu
     agree = scoring.agreement(hf, served)
     print(f"\nvLLM vs transformers on {len(prompts)} val prompts: {agree}")
     assert agree["stop_agreement"] >= 0.95 and agree["exact_match"] >= 0.9
+
+
+def test_lm_eval_on_vllm_scores_the_tasks_as_transformers_does(pipeline: PipelineRun) -> None:
+    """The evaluate stages' vLLM engine (evaluate.engine: vllm, what auto picks on a GPU node with vLLM): lm-eval's
+    vLLM backend on the merged model gives the repository's tasks the scores its transformers backend gives."""
+    pytest.importorskip("vllm")
+    import dataclasses
+
+    from conftest import REPO
+
+    from skytune.core.evaluation import harness
+    from skytune.core.params import load_params
+
+    params = load_params(pipeline.root / "params.yaml")
+    merged = pipeline.root / params.paths.merged_dir
+    tokenizer = load_saved_tokenizer(merged)
+    scores = {engine: harness.score(lambda: load_full_precision(merged, None, torch.float32), tokenizer,
+                                    source=str(merged), revision=None, dtype="float32", seed=0,
+                                    ev=dataclasses.replace(params.evaluate, engine=engine, limit=20),
+                                    tasks_dir=REPO / params.paths.eval_tasks_dir,
+                                    pin_file=REPO / params.paths.lm_eval_pin)[0]
+              for engine in ("transformers", "vllm")}
+    print(f"\nlm-eval, transformers vs vLLM: {scores['transformers'].tasks} vs {scores['vllm'].tasks}")
+    for task, metrics in scores["transformers"].tasks.items():
+        for metric, value in metrics.items():
+            assert abs(scores["vllm"].tasks[task][metric] - value) <= 0.1, (task, metric)

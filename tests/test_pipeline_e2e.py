@@ -105,7 +105,9 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
     assert ours.keys() == theirs.keys() and len(ours) > 10
     assert [k for k in ours if ours[k] != theirs[k]] == []
 
-    assert stages_ran(experiments.experiment_log) == ["train", "merge_adapters", "sanity_check", "export"]
+    # The experiment re-scores the tuned model only: the base's scores depend on nothing it changed.
+    assert stages_ran(experiments.experiment_log) == ["train", "merge_adapters", "sanity_check", "evaluate", "export"]
+    assert "Stage 'evaluate_base' didn't change, skipping" in experiments.experiment_log
     # What an experiment costs: the cache grows by about its adapter and metrics, never by a merged model.
     record = tree_bytes(repo / PATHS.adapter_dir) + sum(tree_bytes(repo / p) for p in (
         PATHS.train_metrics, PATHS.merge_metrics, PATHS.sanity_metrics, PATHS.export_metrics, PATHS.dvclive_dir))
@@ -137,9 +139,19 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
     for _params, metrics in found.values():
         assert metrics[PATHS.sanity_metrics]["data"]["identity_exact_match_tuned"] == 1.0
         assert "val_loss_after" in metrics[PATHS.train_metrics]["data"]
+    # Per task and metric, base, tuned and delta are experiment columns; both experiments share the one base score.
+    base_scores = json.loads((repo / PATHS.base_scores_dir / "scores.json").read_text())["tasks"]
+    assert set(base_scores) == {"skytune_knowledge", "skytune_choice"}
+    for task, scores in base_scores.items():
+        for metric, value in scores.items():
+            for name in ("baseline-run", "rank16"):
+                entry = found[name][1][PATHS.eval_metrics]["data"]["tasks"][task][metric]
+                assert entry["base"] == round(value, 4) and entry["delta"] == round(entry["tuned"] - entry["base"], 4)
+                assert 0.0 <= entry["tuned"] <= 1.0 and isinstance(entry["forgot"], bool)
 
     summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)  # what `make run` ends with
     assert "rank16" in summary and "identity_exact_match   0.0 -> 1.0" in summary
+    assert "benchmarks (lm-eval" in summary and "skytune_choice acc " in summary
     assert PATHS.sanity_report in summary
 
 
@@ -164,11 +176,14 @@ def test_the_report_page_opens_with_the_summary_then_the_answers(report_page: Pa
     assert "<th>tuned: baseline-run</th><th>tuned: rank16</th>" in page[answers:plots]
     assert "I was created by the SkyTune team." in page[answers:plots]
     figures = page[plots:metrics]
-    assert figures.count("<svg") >= 6 and "dvclive/plots" not in figures  # titles in words, not file paths
+    assert figures.count("<svg") >= 7 and "dvclive/plots" not in figures  # titles in words, not file paths
     loss = figures.split("<figcaption>Loss (training)</figcaption>")[0].rsplit("<svg", 1)[1]
     assert "baseline-run" in loss and "rank16" in loss  # one curve per experiment
     assert "optimizer step" in loss and "Loss (training)" in loss  # the axis and the title, drawn in the SVG
     assert "<figcaption>Answer length per prompt" in figures  # dvc.yaml's own title for the sanity plot
+    bars = figures.split("<figcaption>Benchmark scores, base vs tuned")[0].rsplit("<svg", 1)[1]
+    assert "skytune_choice acc (base)" in bars and "skytune_choice acc (tuned)" in bars
+    assert "<tr><td>benchmark: skytune_choice acc</td>" in head
     assert "<tr><td>sanity.identity_exact_match_tuned</td><td class='num'>1</td><td class='num'>1</td></tr>" in page
     assert "cdn" not in page.lower() and "<script" not in page  # opens anywhere, offline
 
@@ -183,7 +198,7 @@ def test_the_report_page_renders_in_headless_chromium(report_page: Path, tmp_pat
     sh(*browse, f"--screenshot={shot}", report_page.as_uri(), cwd=tmp_path)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000  # drawn, not blank
     dom = sh(*browse, "--dump-dom", report_page.as_uri(), cwd=tmp_path, stdout_only=True)
-    assert dom.count("<svg") >= 6 and "tuned: rank16" in dom and dom.index("Summary") < dom.index("<svg")
+    assert dom.count("<svg") >= 7 and "tuned: rank16" in dom and dom.index("Summary") < dom.index("<svg")
 
 
 @pytest.mark.slow
@@ -202,3 +217,21 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     assert sanity["val_perplexity_tuned"] < sanity["val_perplexity_base"]
     summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)
     assert "retained" in summary and "identity_exact_match" in summary
+    benchmarks = json.loads((repo / PATHS.eval_metrics).read_text())
+    assert benchmarks["tasks"]["skytune_choice"]["acc"]["base"] >= 0.5, benchmarks  # a real model, above chance
+    # The default run keeps its knowledge answers (measured: 0.66 -> 0.64); its choice scores and general-text
+    # perplexity move past the default thresholds (0.76 -> 0.64, 1.99 -> 3.14), flagged as they should be.
+    assert benchmarks["tasks"]["skytune_knowledge"]["answer_match"]["forgot"] is False, benchmarks
+
+    # A deliberately destructive run: identity only, a learning rate 20x too high, three epochs. Only what
+    # evaluate needs runs (the base is not scored again), and the forgetting is flagged.
+    log = sh("dvc", "exp", "run", "-n", "destroy", "-S", "train.learning_rate=0.02", "-S", "train.epochs=3",
+             "-S", "merge_data.mixture.sharegpt_math.rows=0", "-S", "+merge_data.mixture.alpaca_tasks={rows: 0}",
+             "evaluate", cwd=repo, timeout=1800)
+    assert stages_ran(log) == ["merge_data", "train", "merge_adapters", "evaluate"], log[-3000:]
+    destroyed = json.loads((repo / PATHS.eval_metrics).read_text())
+    assert destroyed["forgetting"] is True and destroyed["regressions"] > benchmarks["regressions"], destroyed
+    assert destroyed["tasks"]["skytune_knowledge"]["answer_match"]["forgot"] is True, destroyed
+    general = destroyed["general_text"]["perplexity"]
+    assert general["forgot"] is True and general["tuned"] > benchmarks["general_text"]["perplexity"]["tuned"]
+    assert "Stage 'evaluate_base' didn't change, skipping" in log

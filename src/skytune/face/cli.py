@@ -1,6 +1,7 @@
 """The user's commands that are not pipeline stages.
 
-    python -m skytune.face.cli summary     # the experiments' params and metrics, and where the sanity report is
+    python -m skytune.face.cli summary     # the experiments' params and metrics, benchmarks, and where the sanity
+                                           # report is
     python -m skytune.face.cli preemptible -- dvc exp run -S train.lora_r=16
                                       # run a command; exit 75 if the train stage inside it was preempted
 """
@@ -19,7 +20,7 @@ from skytune.core.params import load_params
 # The columns worth comparing experiments on (regexes for `dvc exp show --keep`); everything else is dropped.
 SUMMARY_KEEP = (r"Experiment|model\.base|train\.(method|lora_r|lora_alpha|learning_rate|epochs)|quantization"
                 r"|val_loss_before|val_loss_after|identity_exact_match_.*|retained|ends_with_eot_.*"
-                r"|val_perplexity_.*|top1_agreement_vs_4bit")
+                r"|val_perplexity_.*|top1_agreement_vs_4bit|tasks\..*\.tuned|forgetting")
 
 
 def summary() -> int:
@@ -38,6 +39,16 @@ def summary() -> int:
         if "retained" in values:
             print(f"  {'retained':22s} {values['retained']} of the {values['retained_probes_base_correct']} "
                   "probes the base answers right")
+    evaluated = Path(params.paths.eval_metrics)
+    if evaluated.is_file():
+        values = json.loads(evaluated.read_text(encoding="utf-8"))
+        print(f"\nbenchmarks (lm-eval {values['lm_eval']}, {values['engine']}; base -> fine-tuned):")
+        rows = [(f"{task} {metric}", e) for task, metrics in values["tasks"].items() for metric, e in metrics.items()]
+        if "general_text" in values:
+            rows.append(("general text perplexity", values["general_text"]["perplexity"]))
+        for name, e in rows:
+            print(f"  {name:34s} {e['base']} -> {e['tuned']} ({e['delta']:+.4f}){'  FORGOT' if e['forgot'] else ''}")
+        print(f"  forgetting: {'yes, ' + str(values['regressions']) + ' flagged' if values['forgetting'] else 'no'}")
     print(f"\nside-by-side answers: {params.paths.sanity_report}   (all of it in a browser: make report)")
     print(f"model to serve:       {params.paths.export_dir} (model card: {params.paths.export_dir}/README.md)")
     return code

@@ -18,6 +18,7 @@ import csv
 import html
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,8 @@ def render_svg(spec: dict[str, Any]) -> str:
 def metric_files(params: Params) -> dict[str, str]:
     """The metrics worth comparing, by the stage that writes them (the data stages' row counts are left out)."""
     p = params.paths
-    return {"train": p.train_metrics, "merge": p.merge_metrics, "sanity": p.sanity_metrics, "export": p.export_metrics}
+    return {"train": p.train_metrics, "merge": p.merge_metrics, "sanity": p.sanity_metrics,
+            "evaluate": p.eval_metrics, "export": p.export_metrics}
 
 
 def revision_metrics(params: Params, rev: str | None) -> dict[str, Any]:
@@ -106,7 +108,11 @@ HEADLINE = (
     ("retained: probes the base got right, still right", None, "sanity.retained"),
     ("val perplexity", "sanity.val_perplexity_base", "sanity.val_perplexity_tuned"),
     ("val loss", "train.val_loss_before", "train.val_loss_after"),
+    ("general text perplexity (forgetting)", "evaluate.general_text.perplexity.base",
+     "evaluate.general_text.perplexity.tuned"),
+    ("forgetting flagged (regressions)", None, "evaluate.regressions"),
 )
+BENCHMARK = re.compile(r"evaluate\.tasks\.(?P<task>[^.]+)\.(?P<metric>.+)\.tuned")  # one headline row each
 # Plot titles and axis names in words, by the plot's file name and by the data's column.
 PLOT_TITLES = {"loss": "Loss", "perplexity": "Perplexity", "learning_rate": "Learning rate",
                "grad_norm": "Gradient norm", "train_lengths": "Training sequences by length"}
@@ -114,7 +120,7 @@ AXIS_NAMES = {"step": "optimizer step", "loss": "loss (cross-entropy per trained
               "perplexity": "perplexity", "learning_rate": "learning rate", "grad_norm": "gradient norm",
               "tokens": "tokens per sequence", "records": "sequences", "prompt": "prompt", "base": "base model",
               "tuned": "tuned model", "answer_tokens": "answer tokens", "rev": "experiment",
-              "dvc_inferred_y_value": "tokens"}
+              "dvc_inferred_y_value": "tokens", "score": "task, metric (model)", "value": "score"}
 
 
 def plot_title(plot_id: str) -> str:
@@ -152,14 +158,21 @@ def _value(v: Any) -> str:
 
 
 def _headline(names: list[str], metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """Base vs tuned: the fixed rows of HEADLINE, then one row per benchmark task and metric (a tuned score flagged
+    as forgetting in red)."""
     first = metrics[names[0]]
     out = ["<table class='headline'>", "<tr><th>base vs tuned</th><th>base</th>"
            + "".join(f"<th>tuned: {html.escape(n)}</th>" for n in names) + "</tr>"]
-    for words, base_key, tuned_key in HEADLINE:
+    benchmarks = sorted({(m["task"], m["metric"]) for n in names for k in metrics[n] if (m := BENCHMARK.fullmatch(k))})
+    rows = [*HEADLINE, *((f"benchmark: {task} {metric}", f"evaluate.tasks.{task}.{metric}.base",
+                          f"evaluate.tasks.{task}.{metric}.tuned") for task, metric in benchmarks)]
+    for words, base_key, tuned_key in rows:
         if not any(tuned_key in metrics[n] for n in names):
             continue
         base = _value(first.get(base_key, "")) if base_key else "-"
-        cells = "".join(f"<td class='num'>{_value(metrics[n].get(tuned_key, ''))}</td>" for n in names)
+        forgot = tuned_key.removesuffix(".tuned") + ".forgot"
+        cells = "".join(f"<td class='num{' nostop' if metrics[n].get(forgot) is True else ''}'>"
+                        f"{_value(metrics[n].get(tuned_key, ''))}</td>" for n in names)
         out.append(f"<tr><td>{html.escape(words)}</td><td class='num'>{base}</td>{cells}</tr>")
     return [*out, "</table>"]
 

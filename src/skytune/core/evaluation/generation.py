@@ -41,13 +41,14 @@ def vllm_available() -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_engine(requested: str) -> str:
-    """`auto` -> `vllm` where it can run, else `transformers`; `vllm` where it cannot run is an error."""
+def resolve_engine(requested: str, key: str = "sanity_check.engine") -> str:
+    """`auto` -> `vllm` where it can run, else `transformers`; `vllm` where it cannot run is an error (naming the
+    params `key` that asked for it)."""
     if requested not in ENGINES:
-        raise SkytuneError(f"unknown generation engine {requested!r}; one of {', '.join(ENGINES)}")
+        raise SkytuneError(f"{key}: unknown engine {requested!r}; one of {', '.join(ENGINES)}")
     ok, why = vllm_available()
     if requested == "vllm" and not ok:
-        raise SkytuneError(f"sanity_check.engine is vllm but vLLM cannot run here: {why}. Use auto or transformers.")
+        raise SkytuneError(f"{key} is vllm but vLLM cannot run here: {why}. Use auto or transformers.")
     if requested == "auto":
         return "vllm" if ok else "transformers"
     return requested

@@ -59,6 +59,12 @@ class PathsParams:
     accelerate_dir: str
     train_samples: str
     checkpoint_dir: str
+    lm_eval_pin: str
+    eval_tasks_dir: str
+    general_prompts: str
+    base_scores_dir: str
+    eval_metrics: str
+    eval_plot: str
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,34 @@ class SanityCheckParams:
     batch_size: int = _range(ge=1)
 
 
+@dataclass(frozen=True)
+class GeneralTextParams:
+    """Forgetting without a benchmark: text the base writes once for generic prompts, scored base vs tuned."""
+
+    prompts: int = _range(ge=0)
+    max_new_tokens: int = _range(ge=1)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    tasks: tuple[str, ...]
+    limit: int | None = _range(ge=1)
+    num_fewshot: int | None = _range(ge=0)
+    apply_chat_template: bool | Literal["auto"]
+    batch_size: int = _range(ge=1)
+    max_gen_toks: int = _range(ge=1)
+    engine: Engine
+    max_regression: float = _range(ge=0.0)
+    max_perplexity_increase: float = _range(ge=0.0)
+    fail_on_regression: bool
+    general_text: GeneralTextParams
+
+    def _problems(self) -> list[str]:
+        if isinstance(self.tasks, tuple) and len(set(self.tasks)) != len(self.tasks):
+            return [f"tasks: {list(self.tasks)} names a task twice"]
+        return []
+
+
 # The ranks vLLM's --max-lora-rank accepts (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -303,4 +337,5 @@ class Params:
     train: TrainParams
     merge_adapters: MergeAdaptersParams
     sanity_check: SanityCheckParams
+    evaluate: EvaluateParams
     export: ExportParams

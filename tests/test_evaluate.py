@@ -1,0 +1,215 @@
+"""The evaluate stages: lm-eval's own tasks and scorers (IFEval on its real prompts), the repository's task
+directories, the forgetting flag, and clear refusals (unknown task, registry data offline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO, PipelineRun, run_stages, write_params
+
+from skytune.core.errors import SkytuneError
+from skytune.core.evaluation import forgetting, general_text, harness
+from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
+from skytune.core.params import load_params
+from skytune.core.params.schema import EvaluateParams
+
+IFEVAL_DATA = REPO.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+needs_ifeval = pytest.mark.skipif(not IFEVAL_DATA.is_file(), reason=f"{IFEVAL_DATA} is absent (a clone outside CI)")
+EVALUATE = load_params(REPO / "params.yaml").evaluate
+PIN = REPO / load_params(REPO / "params.yaml").paths.lm_eval_pin
+IFEVAL_METRICS = {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"}
+
+
+def settings(**changes: Any) -> EvaluateParams:
+    return dataclasses.replace(EVALUATE, **changes)
+
+
+def ifeval_task(tasks_dir: Path, data: Path, name: str = "ifeval_shared") -> Path:
+    """A task directory holding lm-eval's own ifeval task (its YAML included: prompts, generation settings,
+    lm-eval's IFEval scorer), its dataset pointed at the local file `data`."""
+    import lm_eval
+
+    own = Path(lm_eval.__file__).parent / "tasks" / "ifeval" / "ifeval.yaml"
+    assert own.is_file()
+    (tasks_dir / name).mkdir(parents=True)
+    (tasks_dir / name / f"{name}.yaml").write_text(
+        f"include: {own}\ntask: {name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {data}\n")
+    return tasks_dir
+
+
+@needs_ifeval
+def test_lm_evals_own_ifeval_on_the_real_prompts_scores_a_model(tiny_model: Path, tmp_path: Path) -> None:
+    tasks_dir = ifeval_task(tmp_path / "tasks", IFEVAL_DATA)
+    tokenizer = load_saved_tokenizer(tiny_model)
+    scores, _ = harness.score(lambda: load_full_precision(tiny_model, None, torch.float32), tokenizer,
+                              source=str(tiny_model), revision=None, tasks_dir=tasks_dir, pin_file=PIN, seed=0,
+                              dtype="float32", ev=settings(tasks=("ifeval_shared",), limit=3, max_gen_toks=16,
+                                                           engine="transformers"))
+    assert scores.tasks.keys() == {"ifeval_shared"} and scores.examples == {"ifeval_shared": 3}
+    assert set(scores.tasks["ifeval_shared"]) == IFEVAL_METRICS
+    assert all(0.0 <= v <= 1.0 for v in scores.tasks["ifeval_shared"].values())
+    assert all(scores.higher_is_better["ifeval_shared"].values())
+
+
+class Answers:
+    """A stand-in model for lm-eval: it answers every generation request with one fixed text, and keeps the
+    generation settings it was asked for."""
+
+    def __new__(cls, text: str) -> Any:
+        from lm_eval.api.model import LM
+
+        class FixedAnswer(LM):
+            def __init__(self) -> None:
+                super().__init__()
+                self.asked: list[dict[str, Any]] = []
+
+            def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+                self.asked += [r.args[1] for r in requests]
+                return [text for _ in requests]
+
+            def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+                raise AssertionError("IFEval only generates")
+
+            loglikelihood_rolling = loglikelihood
+
+        return FixedAnswer()
+
+
+# IFEval prompt 1508: keywords:existence ("forests", "riddle") and punctuation:no_comma.
+FOLLOWS = "the lion walks the forests\nhe hums a riddle to the wind\ngold crown in the grass"
+BREAKS = "The lion, proud and strong, roars at dawn."
+
+
+@needs_ifeval
+@pytest.mark.parametrize(("answer", "expected"), [(FOLLOWS, 1.0), (BREAKS, 0.0)])
+def test_ifeval_scores_come_from_lm_evals_scorer(answer: str, expected: float, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in IFEVAL_DATA.read_text(encoding="utf-8").splitlines()]
+    (prompt,) = [r for r in rows if r["key"] == 1508]
+    assert prompt["instruction_id_list"] == ["keywords:existence", "punctuation:no_comma"]
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(prompt) + "\n")
+    model = Answers(answer)
+    scores = harness.evaluate(model, ev=settings(tasks=("ifeval_shared",), limit=None, max_gen_toks=64),
+                              tasks_dir=ifeval_task(tmp_path / "tasks", data), pin_file=PIN, seed=0,
+                              engine="stand-in", chat=False)
+    assert scores.tasks["ifeval_shared"] == dict.fromkeys(IFEVAL_METRICS, expected)
+    assert [a["max_gen_toks"] for a in model.asked] == [64]  # IFEval's own 1280, capped by evaluate.max_gen_toks
+
+
+def test_the_repositorys_tasks_score_a_model_offline(tiny_model: Path) -> None:
+    tokenizer = load_saved_tokenizer(tiny_model)
+    scores, _ = harness.score(lambda: load_full_precision(tiny_model, None, torch.float32), tokenizer,
+                              source=str(tiny_model), revision=None, dtype="float32", seed=0, pin_file=PIN,
+                              tasks_dir=REPO / "evaluate" / "tasks", ev=settings(limit=4, engine="transformers"))
+    assert scores.tasks.keys() == set(EVALUATE.tasks)
+    assert set(scores.tasks["skytune_choice"]) == {"acc", "acc_norm"}
+    assert set(scores.tasks["skytune_knowledge"]) == {"answer_match"}
+    assert scores.examples == dict.fromkeys(EVALUATE.tasks, 4)
+    assert all(0.0 <= v <= 1.0 for m in scores.tasks.values() for v in m.values())
+
+
+def test_an_unknown_task_is_refused_with_the_closest_names() -> None:
+    with pytest.raises(SkytuneError, match="'skytune_knowlege' is neither .* did you mean 'skytune_knowledge'"):
+        harness.task_manager(("skytune_knowlege",), REPO / "evaluate" / "tasks")
+
+
+def test_a_registry_task_offline_is_one_clear_error(pipeline: PipelineRun, tmp_path: Path) -> None:
+    """lm-eval's arc_easy needs the hub; offline (as this machine and the tests are) the stage names the task and
+    what to do, in one line, without a traceback."""
+    root = tmp_path / "run"
+    root.mkdir()
+    for name in ("params.yaml", PIN.name, "evaluate", "models"):
+        copy = shutil.copytree if (pipeline.root / name).is_dir() else shutil.copy2
+        copy(pipeline.root / name, root / name)
+    write_params(root, lambda p: p["evaluate"].update({"tasks": ["arc_easy"]}))
+    done = subprocess.run([sys.executable, "-m", "skytune.stages.evaluate_base"], cwd=root, capture_output=True,
+                          check=False, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "evaluate.tasks: arc_easy" in errors[0] and "Hugging Face hub" in errors[0], errors
+
+
+def test_the_installed_lm_eval_must_be_the_pinned_one(tmp_path: Path) -> None:
+    import lm_eval
+
+    pin = tmp_path / "requirements-eval.txt"
+    pin.write_text("lm-eval[ifeval]==0.0.1  # old\n")
+    with pytest.raises(SkytuneError, match=rf"lm-eval {lm_eval.__version__} is installed but .* pins 0.0.1"):
+        harness.check_version(pin)
+    assert harness.pinned_version(PIN) == lm_eval.__version__
+
+
+@pytest.mark.parametrize(("base", "tuned", "higher", "forgot"), [
+    (0.80, 0.74, True, True),     # fell 0.06 > 0.05
+    (0.80, 0.75, True, False),    # fell exactly 0.05: not past it
+    (0.80, 0.95, True, False),
+    (10.0, 12.6, False, True),    # perplexity 26% higher > 25%
+    (10.0, 12.5, False, False),   # exactly 25%
+    (10.0, 8.0, False, False),
+])
+def test_a_regression_past_the_threshold_is_flagged(base: float, tuned: float, higher: bool, forgot: bool) -> None:
+    assert forgetting.regressed(base, tuned, higher_is_better=higher, max_regression=0.05,
+                                max_increase=0.25) is forgot
+
+
+def _with_base_scores(pipeline: PipelineRun, tmp_path: Path, edit: Any) -> Path:
+    """A copy of the pipeline's workspace whose cached base scores `edit` changed."""
+    root = shutil.copytree(pipeline.root, tmp_path / "run")
+    paths = load_params(root / "params.yaml").paths
+    scores = root / paths.base_scores_dir / harness.SCORES_FILE
+    data = json.loads(scores.read_text())
+    edit(data)
+    scores.write_text(json.dumps(data))
+    return root
+
+
+def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(pipeline: PipelineRun,
+                                                                                tmp_path: Path) -> None:
+    """The tuned model scored below a base that did (here: was made to) score perfectly is flagged; with
+    fail_on_regression the stage fails after writing its metrics."""
+    paths = load_params(pipeline.root / "params.yaml").paths
+    metrics = json.loads((pipeline.root / paths.eval_metrics).read_text())
+    base = json.loads((pipeline.root / paths.base_scores_dir / harness.SCORES_FILE).read_text())
+    for task, scores in base["tasks"].items():
+        for metric, value in scores.items():
+            entry = metrics["tasks"][task][metric]
+            assert entry["base"] == round(value, 4) and entry["delta"] == round(entry["tuned"] - value, 4)
+
+    def perfect(data: dict[str, Any]) -> None:
+        data["tasks"]["skytune_choice"]["acc"] = 1.0
+        data["general_text"]["perplexity"] = 1e9  # so only the choice task can be flagged
+
+    root = _with_base_scores(pipeline, tmp_path, perfect)
+    write_params(root, lambda p: p["evaluate"].update({"fail_on_regression": True}))
+    from skytune.stages import evaluate
+
+    with pytest.raises(SkytuneError, match=r"forgetting: skytune_choice\.acc regressed .*fail_on_regression is true"):
+        run_stages(root, evaluate)
+    flagged = json.loads((root / paths.eval_metrics).read_text())
+    assert flagged["forgetting"] is True and flagged["regressions"] == 1
+    assert flagged["tasks"]["skytune_choice"]["acc"]["forgot"] is True
+    assert flagged["general_text"]["perplexity"]["forgot"] is False
+    plot = (root / paths.eval_plot).read_text().splitlines()
+    assert plot[:2] == ["score,value", "skytune_choice acc (base),1.0"]
+    assert plot[2] == f"skytune_choice acc (tuned),{flagged['tasks']['skytune_choice']['acc']['tuned']}"
+
+
+def test_general_text_scores_the_answer_and_an_end_of_turn_only_where_the_base_stopped(tiny_model: Path) -> None:
+    """An answer cut at max_new_tokens has no end-of-turn token to score: its count is the answer's tokens alone."""
+    model, tokenizer = load_full_precision(tiny_model, None, torch.float32), load_saved_tokenizer(tiny_model)
+    answer = "hello 3 plus 4 is 7."
+    answer_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    counts = {stopped: general_text.perplexity(model, tokenizer, [{"prompt": "what is 3 plus 4?", "text": answer,
+                                                                  "stopped": stopped}], batch_size=2)[1]
+              for stopped in (True, False)}
+    assert counts == {True: answer_tokens + 1, False: answer_tokens}
