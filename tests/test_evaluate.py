@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +186,13 @@ def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(p
         for metric, value in scores.items():
             entry = metrics["tasks"][task][metric]
             assert entry["base"] == round(value, 4) and entry["delta"] == round(entry["tuned"] - value, 4)
+    # The delta's standard error: lm-eval's closed form for a mean of 0/1 scores over n examples is
+    # sqrt(p (1 - p) / (n - 1)) for each model.
+    n = metrics["examples"]["skytune_choice"]
+    for metric, entry in metrics["tasks"]["skytune_choice"].items():
+        p = base["tasks"]["skytune_choice"][metric]
+        se = [math.sqrt(x * (1 - x) / (n - 1)) for x in (p, entry["tuned"])]
+        assert entry["delta_stderr"] == pytest.approx(math.hypot(*se), abs=1e-3), (metric, entry)
 
     def perfect(data: dict[str, Any]) -> None:
         data["tasks"]["skytune_choice"]["acc"] = 1.0
@@ -204,6 +213,29 @@ def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(p
     assert plot[2] == f"skytune_choice acc (tuned),{flagged['tasks']['skytune_choice']['acc']['tuned']}"
 
 
+def test_base_scores_from_another_engine_are_refused(pipeline: PipelineRun, tmp_path: Path) -> None:
+    """evaluate.engine: auto resolves per machine: a base scored on vLLM (a GPU node) is not compared with a tuned
+    model scored on transformers here."""
+    from skytune.stages import evaluate
+
+    root = _with_base_scores(pipeline, tmp_path, lambda data: data.update(engine="vllm"))
+    with pytest.raises(SkytuneError, match="base was scored on the vllm engine, and this machine scores on "
+                                           "transformers.*dvc repro -f evaluate_base"):
+        run_stages(root, evaluate)
+
+
+def test_a_local_task_whose_data_is_missing_names_its_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    task = tmp_path / "tasks" / "broken"
+    task.mkdir(parents=True)
+    (task / "broken.yaml").write_text("task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                      "    test: tasks/broken/missing.jsonl\noutput_type: multiple_choice\n"
+                                      "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
+    manager = harness.task_manager(("broken",), Path("tasks"))
+    with pytest.raises(SkytuneError, match="evaluate.tasks: broken: .* Check the data_files of its YAML under tasks"):
+        harness.load_tasks(manager, ("broken",), Path("tasks"), None)
+
+
 def test_general_text_scores_the_answer_and_an_end_of_turn_only_where_the_base_stopped(tiny_model: Path) -> None:
     """An answer cut at max_new_tokens has no end-of-turn token to score: its count is the answer's tokens alone."""
     model, tokenizer = load_full_precision(tiny_model, None, torch.float32), load_saved_tokenizer(tiny_model)
@@ -213,3 +245,18 @@ def test_general_text_scores_the_answer_and_an_end_of_turn_only_where_the_base_s
                                                                   "stopped": stopped}], batch_size=2)[1]
               for stopped in (True, False)}
     assert counts == {True: answer_tokens + 1, False: answer_tokens}
+
+
+STOP = {"what", "is", "the", "of", "a", "in", "which", "do", "how", "many", "are", "there", "does", "to", "you", "who"}
+
+
+def test_no_task_question_is_asked_in_the_sample_training_data() -> None:
+    """The repository's tasks measure what tuning keeps, so the sample data must not teach them: no question appears
+    in data/raw, nor two of its three-word runs (`capital of X` once is chance; with `the X of Y` it is the question)."""
+    raw = " ".join(f.read_text(encoding="utf-8").lower() for f in (REPO / "data" / "raw").rglob("*") if f.is_file())
+    for data in (REPO / "evaluate" / "tasks").glob("*/*.jsonl"):
+        for line in data.read_text(encoding="utf-8").splitlines():
+            question = json.loads(line)["question"].lower().rstrip("?")
+            words = re.findall(r"[a-z0-9]+", question)
+            runs = [" ".join(words[i:i + 3]) for i in range(len(words) - 2) if not set(words[i:i + 3]) <= STOP]
+            assert question not in raw and sum(run in raw for run in runs) < 2, (data.name, question)

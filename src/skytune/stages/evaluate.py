@@ -23,7 +23,7 @@ from typing import Any
 
 from skytune.core.atomic import atomic_file, read_jsonl, write_json
 from skytune.core.errors import SkytuneError
-from skytune.core.evaluation import forgetting, general_text, harness
+from skytune.core.evaluation import forgetting, general_text, generation, harness
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import Params
@@ -46,6 +46,11 @@ def main(params: Params) -> None:
     base_json = json.loads(scores_file.read_text(encoding="utf-8"))
     base = harness.Scores.from_json(base_json)
     texts = read_jsonl(base_dir / general_text.FILE)
+    engine = generation.resolve_engine(ev.engine, "evaluate.engine")
+    if base.engine != engine:  # evaluate.engine: auto resolves per machine; the base's scores were cached elsewhere
+        raise SkytuneError(f"{scores_file}: the base was scored on the {base.engine} engine, and this machine scores "
+                           f"on {engine}: the deltas would mix engines. Set evaluate.engine: {base.engine}, or score "
+                           "the base here: dvc repro -f evaluate_base")
     start = time.monotonic()
     tokenizer = load_saved_tokenizer(paths.merged_dir)
     dtype = compute_dtype(params.train.compute_dtype)
@@ -53,9 +58,6 @@ def main(params: Params) -> None:
                                  source=paths.merged_dir, revision=None, ev=ev, tasks_dir=Path(paths.eval_tasks_dir),
                                  pin_file=Path(paths.lm_eval_pin), dtype=str(dtype).removeprefix("torch."),
                                  seed=params.base.seed)
-    if (base.engine, base.lm_eval) != (tuned.engine, tuned.lm_eval):
-        log.warning("the base was scored by lm-eval %s on %s, the tuned model by %s on %s: deltas mix the two",
-                    base.lm_eval, base.engine, tuned.lm_eval, tuned.engine)
     limits = {"max_regression": ev.max_regression, "max_increase": ev.max_perplexity_increase}
     metrics: dict[str, Any] = {"engine": tuned.engine, "lm_eval": tuned.lm_eval, "examples": tuned.examples,
                                "tasks": forgetting.compare(base, tuned, **limits)}

@@ -3,6 +3,7 @@ threshold of `evaluate.max_regression` or `evaluate.max_perplexity_increase`).""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from skytune.core.errors import SkytuneError
@@ -21,7 +22,9 @@ def regressed(base: float, tuned: float, *, higher_is_better: bool, max_regressi
 
 
 def compare(base: Scores, tuned: Scores, *, max_regression: float, max_increase: float) -> dict[str, Any]:
-    """{task: {metric: {"base", "tuned", "delta", "forgot"}}} over the base's tasks and metrics."""
+    """{task: {metric: {"base", "tuned", "delta", "delta_stderr"?, "forgot"}}} over the base's tasks and metrics
+    (`delta_stderr`, the standard error of the delta, where lm-eval gives both scores' own: a delta within about
+    two of it may be noise)."""
     out: dict[str, Any] = {}
     for task, metrics in base.tasks.items():
         for metric, before in metrics.items():
@@ -30,8 +33,11 @@ def compare(base: Scores, tuned: Scores, *, max_regression: float, max_increase:
                 raise SkytuneError(f"evaluate: the tuned model has no {task} {metric} score, the base has: the base's "
                                    "scores are stale (dvc repro evaluate_base)")
             higher = base.higher_is_better[task][metric]
+            errors = [s.get(task, {}).get(metric) for s in (base.stderr, tuned.stderr)]
             out.setdefault(task, {})[metric] = entry(before, after, higher_is_better=higher,
                                                      max_regression=max_regression, max_increase=max_increase)
+            if None not in errors:
+                out[task][metric]["delta_stderr"] = round(math.hypot(*errors), DIGITS)
     return out
 
 

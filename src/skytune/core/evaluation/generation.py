@@ -134,10 +134,10 @@ def generate_greedy_vllm(
         return [_finish(tokenizer, list(out.outputs[0].token_ids), stop_ids, out.outputs[0].finish_reason == "stop")
                 for out in outputs]
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
-def _shutdown(llm: Any) -> None:
+def shutdown(llm: Any) -> None:
     """Stop a vLLM engine and give its GPU memory back (vllm#6544), so the next model fits."""
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if engine_core is not None and hasattr(engine_core, "shutdown"):

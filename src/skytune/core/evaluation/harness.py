@@ -28,15 +28,18 @@ from skytune.core.params.schema import EvaluateParams
 log = logging.getLogger(__name__)
 
 PACKAGE = "lm_eval"
+BOOTSTRAP_ITERS = 1000  # lm-eval's standard errors: closed form for means, this many resamples for the rest
 SCORES_FILE = "scores.json"  # a model's Scores, in paths.base_scores_dir for the base
 
 
 @dataclass(frozen=True)
 class Scores:
     """What lm-eval measured on one model: {task: {metric: value}} (a metric with a filter other than lm-eval's
-    `none` is named `<metric>_<filter>`), each metric's direction, the examples scored per task, and how."""
+    `none` is named `<metric>_<filter>`), the standard errors lm-eval gives, each metric's direction, the examples
+    scored per task, and how."""
 
     tasks: dict[str, dict[str, float]]
+    stderr: dict[str, dict[str, float]]
     higher_is_better: dict[str, dict[str, bool]]
     examples: dict[str, int]
     engine: str
@@ -91,10 +94,11 @@ def task_manager(names: tuple[str, ...], tasks_dir: Path) -> Any:
     return manager
 
 
-def load_tasks(manager: Any, names: tuple[str, ...], tasks_dir: Path, max_gen_toks: int) -> tuple[list[Any], list[str]]:
+def load_tasks(manager: Any, names: tuple[str, ...], tasks_dir: Path,
+               max_gen_toks: int | None) -> tuple[list[Any], list[str]]:
     """The lm-eval Task (or Group) objects of `names`, their data loaded, each generated answer capped at
-    `max_gen_toks` tokens (a task's own smaller cap stands); and the names whose scores to record (a name, or the
-    tasks a tag stands for)."""
+    `max_gen_toks` tokens (None: each task's own; a task's own smaller cap stands); and the names whose scores to
+    record (a name, or the tasks a tag stands for)."""
     built: list[Any] = []
     recorded: list[str] = []
     for name in names:
@@ -104,7 +108,7 @@ def load_tasks(manager: Any, names: tuple[str, ...], tasks_dir: Path, max_gen_to
             raise SkytuneError(_load_failure(manager, name, tasks_dir, exc)) from exc
         tasks, groups = loaded["tasks"], loaded["groups"]
         for task in tasks.values():
-            if task.get_config("output_type") == "generate_until":
+            if max_gen_toks is not None and task.get_config("output_type") == "generate_until":
                 own = (task.get_config("generation_kwargs") or {}).get("max_gen_toks", max_gen_toks)
                 task.set_config("generation_kwargs", {"max_gen_toks": min(own, max_gen_toks)}, update=True)
         top = groups.get(name) or tasks.get(name)
@@ -115,7 +119,8 @@ def load_tasks(manager: Any, names: tuple[str, ...], tasks_dir: Path, max_gen_to
 
 def _load_failure(manager: Any, name: str, tasks_dir: Path, exc: Exception) -> str:
     entry = manager.task_index.get(name)
-    local = entry is not None and entry.yaml_path is not None and tasks_dir.resolve() in Path(entry.yaml_path).parents
+    local = entry is not None and entry.yaml_path is not None and \
+        tasks_dir.resolve() in Path(entry.yaml_path).resolve().parents
     what = f"evaluate.tasks: {name}: lm-eval could not load its data ({type(exc).__name__}: {exc})."
     if local:
         return f"{what} Check the data_files of its YAML under {tasks_dir} (paths relative to the repository root)."
@@ -145,11 +150,12 @@ def language_model(engine: str, *, model: Any, tokenizer: Any, source: str, revi
     with tempfile.TemporaryDirectory(prefix="skytune-eval-tokenizer-") as tokenizer_dir:
         tokenizer.save_pretrained(tokenizer_dir)
         lm = VLLM(pretrained=source, revision=revision, tokenizer=tokenizer_dir, dtype=dtype, seed=seed,
-                  batch_size="auto", max_gen_toks=ev.max_gen_toks, gpu_memory_utilization=0.85)
+                  batch_size="auto", gpu_memory_utilization=0.85)
         try:
             yield lm
         finally:
-            generation.release_memory()
+            generation.shutdown(lm.model)  # its GPU memory back before the next model loads
+            del lm.model
 
 
 def score(load: Callable[[], Any], tokenizer: Any, *, source: str, revision: str | None, ev: EvaluateParams,
@@ -157,6 +163,7 @@ def score(load: Callable[[], Any], tokenizer: Any, *, source: str, revision: str
     """Score the model at `source` on `ev.tasks` with lm-eval on `ev.engine`, seeded with `seed`; return the scores
     and the model as transformers loads it (`load()`), for what follows. On the transformers engine that model is
     the one scored; on vLLM's it is loaded after vLLM lets go of the GPU (both at once may not fit)."""
+    check_version(pin_file)  # before lm-eval is imported: a missing or other version is one clear error
     engine = generation.resolve_engine(ev.engine, "evaluate.engine")
     model = load() if engine == "transformers" else None
     with language_model(engine, model=model, tokenizer=tokenizer, source=source, revision=revision, ev=ev,
@@ -178,15 +185,17 @@ def evaluate(lm: Any, *, ev: EvaluateParams, tasks_dir: Path, pin_file: Path, se
     log.info("lm-eval %s, %s engine, chat template %s: %s", version, engine, "on" if chat else "off",
              ", ".join(recorded))
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=ev.num_fewshot, limit=ev.limit,
-                          apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=False, bootstrap_iters=0,
+                          apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=False,
+                          bootstrap_iters=BOOTSTRAP_ITERS,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed)
     return _scores(out, recorded, engine, version)
 
 
 def _scores(out: dict[str, Any], recorded: list[str], engine: str, version: str) -> Scores:
-    """The numbers of simple_evaluate's output for the `recorded` tasks; stderrs and lm-eval's "N/A" left out."""
+    """The numbers of simple_evaluate's output for the `recorded` tasks (lm-eval's "N/A" left out)."""
     values: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
     directions: dict[str, dict[str, bool]] = {}
     examples: dict[str, int] = {}
     for name in recorded:
@@ -194,14 +203,17 @@ def _scores(out: dict[str, Any], recorded: list[str], engine: str, version: str)
         higher = out.get("higher_is_better", {}).get(name, {})
         for key, value in entry.items():
             metric, _, filt = key.partition(",")
-            if not filt or metric.endswith("_stderr") or isinstance(value, bool) or \
-                    not isinstance(value, int | float):
+            if not filt or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            label = metric if filt == "none" else f"{metric}_{filt}"
+            base_metric = metric.removesuffix("_stderr")
+            label = base_metric if filt == "none" else f"{base_metric}_{filt}"
+            if metric.endswith("_stderr"):
+                stderr.setdefault(name, {})[label] = float(value)
+                continue
             values.setdefault(name, {})[label] = float(value)
             directions.setdefault(name, {})[label] = bool(higher.get(metric, True))
         counts = out.get("n-samples", {}).get(name)
         examples[name] = int(counts["effective"]) if counts else int(entry.get("sample_len", 0))
         if name not in values:
             raise SkytuneError(f"evaluate.tasks: {name}: lm-eval gave no score (results: {entry})")
-    return Scores(values, directions, examples, engine, version)
+    return Scores(values, stderr, directions, examples, engine, version)

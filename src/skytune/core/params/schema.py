@@ -285,7 +285,7 @@ class EvaluateParams:
     num_fewshot: int | None = _range(ge=0)
     apply_chat_template: bool | Literal["auto"]
     batch_size: int = _range(ge=1)
-    max_gen_toks: int = _range(ge=1)
+    max_gen_toks: int | None = _range(ge=1)
     engine: Engine
     max_regression: float = _range(ge=0.0)
     max_perplexity_increase: float = _range(ge=0.0)
