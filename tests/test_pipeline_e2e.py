@@ -235,3 +235,8 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     general = destroyed["general_text"]["perplexity"]
     assert general["forgot"] is True and general["tuned"] > benchmarks["general_text"]["perplexity"]["tuned"]
     assert "Stage 'evaluate_base' didn't change, skipping" in log
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, stdout_only=True))
+    columns = {exp["name"]: rev["data"]["metrics"][PATHS.eval_metrics]["data"]["tasks"]
+               for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
+    assert columns["destroy"] == destroyed["tasks"]  # per task and metric: base, tuned, delta (dvc exp show columns)
+    assert {"base", "tuned", "delta"} <= columns["destroy"]["skytune_choice"]["acc"].keys()
