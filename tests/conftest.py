@@ -145,7 +145,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     return run
 
 
-BUCKETS = ("skytune-dvc", "skytune-models")  # .dvc/config's remote; what make publish-model fills for serve.yaml
+# The user's own buckets (the project names none): the DVC remote the tests' origin commits, what make publish-model
+# fills for serve.yaml, and $CHECKPOINT_BUCKET.
+BUCKETS = ("my-dvc", "my-models", "my-checkpoints")
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ def test_a_bucket_that_cannot_be_written(tmp_path: Path, s3: dict[str, str], cas
     (model / "config.json").write_text("{}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env |= {k: v for k, v in s3.items() if k.startswith("AWS_")}
-    url = "s3://no-such-bucket/exp/merged" if case == "no such bucket" else "s3://skytune-models/exp/merged"
+    url = "s3://no-such-bucket/exp/merged" if case == "no such bucket" else "s3://my-models/exp/merged"
     if case == "wrong secret":
         env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
     if case == "no credentials":

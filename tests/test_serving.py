@@ -31,7 +31,7 @@ def test_published_model_is_served_and_answers_chat_completions(pipeline: Pipeli
     paths = load_params(pipeline.root / "params.yaml").paths
     merged = pipeline.root / paths.merged_dir
     serve = yaml.safe_load((REPO / "sky" / "serve.yaml").read_text())
-    bucket, model_path = "skytune-models", "exp-1/merged"
+    bucket, model_path = "my-models", "exp-1/merged"
     assert serve["file_mounts"]["${MODEL_DIR}"] == "${MODEL_URL}" and serve["run"] == "bash sky/node.sh serve"
     node = (REPO / "sky" / "node.sh").read_text()
     assert 'exec "$SERVE_VENV/bin/vllm" serve "$MODEL_DIR" --served-model-name "$SERVED_NAME"' in node

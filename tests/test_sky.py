@@ -25,7 +25,7 @@ from test_pipeline_e2e import PATHS, clone_project, sh
 
 from skytune.core.training.checkpoints import PREEMPTED_EXIT_CODE
 
-DVC_REMOTE_URL = "s3://skytune-dvc/skytune"  # .dvc/config's remote "storage"
+DVC_REMOTE_URL = "s3://my-dvc/skytune"  # the remote the user commits (README: "Cloud"); the project names none
 
 # SkyPilot's environment (`make launcher`, a prerequisite of `make test`, which exports SKY=<it>/bin/sky).
 SKY_ENV = Path(os.environ["SKY"]).parents[1] if os.environ.get("SKY") else Path("/nonexistent")
@@ -94,9 +94,12 @@ def test_training_yamls_keep_the_projects_promises(path: Path) -> None:
         assert config["num_nodes"] >= 2
 
 
-def test_the_dvc_remote_is_the_bucket_the_tests_serve() -> None:
-    config = (REPO / ".dvc" / "config").read_text()
-    assert "remote = storage" in config and f"url = {DVC_REMOTE_URL}" in config
+def test_the_project_names_no_bucket() -> None:
+    """Bucket names are global: a default one would send a user's data toward a stranger's bucket."""
+    assert not [line for line in (REPO / ".dvc" / "config").read_text().splitlines()
+                if not line.lstrip().startswith("#") and ("remote" in line or "url" in line)]
+    for path in TRAINING:
+        assert yaml.safe_load(path.read_text())["envs"]["CHECKPOINT_BUCKET"] is None  # required at launch
     assert urlparse(DVC_REMOTE_URL).netloc in BUCKETS
 
 
@@ -132,6 +135,9 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
     root = tmp_path / "git"
     sh("git", "init", "-q", "--bare", "-b", "main", str(root / "skytune.git"), cwd=tmp_path)
     project = clone_project(tmp_path / "project")
+    # What the README asks of a user first: a DVC remote of their own, committed.
+    sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "storage", DVC_REMOTE_URL, cwd=project)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@l", "commit", "-qm", "DVC remote", ".dvc/config", cwd=project)
     sh("git", "push", "-q", str(root / "skytune.git"), "main", cwd=project)
     commit = sh("git", "rev-parse", "HEAD", cwd=project, stdout_only=True).strip()
     with git_http.serve(root, token="ghp-test-token") as (base, pushes):
@@ -276,7 +282,8 @@ def test_a_workdir_uploaded_without_git_stops_with_a_clear_error(tmp_path: Path,
 @needs_launcher
 def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     project = origin.project
-    env = {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")}, "GIT_TOKEN": origin.token}
+    env = {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")}, "GIT_TOKEN": origin.token,
+           "CHECKPOINT_BUCKET": "my-checkpoints"}
 
     def preflight(*args: str, **changes: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "skytune.face.cloud.preflight",
@@ -284,8 +291,10 @@ def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, 
                               env={**env, **changes}, capture_output=True, text=True, timeout=300, check=False)
 
     done = preflight()
-    assert done.returncode == 0 and "preflight: 5/5 passed" in done.stdout, done.stdout + done.stderr
-    assert "DVC remote storage: s3://skytune-dvc/skytune listed" in done.stdout
+    assert done.returncode == 0 and "preflight: 6/6 passed" in done.stdout, done.stdout + done.stderr
+    assert f"DVC remote storage: {DVC_REMOTE_URL} listed" in done.stdout and "my-checkpoints: listed" in done.stdout
+    fresh = preflight(CHECKPOINT_BUCKET="my-new-checkpoints")
+    assert "ok    checkpoints my-new-checkpoints: not created yet (SkyPilot creates it" in fresh.stdout
     assert f"HEAD {origin.commit[:12]} is on {origin.url}; pushing there is allowed" in done.stdout
     assert not origin.pushes  # a dry run: authenticated, nothing written
     wrong = preflight(AWS_SECRET_ACCESS_KEY="not-the-secret", GIT_TOKEN="not-the-token")
@@ -333,16 +342,18 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("CHECKPOINT_BUCKET", "my-checkpoints")
     axes = ["train.lora_r=4,8", "identity.creator=The Lab"]
     with pytest.raises(SystemExit, match="GIT_TOKEN not set here"):  # SkyPilot would fail every job on it
         sweep.launch("rank", axes, dry_run=True, sky=Path("sky"), remote="origin", extra=[])
     monkeypatch.setenv("GIT_TOKEN", "token")
     assert sweep.launch("rank", axes, dry_run=True, sky=Path("sky"), remote="origin",
-                        extra=["--env", "CHECKPOINT_BUCKET=mine"]) == 0
+                        extra=["--env", "AWS_ENDPOINT_URL=https://s3.example"]) == 0
     printed = capsys.readouterr().out
     assert f"2 managed job(s) at {origin.commit[:12]}" in printed
     secrets = "--secret HF_TOKEN= --secret GIT_TOKEN --secret AWS_ACCESS_KEY_ID --secret AWS_SECRET_ACCESS_KEY"
-    assert printed.count(f"{secrets} --env CHECKPOINT_BUCKET=mine") == 2, printed
+    passed = f"{secrets} --env CHECKPOINT_BUCKET=my-checkpoints --env AWS_ENDPOINT_URL=https://s3.example"
+    assert printed.count(passed) == 2, printed
     source = jobs.pushed_commit("origin", origin.project)
     command = jobs.launch_command("rank-01", [("train.lora_r", "8"), ("identity.creator", "The Lab")],
                                   "rank-01", source, sky=Path("sky"), extra=["--secret", "HF_TOKEN"])
@@ -356,6 +367,41 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
         sweep.launch("rank", ["train.lora_rank=4,8"], dry_run=True, sky=Path("sky"), remote="origin", extra=[])
     with pytest.raises(ValueError, match="expected key=value1,value2"):
         sweep.grid(["train.lora_r"])
+
+
+def test_cloud_commands_refuse_without_your_buckets(tmp_path: Path, origin: Origin) -> None:
+    """No bucket is named by the project: launch, sweep, preflight and publish-model each refuse, with the exact
+    command that sets the user's own, before anything is launched or written."""
+    env = {**os.environ, "GIT_TOKEN": "t", "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "s"}
+    env.pop("CHECKPOINT_BUCKET", None)
+
+    def run(*args: str, cwd: Path, **changes: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**env, **changes}, capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    launch = ("skytune.face.cloud.jobs", "launch", "--dry-run")
+    sweep = ("skytune.face.cloud.sweep", "launch", "r", "train.lora_r=4,8", "--dry-run")
+    set_bucket = "export CHECKPOINT_BUCKET=<a bucket you own"
+    for command in (launch, sweep):
+        done = run(*command, cwd=origin.project)
+        assert done.returncode == 1 and "CHECKPOINT_BUCKET is not set" in done.stderr + done.stdout, done.stderr
+        assert set_bucket in done.stderr and "Traceback" not in done.stderr
+        bad = run(*command, cwd=origin.project, CHECKPOINT_BUCKET="s3://mine")
+        assert bad.returncode == 1 and "is not a bucket name" in bad.stderr
+        ok = run(*command, cwd=origin.project, CHECKPOINT_BUCKET="my-checkpoints")
+        assert ok.returncode == 0 and "CHECKPOINT_BUCKET=my-checkpoints" in ok.stdout, ok.stderr
+    # A clone without a committed DVC remote (the project's own state): refused, with the command that sets one.
+    bare = clone_project(tmp_path / "no-remote")
+    for command in (launch, sweep):
+        done = run(*command, cwd=bare, CHECKPOINT_BUCKET="my-checkpoints")
+        assert done.returncode == 1 and "no default DVC remote" in done.stderr, done.stderr
+        assert "dvc remote add -d storage s3://<a bucket you own>/skytune && git commit" in done.stderr
+    checks = run("skytune.face.cloud.preflight", "--no-sky-check", "--sky", "/nonexistent", cwd=bare)
+    assert "FAIL  bucket" in checks.stdout and "dvc remote add -d storage" in checks.stdout
+    assert "FAIL  checkpoints" in checks.stdout and set_bucket in checks.stdout
+    publish = run("skytune.face.cloud.buckets", "publish", cwd=bare)
+    assert publish.returncode == 1 and "make publish-model MODEL_URL=s3://<a bucket you own>/" in publish.stderr
+    assert "Traceback" not in publish.stderr
 
 
 def test_overrides_parse_quote_and_name_the_bad_word() -> None:

@@ -4,20 +4,31 @@
 
 `publish` copies an exported model to the bucket sky/serve.yaml mounts, then checks every object's size against
 the local file. The endpoint comes from AWS_ENDPOINT_URL (empty: AWS), the credentials from the AWS_* variables.
+
+Bucket names are global, so the project names none: the DVC remote (committed in .dvc/config, so nodes see it),
+the checkpoint bucket ($CHECKPOINT_BUCKET, passed to the training YAMLs at launch) and the model's URL are the
+user's own. `dvc_remote` and `checkpoint_bucket` refuse with the exact command that sets each.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import load_params
-from skytune.face.cloud import jobs
 
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+CHECKPOINT_BUCKET = "CHECKPOINT_BUCKET"  # the env sky/train*.yaml mount checkpoints from (required there)
+SET_CHECKPOINT_BUCKET = f"export {CHECKPOINT_BUCKET}=<a bucket you own, e.g. skytune-checkpoints-$USER>"
+SET_DVC_REMOTE = ("dvc remote add -d storage s3://<a bucket you own>/skytune && "
+                  "git commit -m 'DVC remote' .dvc/config && git push")
+SET_MODEL_URL = "make publish-model MODEL_URL=s3://<a bucket you own>/<experiment>/merged"
 CHECKSUMS = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
 
 
@@ -33,6 +44,37 @@ def filesystem(endpoint: str | None = None, region: str | None = None) -> Any:
     if region:
         client["region_name"] = region
     return S3FileSystem(client_kwargs=client, config_kwargs=CHECKSUMS)
+
+
+class BucketNotSet(SkytuneError):
+    """A bucket the user must choose is not set; the message gives the command that sets it."""
+
+
+def checkpoint_bucket(environ: Mapping[str, str] | None = None) -> str:
+    """$CHECKPOINT_BUCKET, the bucket the training YAMLs mount for checkpoints (SkyPilot creates it if missing)."""
+    name = (os.environ if environ is None else environ).get(CHECKPOINT_BUCKET, "").strip()
+    if not name:
+        raise BucketNotSet(f"{CHECKPOINT_BUCKET} is not set: the training jobs keep their checkpoints in a bucket of "
+                           f"yours (bucket names are global; the project names none). Set it: "
+                           f"{SET_CHECKPOINT_BUCKET}")
+    if not _BUCKET_NAME.fullmatch(name):
+        raise BucketNotSet(f"{CHECKPOINT_BUCKET}={name!r} is not a bucket name (3-63 lowercase letters, digits, dots "
+                           f"and hyphens; no s3:// prefix): {SET_CHECKPOINT_BUCKET}")
+    return name
+
+
+def dvc_remote(root: Path = Path(".")) -> tuple[str, str]:
+    """(name, URL) of the default DVC remote as committed in .dvc/config: what a node, which clones the commit, will
+    push to. A remote set only in .dvc/config.local or nowhere is refused."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(root / ".dvc"), validate=False).read("repo")
+    name = config.get("core", {}).get("remote")
+    url = config.get("remote", {}).get(name, {}).get("url") if name else None
+    if not name or not url:
+        raise BucketNotSet(f"{root / '.dvc' / 'config'}: no default DVC remote. Every experiment's data and models "
+                           f"go to a bucket of yours (the project names none). Set it: {SET_DVC_REMOTE}")
+    return name, url
 
 
 def publish(source: Path, url: str, fs: Any = None) -> list[str]:
@@ -61,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skytune.face.cloud.buckets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("publish", help="copy an exported model to a bucket for sky/serve.yaml")
-    up.add_argument("url", help="s3://<bucket>/<path>")
+    up.add_argument("url", nargs="?", default="", help="s3://<bucket>/<path>")
     up.add_argument("--source", type=Path, help="the model directory (default: paths.merged_dir)")
     args = parser.parse_args(argv)
+    from skytune.face.cloud.jobs import SKY
+
+    if not args.url:
+        raise BucketNotSet(f"no MODEL_URL: the model goes to a bucket of yours (the project names none): "
+                           f"{SET_MODEL_URL}")
     try:
         keys = publish(args.source or Path(load_params().paths.merged_dir), args.url)
     except SkytuneError:
@@ -74,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_ENDPOINT_URL for OCI or MinIO) may write to it; "
             "`make preflight` checks them.") from exc
     print(f"published {len(keys)} file(s) to {args.url}; serve them with:\n"
-          f"  {jobs.SKY} serve up sky/serve.yaml -n skytune --env MODEL_URL={args.url.rstrip('/')}")
+          f"  {SKY} serve up sky/serve.yaml -n skytune --env MODEL_URL={args.url.rstrip('/')}")
     return 0
 
 

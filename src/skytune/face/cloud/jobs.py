@@ -6,8 +6,9 @@
 
 sky/train.yaml's workdir is this repository cloned by SkyPilot at GIT_REF: the node runs exactly a commit that is
 on the git remote, never a laptop's uncommitted edits. So the launch refuses a dirty tree, a commit that is not
-pushed, overrides `dvc exp run -S` would refuse, a name already pushed for the commit, and a required secret that
-is not set here; it passes every secret the YAML names.
+pushed, overrides `dvc exp run -S` would refuse, a name already pushed for the commit, a required secret that
+is not set here, and a DVC remote or checkpoint bucket that is not the user's own (skytune.face.cloud.buckets); it
+passes every secret the YAML names, and $CHECKPOINT_BUCKET.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import ParamsError
+from skytune.face.cloud import buckets
 from skytune.face.cloud import overrides as ov
 
 # The SkyPilot CLI: make exports SKY (the launcher environment of `make launcher`); else `sky` on PATH.
@@ -112,6 +114,13 @@ def refuse_existing(names: list[str], source: Source, remote: str) -> None:
                        "choose another name (dvc exp pull origin <name> fetches the finished one)")
 
 
+def owned_buckets(environ: dict[str, str] | None = None) -> list[str]:
+    """The `sky jobs launch` arguments that name the user's checkpoint bucket, once the DVC remote and the checkpoint
+    bucket are both set (buckets.BucketNotSet says how to set the missing one)."""
+    buckets.dvc_remote()
+    return ["--env", f"{buckets.CHECKPOINT_BUCKET}={buckets.checkpoint_bucket(environ)}"]
+
+
 def launch_command(job: str, pairs: list[tuple[str, str]], exp_name: str, source: Source, *, sky: Path,
                    train_yaml: Path = TRAIN_YAML, extra: list[str]) -> list[str]:
     return [str(sky), "jobs", "launch", "--yes", "--detach-run", "--name", job, str(train_yaml),
@@ -162,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--sky", type=Path, default=SKY)
     args = parser.parse_args(argv)
     pairs = checked_pairs(args.overrides)  # a JobError is said as one message by reported() below
+    bucket = owned_buckets()
     source = pushed_commit(args.remote)
     if args.name:
         refuse_existing([args.name], source, args.remote)
     command = launch_command(args.name or args.yaml.stem, pairs, args.name, source, sky=args.sky,
-                             train_yaml=args.yaml, extra=[*secrets_to_pass(args.yaml), *extra])
+                             train_yaml=args.yaml, extra=[*secrets_to_pass(args.yaml), *bucket, *extra])
     run([command], sky=args.sky, dry_run=args.dry_run)
     return 0
 

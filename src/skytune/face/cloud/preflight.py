@@ -5,7 +5,10 @@
 Checks, each reported with what to do when it fails (exit 1 if any fails):
 - params: params.yaml loads (every problem, with file and line);
 - launcher: SkyPilot is installed in its own environment and `sky check` enables a cloud that can compute;
-- bucket: the DVC remote (with its endpoint and the AWS_* credentials in the environment) can be listed;
+- bucket: the DVC remote, committed in .dvc/config (the project names none), can be listed with its endpoint and
+  the AWS_* credentials in the environment;
+- checkpoints: $CHECKPOINT_BUCKET is set to a bucket that is yours: listed, or not created yet (SkyPilot creates
+  it at launch), never one that exists and refuses you;
 - model: the base model's files can be read with $HF_TOKEN at the pinned revision (gated models: access granted);
 - git: HEAD is committed and pushed (the node clones it), and $GIT_TOKEN may push to the remote (a dry-run push).
 """
@@ -75,12 +78,11 @@ def check_bucket() -> str:
     """List the DVC remote's bucket with the credentials in the environment (dvc-s3's own filesystem)."""
     from dvc.repo import Repo
 
-    config = Repo().config
-    name = config["core"].get("remote")
-    if not name:
-        raise CheckFailed("no default DVC remote: `dvc remote add -d storage s3://<bucket>/<path>`")
-    remote = config["remote"][name]
-    url = remote["url"]
+    try:
+        name, url = buckets.dvc_remote()
+    except buckets.BucketNotSet as exc:
+        raise CheckFailed(str(exc)) from None
+    remote = Repo().config["remote"][name]  # with .dvc/config.local's endpoint and region
     if not url.startswith("s3://"):
         return f"remote {name} is {url} (not S3: nothing to check)"
     endpoint = remote.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL")
@@ -92,6 +94,25 @@ def check_bucket() -> str:
         raise CheckFailed(f"DVC remote {name} ({url}, endpoint {endpoint or 'AWS'}) cannot be listed with the "
                           f"AWS_* credentials in the environment: {type(exc).__name__}: {exc}") from None
     return f"DVC remote {name}: {url} listed (endpoint {endpoint or 'AWS'})"
+
+
+def check_checkpoints() -> str:
+    """$CHECKPOINT_BUCKET is set, and the bucket is yours or does not exist yet (the endpoint of the DVC remote, else
+    AWS: where the launch cloud's store is S3-compatible)."""
+    try:
+        name = buckets.checkpoint_bucket()
+    except buckets.BucketNotSet as exc:
+        raise CheckFailed(str(exc)) from None
+    fs = buckets.filesystem()
+    try:
+        fs.ls(name, refresh=True)
+    except FileNotFoundError:
+        return f"{name}: not created yet (SkyPilot creates it at the first launch)"
+    except Exception as exc:  # noqa: BLE001 - botocore raises many types (auth, DNS, someone else's bucket)
+        raise CheckFailed(f"{buckets.CHECKPOINT_BUCKET}={name} cannot be listed with the AWS_* credentials here "
+                          f"({type(exc).__name__}: {exc}): if the bucket is someone else's, choose another name: "
+                          f"{buckets.SET_CHECKPOINT_BUCKET}") from None
+    return f"{name}: listed"
 
 
 def check_model() -> str:
@@ -145,10 +166,10 @@ def run(checks: list[tuple[str, Callable[[], str]]]) -> int:
     failed = 0
     for name, check in checks:
         try:
-            print(f"ok    {name:9s} {check()}")
+            print(f"ok    {name:11s} {check()}")
         except CheckFailed as exc:
             failed += 1
-            print(f"FAIL  {name:9s} {exc}")
+            print(f"FAIL  {name:11s} {exc}")
     print(f"preflight: {len(checks) - failed}/{len(checks)} passed" + ("" if not failed else "; fix the above first"))
     return 1 if failed else 0
 
@@ -163,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ("params", check_params),
         ("launcher", lambda: check_launcher(args.sky, not args.no_sky_check)),
         ("bucket", check_bucket),
+        ("checkpoints", check_checkpoints),
         ("model", check_model),
         ("git", lambda: check_git(args.remote)),
     ])

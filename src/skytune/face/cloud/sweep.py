@@ -25,7 +25,7 @@ from typing import Any
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import PARAMS_FILE, ParamsError
-from skytune.face.cloud import jobs, overrides
+from skytune.face.cloud import buckets, jobs, overrides
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 COLUMNS = ("val_loss_after", "val_perplexity_tuned", "identity_exact_match_tuned", "ends_with_eot_tuned")
@@ -53,12 +53,14 @@ def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, remote: str,
             raise SystemExit(f"grid point {point} is invalid, nothing launched:\n{exc}") from None
     names = [f"{name}-{index:02d}" for index in range(len(points))]
     try:
+        bucket = jobs.owned_buckets()
         source = jobs.pushed_commit(remote)
         jobs.refuse_existing(names, source, remote)
         secrets = jobs.secrets_to_pass()
-    except jobs.JobError as exc:
+    except (jobs.JobError, buckets.BucketNotSet) as exc:
         raise SystemExit(f"nothing launched: {exc}") from None
-    commands = [jobs.launch_command(job, list(point.items()), job, source, sky=sky, extra=[*secrets, *extra])
+    commands = [jobs.launch_command(job, list(point.items()), job, source, sky=sky,
+                                    extra=[*secrets, *bucket, *extra])
                 for job, point in zip(names, points, strict=True)]
     print(f"sweep {name}: {len(commands)} managed job(s) at {source.commit[:12]}")
     try:
