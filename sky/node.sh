@@ -3,7 +3,8 @@
 #   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install)
 #   bash sky/node.sh setup-serve   vLLM's environment (CUDA only)
 #   bash sky/node.sh serve         vLLM's OpenAI server on MODEL_DIR (sky/serve.yaml)
-#   bash sky/node.sh run           the DVC experiment: dvc exp run with $OVERRIDES, then dvc exp push origin
+#   bash sky/node.sh run           the DVC experiment: dvc exp run --pull --allow-missing with $OVERRIDES (the data
+#                                  stages come from the remote's run-cache), then dvc exp push origin
 # Environment: OVERRIDES ("train.lora_r=16 train.epochs=2", shell-quoted: "'identity.creator=The Lab'"),
 # EXP_NAME (default: from SKYPILOT_TASK_ID, which stays the same across a managed job's recoveries, so a restarted
 # job resumes into the same experiment), GIT_REMOTE (the https URL the experiment is pushed to, with no token in it;
@@ -80,7 +81,7 @@ case "${1:-}" in
       # A worker node: the same data stages (deterministic) with the same overrides, then the train stage's
       # workers, which join the head node's run through skytune.core.processes (SKYPILOT_* variables).
       # (dvc exp run in the workspace leaves params.yaml and the data as the head node has them; never pushed)
-      dvc exp run -n "$name-node$rank" "${sets[@]}" merge_data
+      dvc exp run --pull --allow-missing -n "$name-node$rank" "${sets[@]}" merge_data
       exec python -m skytune.core.processes skytune.stages.train
     fi
     if dvc exp list --name-only | grep -qx "$name"; then
@@ -89,7 +90,10 @@ case "${1:-}" in
     else
       # exit 75 when training was preempted (checkpoint saved): SkyPilot's recover_on_exit_codes relaunches.
       # A SIGTERM to this script is passed on and waited for, so its exit code is the run's (75), not bash's 143.
-      python -m skytune.face.cli preemptible -- dvc exp run -n "$name" "${sets[@]}" &
+      # --pull --allow-missing: a stage whose inputs match the remote's run-cache is restored, not run (make launch
+      # pushed the data stages' outputs; a data stage that still runs warns in the log), and only the inputs the
+      # stages that do run need are pulled.
+      python -m skytune.face.cli preemptible -- dvc exp run --pull --allow-missing -n "$name" "${sets[@]}" &
       child=$!
       trap 'kill -TERM "$child" 2>/dev/null; signalled=1' TERM
       signalled=0

@@ -21,7 +21,7 @@ import git_http
 import pytest
 import yaml
 from conftest import BUCKETS, REPO
-from test_pipeline_e2e import PATHS, clone_project, sh
+from test_pipeline_e2e import PATHS, clone_project, sh, stages_ran
 
 from skytune.core.training.checkpoints import PREEMPTED_EXIT_CODE
 
@@ -291,7 +291,8 @@ def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, 
                               env={**env, **changes}, capture_output=True, text=True, timeout=300, check=False)
 
     done = preflight()
-    assert done.returncode == 0 and "preflight: 6/6 passed" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "preflight: 7/7 passed" in done.stdout, done.stdout + done.stderr
+    assert "the DVC remote lacks" in done.stdout and "remote_data push" in done.stdout  # nothing pushed yet
     assert f"DVC remote storage: {DVC_REMOTE_URL} listed" in done.stdout and "my-checkpoints: listed" in done.stdout
     fresh = preflight(CHECKPOINT_BUCKET="my-new-checkpoints")
     assert "ok    checkpoints my-new-checkpoints: not created yet (SkyPilot creates it" in fresh.stdout
@@ -402,6 +403,85 @@ def test_cloud_commands_refuse_without_your_buckets(tmp_path: Path, origin: Orig
     publish = run("skytune.face.cloud.buckets", "publish", cwd=bare)
     assert publish.returncode == 1 and "make publish-model MODEL_URL=s3://<a bucket you own>/" in publish.stderr
     assert "Traceback" not in publish.stderr
+
+
+def client_env(s3: dict[str, str], **more: str) -> dict[str, str]:
+    """A laptop's environment for the S3 server: its credentials, the checksum settings S3-compatible stores need,
+    and this environment's dvc on PATH."""
+    return {**os.environ, **{k: v for k, v in s3.items() if k.startswith("AWS_")},
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+            **more}
+
+
+@needs_launcher
+@pytest.mark.slow
+def test_a_sweeps_node_restores_the_data_stages_pushed_at_launch(tmp_path: Path, s3: dict[str, str],
+                                                                  origin: Origin) -> None:
+    """make sweep computes the data stages once on the laptop and pushes them with their run-cache; a node of the
+    sweep then restores them from the remote and runs train onward only."""
+    project = origin.project
+    laptop = client_env(s3, GIT_TOKEN=origin.token, CHECKPOINT_BUCKET="my-checkpoints")
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "storage", "endpointurl",
+                    s3["AWS_ENDPOINT_URL"]], cwd=project, check=True, env=laptop)
+    sky = tmp_path / "sky-cli"  # stands in for `sky jobs launch` only: records what would be launched
+    sky.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'launched.txt'}\n")
+    sky.chmod(0o755)
+
+    def sweep(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "skytune.face.cloud.sweep", "launch", "r", "train.lora_r=4,8",
+                               *args, "--sky", str(sky)], cwd=project, env=laptop, capture_output=True, text=True,
+                              timeout=900, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    status = sweep("--dry-run")  # two points, one data set: reported missing, nothing pushed
+    assert status.count("data stages (params.yaml as committed)") == 1 and "missing on the remote" in status
+    launched = sweep()
+    assert "data stages (params.yaml as committed): " in launched and "pushed with the run-cache" in launched
+    assert len((tmp_path / "launched.txt").read_text().splitlines()) == 2
+    again = sweep("--dry-run")
+    assert "restored from this machine's run-cache; all on the remote" in again, again
+
+    env = {**node_env(tmp_path, s3, origin), "EXP_NAME": "r-01", "OVERRIDES": "train.lora_r=8"}
+    node = new_node(tmp_path, "vm-r-01", origin)
+    start = time.monotonic()
+    done = subprocess.run(["bash", "sky/node.sh", "run"], cwd=node, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+    seconds = time.monotonic() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    ran = stages_ran(output)
+    assert ran[0] == "train" and not set(ran) & {"ingest", "to_chat", "split", "merge_data"}, ran
+    for stage in ("ingest", "to_chat", "split", "merge_data"):
+        assert f"Stage '{stage}' is cached - skipping run" in output, output[-4000:]
+    assert "computing" not in output and "pushed experiment r-01" in output
+    print(f"node r-01: {seconds:.0f} s, data stages restored from the remote")
+
+
+def test_a_data_stage_on_a_cloud_node_says_it_computes(tmp_path: Path) -> None:
+    project = clone_project(tmp_path / "p")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for on_node in (False, True):
+        extra = {"SKYPILOT_TASK_ID": "sky-managed-1"} if on_node else {}
+        done = subprocess.run([sys.executable, "-m", "skytune.stages.ingest"], cwd=project, env={**env, **extra},
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        said = "computing ingest on this cloud node" in done.stderr
+        assert said == on_node, done.stderr[-2000:]
+        assert "as dvc.yaml declares them for ingest):\n  base.seed = " in done.stderr  # run as python -m
+
+
+def test_data_overrides_are_prepared_once_per_distinct_set() -> None:
+    from skytune.face.cloud import remote_data
+
+    keys = remote_data.data_keys(REPO / "dvc.yaml")
+    assert {"data.sources", "merge_data.mixture", "train.max_length", "base.seed"} <= keys and "train" not in keys
+    points = [[("train.lora_r", r), ("train.max_length", m)] for r in ("4", "8") for m in ("512", "1024")]
+    assert remote_data.distinct(points, keys) == [[("train.max_length", "512")], [("train.max_length", "1024")]]
+    assert remote_data.distinct([[("train.lora_r", "4")], [("train.lora_r", "8")]], keys) == [[]]
+    assert remote_data.data_pairs([("merge_data.mixture.alpaca.rows", "0")], keys) == [
+        ("merge_data.mixture.alpaca.rows", "0")]
 
 
 def test_overrides_parse_quote_and_name_the_bad_word() -> None:

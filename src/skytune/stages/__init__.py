@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,9 @@ from skytune.core.errors import reported
 from skytune.core.params import PARAMS_FILE, Params, load_params
 
 DVC_FILE = Path("dvc.yaml")  # DVC's own file name, next to params.yaml
+# The CPU work before training, in DAG order: prepared and pushed before a cloud launch (skytune.face.cloud.remote_data),
+# so a GPU node restores it from the DVC remote.
+DATA_STAGES = ("ingest", "to_chat", "split", "merge_data")
 
 
 def run_stage(main: Callable[[Params], None]) -> None:
@@ -34,12 +38,19 @@ def run_stage(main: Callable[[Params], None]) -> None:
         params = load_params()
         logging.basicConfig(level=params.base.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
-        stage = main.__module__.rsplit(".", 1)[-1]
-        log = logging.getLogger(main.__module__)
+        module = main.__module__
+        if module == "__main__":  # `python -m skytune.stages.<name>`, as dvc.yaml runs it
+            module = getattr(sys.modules["__main__"].__spec__, "name", module)
+        stage = module.rsplit(".", 1)[-1]
+        log = logging.getLogger(module)
         if rank0:
             log.info("params (%s, as dvc.yaml declares them for %s):\n%s", PARAMS_FILE, stage,
                      "\n".join(f"  {key} = {value}" for key, value in declared_params(params, stage)))
             log.debug("all params: %s", json.dumps(asdict(params), separators=(",", ":")))
+            if stage in DATA_STAGES and os.environ.get("SKYPILOT_TASK_ID"):
+                log.warning("computing %s on this cloud node: its output for these params is not on the DVC remote "
+                            "(make launch and make sweep push it first; python -m skytune.face.cloud.remote_data "
+                            "status tells what the remote lacks)", stage)
     with reported(debug=params.base.log_level == "DEBUG", quiet=not rank0):
         main(params)
 

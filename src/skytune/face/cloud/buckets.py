@@ -16,14 +16,15 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import load_params
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+DVC_DIR = Path(".dvc")  # DVC's own directory: config (committed), config.local, cache
 CHECKPOINT_BUCKET = "CHECKPOINT_BUCKET"  # the env sky/train*.yaml mount checkpoints from (required there)
 SET_CHECKPOINT_BUCKET = f"export {CHECKPOINT_BUCKET}=<a bucket you own, e.g. skytune-checkpoints-$USER>"
 SET_DVC_REMOTE = ("dvc remote add -d storage s3://<a bucket you own>/skytune && "
@@ -68,11 +69,11 @@ def dvc_remote(root: Path = Path(".")) -> tuple[str, str]:
     push to. A remote set only in .dvc/config.local or nowhere is refused."""
     from dvc.config import Config
 
-    config = Config(dvc_dir=str(root / ".dvc"), validate=False).read("repo")
+    config = Config(dvc_dir=str(root / DVC_DIR), validate=False).read("repo")
     name = config.get("core", {}).get("remote")
     url = config.get("remote", {}).get(name, {}).get("url") if name else None
     if not name or not url:
-        raise BucketNotSet(f"{root / '.dvc' / 'config'}: no default DVC remote. Every experiment's data and models "
+        raise BucketNotSet(f"{root / DVC_DIR / 'config'}: no default DVC remote. Every experiment's data and models "
                            f"go to a bucket of yours (the project names none). Set it: {SET_DVC_REMOTE}")
     return name, url
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = publish(args.source or Path(load_params().paths.merged_dir), args.url)
     except SkytuneError:
         raise
-    except Exception as exc:  # noqa: BLE001 - s3fs and botocore raise many types for credentials, buckets, network
+    except Exception as exc:
         raise SkytuneError(
             f"publishing to {args.url} failed ({type(exc).__name__}: {exc}). Check that the bucket exists and that "
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_ENDPOINT_URL for OCI or MinIO) may write to it; "

@@ -8,7 +8,9 @@ sky/train.yaml's workdir is this repository cloned by SkyPilot at GIT_REF: the n
 on the git remote, never a laptop's uncommitted edits. So the launch refuses a dirty tree, a commit that is not
 pushed, overrides `dvc exp run -S` would refuse, a name already pushed for the commit, a required secret that
 is not set here, and a DVC remote or checkpoint bucket that is not the user's own (skytune.face.cloud.buckets); it
-passes every secret the YAML names, and $CHECKPOINT_BUCKET.
+passes every secret the YAML names, and $CHECKPOINT_BUCKET. Before launching it computes the data stages for the
+commit and overrides here and pushes them with their run-cache (skytune.face.cloud.remote_data), so the GPU node
+restores them; --dry-run only reports what the remote lacks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import yaml
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import ParamsError
-from skytune.face.cloud import buckets
+from skytune.face.cloud import buckets, remote_data
 from skytune.face.cloud import overrides as ov
 
 # The SkyPilot CLI: make exports SKY (the launcher environment of `make launcher`); else `sky` on PATH.
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_existing([args.name], source, args.remote)
     command = launch_command(args.name or args.yaml.stem, pairs, args.name, source, sky=args.sky,
                              train_yaml=args.yaml, extra=[*secrets_to_pass(args.yaml), *bucket, *extra])
+    remote_data.prepare([pairs], dry_run=args.dry_run)
     run([command], sky=args.sky, dry_run=args.dry_run)
     return 0
 

@@ -9,6 +9,8 @@ Checks, each reported with what to do when it fails (exit 1 if any fails):
   the AWS_* credentials in the environment;
 - checkpoints: $CHECKPOINT_BUCKET is set to a bucket that is yours: listed, or not created yet (SkyPilot creates
   it at launch), never one that exists and refuses you;
+- data: the data stages' outputs for HEAD are on the DVC remote with their run-cache (computed here, or restored
+  from this machine's run-cache; make launch and make sweep push what is missing);
 - model: the base model's files can be read with $HF_TOKEN at the pinned revision (gated models: access granted);
 - git: HEAD is committed and pushed (the node clones it), and $GIT_TOKEN may push to the remote (a dry-run push).
 """
@@ -27,7 +29,7 @@ from skytune.core.errors import SkytuneError, reported
 from skytune.core.hub import resolve_model
 from skytune.core.models.builtin import BUILTIN_PREFIX
 from skytune.core.params import ParamsError, load_params
-from skytune.face.cloud import buckets, jobs
+from skytune.face.cloud import buckets, jobs, remote_data
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -115,6 +117,17 @@ def check_checkpoints() -> str:
     return f"{name}: listed"
 
 
+def check_data() -> str:
+    try:
+        lacking = remote_data.prepare([[]], dry_run=True)
+    except (buckets.BucketNotSet, remote_data.RemoteDataError) as exc:
+        raise CheckFailed(str(exc)) from None
+    if lacking:
+        return (f"the DVC remote lacks {len(lacking)} item(s) of HEAD's data stages: make launch and make sweep "
+                "compute and push them first (now: python -m skytune.face.cloud.remote_data push)")
+    return "HEAD's data stages are on the DVC remote with their run-cache: nodes restore them"
+
+
 def check_model() -> str:
 
     try:
@@ -185,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         ("launcher", lambda: check_launcher(args.sky, not args.no_sky_check)),
         ("bucket", check_bucket),
         ("checkpoints", check_checkpoints),
+        ("data", check_data),
         ("model", check_model),
         ("git", lambda: check_git(args.remote)),
     ])

@@ -9,6 +9,8 @@ Each grid point is one `sky jobs launch sky/train.yaml` (skytune.face.cloud.jobs
 OVERRIDES set to its values and EXP_NAME `<NAME>-<index>`, so each job trains on its own spot VM and pushes its own
 DVC experiment.
 Every grid point is checked against the params schema before the first job is launched: a typo costs nothing.
+The data stages are computed here and pushed first, once per distinct set of data overrides
+(skytune.face.cloud.remote_data): the GPU jobs restore them.
 Values are split on commas; a value holding a comma is not expressible in a grid (launch it with make launch).
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import PARAMS_FILE, ParamsError
-from skytune.face.cloud import buckets, jobs, overrides
+from skytune.face.cloud import buckets, jobs, overrides, remote_data
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 COLUMNS = ("val_loss_after", "val_perplexity_tuned", "identity_exact_match_tuned", "ends_with_eot_tuned")
@@ -64,8 +66,9 @@ def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, remote: str,
                 for job, point in zip(names, points, strict=True)]
     print(f"sweep {name}: {len(commands)} managed job(s) at {source.commit[:12]}")
     try:
+        remote_data.prepare([list(point.items()) for point in points], dry_run=dry_run)
         jobs.run(commands, sky=sky, dry_run=dry_run)
-    except jobs.JobError as exc:
+    except (jobs.JobError, remote_data.RemoteDataError) as exc:
         raise SystemExit(str(exc)) from None
     if not dry_run:
         print(f"compare when done: python -m skytune.face.cloud.sweep pull {name}")
