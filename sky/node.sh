@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a SkyPilot node runs (sky/*.yaml call this; the local-node test runs it the same way):
-#   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install)
+#   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install; on a GPU
+#                                  node requirements-node.txt, the same pipeline with vLLM)
 #   bash sky/node.sh setup-serve   vLLM's environment (CUDA only)
 #   bash sky/node.sh serve         vLLM's OpenAI server on MODEL_DIR (sky/serve.yaml)
 #   bash sky/node.sh run           the DVC experiment: dvc exp run --pull --allow-missing with $OVERRIDES (the data
@@ -29,7 +30,12 @@ experiment_name() {
 
 case "${1:-}" in
   setup)
-    make install VENV="$VENV"
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      # A GPU node: the pipeline with vLLM (requirements-node.txt), so the engines' `auto` picks vLLM here.
+      make install VENV="$VENV" REQUIREMENTS=requirements-node.txt
+    else
+      make install VENV="$VENV"
+    fi
     ;;
   setup-serve)
     python3 -m venv "$SERVE_VENV"

@@ -7,6 +7,7 @@ runs it. Skipped without CUDA. Prints tokens/s, peak memory and MFU (also in met
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +21,14 @@ from test_resume import workspace
 
 from skytune.core.models.base import describe_base
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
+
+def record(**figures: object) -> None:
+    """Add figures to $SKYTUNE_GPU_FIGURES (bench/gpu_check.sh collects them there), when it is set."""
+    path = os.environ.get("SKYTUNE_GPU_FIGURES")
+    if path:
+        saved = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+        Path(path).write_text(json.dumps({**saved, **figures}, indent=1))
+
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -61,6 +70,18 @@ def test_real_qlora_on_a_1b_shaped_llama(pipeline: PipelineRun, tmp_path: Path) 
     print(f"\nGPU {torch.cuda.get_device_name()}: {metrics['tokens_per_second']:.0f} tokens/s, "
           f"peak memory {metrics['peak_memory_gb']} GiB, MFU {metrics.get('mfu')}, "
           f"val loss {metrics['val_loss_before']} -> {metrics['val_loss_after']}")
+    from safetensors import safe_open
+
+    from skytune.core.training.mfu import PEAK_BF16_FLOPS
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+        n = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    mfu_4n = round(metrics["tokens_per_second"] * 4 * n / peak, 4) if peak else None  # MFU(4N), 6N's LoRA form
+    print(f"parameters {n / 1e9:.2f} B, MFU(4N) {mfu_4n}")
+    record(gpu=torch.cuda.get_device_name(), parameters=n, mfu_4n=mfu_4n, qlora_1b={k: metrics.get(k) for k in (
+        "tokens_per_second", "peak_memory_gb", "mfu", "steps", "train_seconds", "val_loss_before", "val_loss_after",
+        "quantization", "compute_dtype")})
     assert metrics["quantization"] == "nf4" and metrics["device"] == "cuda"
     assert metrics["val_loss_after"] < metrics["val_loss_before"]
     assert metrics["peak_memory_gb"] < 8  # a 1.2B model in 4 bits with LoRA and checkpointing
@@ -86,6 +107,7 @@ def test_vllm_answers_like_transformers_on_the_merged_model(pipeline: PipelineRu
                                              dtype=torch.float32, seed=0)
     agree = scoring.agreement(hf, served)
     print(f"\nvLLM vs transformers on {len(prompts)} val prompts: {agree}")
+    record(parity={"prompts": len(prompts), **agree})
     assert agree["stop_agreement"] >= 0.95 and agree["exact_match"] >= 0.9
 
 
@@ -110,6 +132,7 @@ def test_lm_eval_on_vllm_scores_the_tasks_as_transformers_does(pipeline: Pipelin
                                     pin_file=REPO / params.paths.lm_eval_pin)[0]
               for engine in ("transformers", "vllm")}
     print(f"\nlm-eval, transformers vs vLLM: {scores['transformers'].tasks} vs {scores['vllm'].tasks}")
+    record(lm_eval={engine: s.tasks for engine, s in scores.items()})
     for task, metrics in scores["transformers"].tasks.items():
         for metric, value in metrics.items():
             assert abs(scores["vllm"].tasks[task][metric] - value) <= 0.1, (task, metric)
