@@ -22,6 +22,7 @@ from test_resume import workspace
 from skytune.core.models.base import describe_base
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 
+
 def record(**figures: object) -> None:
     """Add figures to $SKYTUNE_GPU_FIGURES (bench/gpu_check.sh collects them there), when it is set."""
     path = os.environ.get("SKYTUNE_GPU_FIGURES")
