@@ -31,8 +31,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The pins: requirements.txt here and on CPU nodes; a GPU node passes REQUIREMENTS=requirements-node.txt (with vLLM).
-REQUIREMENTS ?= requirements.txt
+# The pins: requirements.txt here, in CI and on CPU nodes; where nvidia-smi lists a GPU, requirements-node.txt (the
+# same pipeline with vLLM). An environment built from one set is not rebuilt from the other: a new VENV is.
+REQUIREMENTS ?= $(if $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),requirements-node.txt,requirements.txt)
 $(VENV)/.installed: $(REQUIREMENTS) requirements-common.txt $(call param_path,lm_eval_pin) requirements-models.txt \
 		pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(PIP_EXTRA) -r $(REQUIREMENTS)

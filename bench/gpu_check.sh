@@ -2,7 +2,7 @@
 # The GPU check, one prepared command for a short loan of one H100/H200 (target: 8 minutes from a bare machine that
 # reaches PyPI):
 #   bash bench/gpu_check.sh            1. the GPU node's environment (requirements-node.txt: the pipeline with vLLM),
-#                                         as sky/node.sh setup builds it;
+#                                         as sky/node.sh setup builds it, and pytest;
 #                                      2. nvidia-smi;
 #                                      3. the tests marked gpu (tests/test_gpu.py): the train stage's real 4-bit QLoRA
 #                                         with bf16 compute on a 1B-shaped Llama (tokens/s, peak memory, MFU), vLLM's
@@ -35,18 +35,20 @@ if [ "$DRY" = 1 ]; then
   say "resolving $NODE_REQUIREMENTS with pip's resolver (no download)"
   resolver=$(mktemp -d)
   "$PYTHON" -m venv "$resolver/venv"
-  "$resolver/venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1
+  "$resolver/venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true  # a newer resolver
   status=0
-  "$resolver/venv/bin/python" -m pip install --dry-run --ignore-installed --quiet \
-    --report "$OUT/node-resolve.json" -r "$NODE_REQUIREMENTS" > "$resolver/pip.txt" 2>&1 || status=$?
+  "$resolver/venv/bin/python" -m pip install --dry-run --ignore-installed --quiet --report "$OUT/node-resolve.json" \
+    -r "$NODE_REQUIREMENTS" -r requirements-test.txt > "$resolver/pip.txt" 2>&1 || status=$?
   sed '/^WARNING: Location/d' "$resolver/pip.txt" | tail -20 | tee -a "$LOG"
   rm -rf "$resolver"
   if [ "$status" != 0 ]; then say "FAILED: $NODE_REQUIREMENTS does not resolve (pip exit $status)"; exit 1; fi
-  "$PYTHON" bench/resolve_summary.py "$OUT/node-resolve.json" "$NODE_REQUIREMENTS" | tee -a "$LOG"
+  "$PYTHON" bench/resolve_summary.py "$OUT/node-resolve.json" "$NODE_REQUIREMENTS" | tee -a "$LOG" \
+    || { say "FAILED: the resolution does not honour $NODE_REQUIREMENTS's pins"; exit 1; }
 else
   say "installing $NODE_REQUIREMENTS into $VENV"
   make --no-print-directory install VENV="$VENV" REQUIREMENTS="$NODE_REQUIREMENTS" 2>&1 \
     | sed '/^WARNING: Location/d' | tee -a "$LOG"
+  "$VENV/bin/pip" install --quiet -r requirements-test.txt 2>&1 | sed '/^WARNING: Location/d' | tee -a "$LOG"
   "$VENV/bin/python" -m pip freeze > "$OUT/node-freeze.txt"
   say "installed: $(grep -E '^(vllm|torch|transformers|bitsandbytes)==' "$OUT/node-freeze.txt" | tr '\n' ' ')"
 fi

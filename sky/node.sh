@@ -30,17 +30,12 @@ experiment_name() {
 
 case "${1:-}" in
   setup)
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-      # A GPU node: the pipeline with vLLM (requirements-node.txt), so the engines' `auto` picks vLLM here.
-      make install VENV="$VENV" REQUIREMENTS=requirements-node.txt
-    else
-      make install VENV="$VENV"
-    fi
+    make install VENV="$VENV"   # on a GPU node the Makefile picks requirements-node.txt (the pipeline with vLLM)
     ;;
   setup-serve)
     python3 -m venv "$SERVE_VENV"
-    # vllm 0.32.0 (checked on PyPI: its wheel requires torch==2.13.0, as the pipeline pins, and transformers
-    # >=5.16.1,<5.20, below the pipeline's 5.23: hence an environment of its own)
+    # vllm 0.32.0 for sky/serve.yaml's replicas, in an environment of its own: serving needs none of the pipeline
+    # (the pipeline's GPU-node environment, requirements-node.txt, carries vllm 0.33.0)
     "$SERVE_VENV/bin/pip" install --quiet "vllm==0.32.0"
     ;;
   serve)
@@ -87,7 +82,9 @@ case "${1:-}" in
       # A worker node: the same data stages (deterministic) with the same overrides, then the train stage's
       # workers, which join the head node's run through skytune.core.processes (SKYPILOT_* variables).
       # (dvc exp run in the workspace leaves params.yaml and the data as the head node has them; never pushed)
-      dvc exp run --pull --allow-missing -n "$name-node$rank" "${sets[@]}" merge_data
+      # --pull without --allow-missing: the data stages' outputs must be here (restored, or pulled by the hashes of a
+      # committed dvc.lock) before the train workers read them.
+      dvc exp run --pull -n "$name-node$rank" "${sets[@]}" merge_data
       exec python -m skytune.core.processes skytune.stages.train
     fi
     if dvc exp list --name-only | grep -qx "$name"; then

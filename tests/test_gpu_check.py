@@ -28,7 +28,7 @@ def test_the_gpu_node_environment_resolves_with_vllm_and_the_gpu_tests_collect(t
                 if "==" in line and not line.startswith("#"))
     assert resolved["vllm"] == pins["vllm"] and resolved["torch"] == pins["torch"]
     assert resolved["transformers"] == pins["transformers"]
-    for name in ("peft", "trl", "bitsandbytes", "accelerate", "dvc"):
+    for name in ("peft", "trl", "bitsandbytes", "accelerate", "dvc", "pytest"):
         assert name in resolved, name
     assert "pins of requirements-node.txt honoured" in done.stdout
     assert "3 tests collected" in done.stdout and "test_real_qlora_on_a_1b_shaped_llama" in done.stdout

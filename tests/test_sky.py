@@ -334,6 +334,9 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
                                                capsys: pytest.CaptureFixture[str]) -> None:
     from skytune.face.cloud import jobs, overrides, sweep
 
+    prepared: list[list[list[tuple[str, str]]]] = []  # the data push has its own test (a real S3 server)
+    monkeypatch.setattr(sweep.remote_data, "prepare", lambda points, **_: prepared.append(points) or [])
+
     points = sweep.grid(["train.lora_r=4,8,16,32", "train.learning_rate=1e-4,2e-4"])
     assert len(points) == 8 and points[0] == {"train.lora_r": "4", "train.learning_rate": "1e-4"}
     for point in points:
@@ -352,6 +355,8 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
                         extra=["--env", "AWS_ENDPOINT_URL=https://s3.example"]) == 0
     printed = capsys.readouterr().out
     assert f"2 managed job(s) at {origin.commit[:12]}" in printed
+    assert prepared[-1] == [[("train.lora_r", "4"), ("identity.creator", "The Lab")],
+                            [("train.lora_r", "8"), ("identity.creator", "The Lab")]]
     secrets = "--secret HF_TOKEN= --secret GIT_TOKEN --secret AWS_ACCESS_KEY_ID --secret AWS_SECRET_ACCESS_KEY"
     passed = f"{secrets} --env CHECKPOINT_BUCKET=my-checkpoints --env AWS_ENDPOINT_URL=https://s3.example"
     assert printed.count(passed) == 2, printed
@@ -370,11 +375,14 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
         sweep.grid(["train.lora_r"])
 
 
-def test_cloud_commands_refuse_without_your_buckets(tmp_path: Path, origin: Origin) -> None:
+@needs_launcher
+def test_cloud_commands_refuse_without_your_buckets(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """No bucket is named by the project: launch, sweep, preflight and publish-model each refuse, with the exact
     command that sets the user's own, before anything is launched or written."""
-    env = {**os.environ, "GIT_TOKEN": "t", "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "s"}
+    env = client_env(s3, GIT_TOKEN=origin.token)
     env.pop("CHECKPOINT_BUCKET", None)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "storage", "endpointurl",
+                    s3["AWS_ENDPOINT_URL"]], cwd=origin.project, check=True, env=env)
 
     def run(*args: str, cwd: Path, **changes: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**env, **changes}, capture_output=True,
@@ -438,7 +446,7 @@ def test_a_sweeps_node_restores_the_data_stages_pushed_at_launch(tmp_path: Path,
     status = sweep("--dry-run")  # two points, one data set: reported missing, nothing pushed
     assert status.count("data stages (params.yaml as committed)") == 1 and "missing on the remote" in status
     launched = sweep()
-    assert "data stages (params.yaml as committed): " in launched and "pushed with the run-cache" in launched
+    assert "data stages (params.yaml as committed): " in launched and "pushed with their run-cache entries" in launched
     assert len((tmp_path / "launched.txt").read_text().splitlines()) == 2
     again = sweep("--dry-run")
     assert "restored from this machine's run-cache; all on the remote" in again, again
@@ -482,6 +490,7 @@ def test_data_overrides_are_prepared_once_per_distinct_set() -> None:
     assert remote_data.distinct([[("train.lora_r", "4")], [("train.lora_r", "8")]], keys) == [[]]
     assert remote_data.data_pairs([("merge_data.mixture.alpaca.rows", "0")], keys) == [
         ("merge_data.mixture.alpaca.rows", "0")]
+    assert remote_data.data_pairs([("paths.raw_dir", "elsewhere")], keys) == [("paths.raw_dir", "elsewhere")]
 
 
 def test_overrides_parse_quote_and_name_the_bad_word() -> None:

@@ -46,7 +46,8 @@ class RemoteDataError(SkytuneError):
 def data_keys(dvc_file: Path = DVC_FILE) -> set[str]:
     """The params keys the data stages declare in dvc.yaml (a key or a whole section)."""
     stages = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"]
-    return {key for name in DATA_STAGES for key in stages[name].get("params", [])}
+    # `paths` too: the stages' dependencies and outputs are ${paths.*}, part of every run-cache key.
+    return {"paths"} | {key for name in DATA_STAGES for key in stages[name].get("params", [])}
 
 
 def data_pairs(pairs: Pairs, keys: set[str]) -> Pairs:
@@ -85,6 +86,7 @@ def worktree(pairs: Pairs, repo: Path = Path(".")) -> Iterator[Path]:
     repo = repo.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="skytune-data-"))
     tree = tmp / "tree"
+    _run(["git", "worktree", "prune"], repo)  # registrations of trees a killed run left behind
     _run(["git", "worktree", "add", "--quiet", "--detach", str(tree), "HEAD"], repo)
     try:
         local = repo / buckets.DVC_DIR / "config.local"
@@ -130,8 +132,21 @@ def missing(tree: Path) -> list[str]:
 
 
 def push(tree: Path) -> None:
-    """The data stages' outputs and the run-cache, to the default remote."""
-    _dvc(tree, "push", "--run-cache", "--with-deps", DATA_STAGES[-1])
+    """The data stages' outputs, and their run-cache entries alone, to the default remote. (`dvc push --run-cache`
+    would send every entry of this machine's run-cache: other stages' too, such as an evaluate_base scored here on
+    another engine than a GPU node's.)"""
+    from dvc.repo import Repo
+    from dvc.stage.cache import _get_stage_hash
+
+    _dvc(tree, "push", "--with-deps", DATA_STAGES[-1])
+    with contextlib.chdir(tree), Repo(".") as repo:
+        odb = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+        local = repo.cache.legacy
+        for name in DATA_STAGES:
+            key = _get_stage_hash(repo.stage.collect(name)[0])
+            entries = local.fs.join(local.path, "runs", key[:2], key)
+            for entry in local.fs.find(entries):
+                odb.fs.put_file(entry, odb.fs.join(odb.path, "runs", key[:2], key, local.fs.name(entry)))
 
 
 def prepare(points: list[Pairs], *, dry_run: bool = False, repo: Path = Path(".")) -> list[str]:
@@ -154,7 +169,7 @@ def prepare(points: list[Pairs], *, dry_run: bool = False, repo: Path = Path("."
                 print(f"{where}; missing on the remote: {', '.join(lacking)}")
                 continue
             push(tree)
-            print(f"{where}; pushed with the run-cache ({len(lacking)} item(s) were missing)")
+            print(f"{where}; pushed with their run-cache entries ({len(lacking)} item(s) were missing)")
     return reported_missing
 
 
