@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +129,88 @@ def test_sigterm_sets_the_notice_and_the_handler_is_restored(tmp_path: Path,
     with pytest.raises(SystemExit) as exc:
         checkpoints.exit_preempted()
     assert exc.value.code == checkpoints.PREEMPTED_EXIT_CODE and flag.exists()
+
+
+# One "node" of the two-node simulation below: a gloo process whose checkpoint root is its node's own directory.
+NODE = """
+import json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+from skytune.core.training import checkpoints
+rank, phase, root = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+if phase == "save":  # what each node writes of checkpoint-40: rank 0 the adapter, every rank its rng state
+    directory = root / "checkpoint-40"
+    directory.mkdir(parents=True)
+    (directory / f"rng_state_{rank}.pth").write_bytes(bytes([rank]) * 1000)
+    if rank == 0:
+        (directory / "adapter_model.safetensors").write_bytes(b"weights" * 100)
+    dist.barrier()
+    checkpoints.seal(directory)
+else:
+    resume = checkpoints.newest_complete(root)
+    print(json.dumps(None if resume is None else resume.name))
+dist.destroy_process_group()
+"""
+
+
+def run_nodes(phase: str, views: dict[int, Path]) -> list[str]:
+    """Both nodes at once, each on its own view of the checkpoint directory (MOUNT_CACHED gives every node its own
+    cache of the bucket)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": "0"}
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(rank), phase, str(view)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, view in views.items()]
+    outs = [node.communicate(timeout=120) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outs
+    return [out.strip().splitlines()[-1] if out.strip() else "" for out, _ in outs]
+
+
+def sync(source: Path, target: Path) -> None:
+    """The bucket sync, one way: every file `source` has reaches `target` (what MOUNT_CACHED does, later)."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / path.relative_to(source))
+
+
+def test_two_nodes_with_delayed_caches_agree_on_a_checkpoint_complete_on_both(tmp_path: Path) -> None:
+    views = {0: tmp_path / "node0", 1: tmp_path / "node1"}
+    make(views[0], 20)  # checkpoint-20: complete and synced everywhere
+    sync(views[0], views[1])
+    # checkpoint-40 is saved; rank 0 writes the marker from both nodes' listings, in its own view.
+    run_nodes("save", views)
+    marker = json.loads((views[0] / "checkpoint-40" / checkpoints.MARKER).read_text())["files"]
+    assert set(marker) == {"adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"}  # node 1's file too
+    assert marker["rng_state_1.pth"]["sha256"] == hashlib.sha256(bytes([1]) * 1000).hexdigest()
+    assert not (views[1] / "checkpoint-40" / checkpoints.MARKER).exists()  # not yet synced to node 1
+    sync(views[0], views[1])  # node 0's files and marker reached node 1: complete there, not on node 0
+    assert checkpoints.check(views[1] / "checkpoint-40") is None
+    # A torn checkpoint-60 on both nodes (killed mid-save).
+    for rank, view in views.items():
+        (view / "checkpoint-60").mkdir()
+        (view / "checkpoint-60" / f"rng_state_{rank}.pth").write_bytes(b"partial")
+    # Preempted now, before node 1's upload reached node 0: a resume on both views.
+    assert checkpoints.check(views[0] / "checkpoint-40") == "rng_state_1.pth is missing"
+    assert run_nodes("resume", views) == ['"checkpoint-20"', '"checkpoint-20"']  # complete on every node
+    assert (views[0] / "checkpoint-40").is_dir()  # complete on node 1, node 1's part still on its way to node 0: kept
+    assert (views[1] / "checkpoint-40" / "rng_state_1.pth").is_file()  # rank 1 deletes nothing
+    assert not (views[0] / "checkpoint-60").exists()  # torn on every node: rank 0 removed it
+    assert (views[1] / "checkpoint-60").is_dir()  # only rank 0 deletes (its removal reaches node 1 through the bucket)
+    # Once the sync caught up both ways, both nodes resume from checkpoint-40.
+    sync(views[1], views[0])
+    sync(views[0], views[1])
+    shutil.rmtree(views[1] / "checkpoint-60")
+    assert run_nodes("resume", views) == ['"checkpoint-40"', '"checkpoint-40"']
+
+
+def test_a_stale_copy_from_an_earlier_attempt_loses_to_the_fresh_one() -> None:
+    fresh = {"f": {"size": 1, "sha256": "new", "mtime": 200.0}}
+    stale = {"f": {"size": 1, "sha256": "old", "mtime": 100.0}}
+    assert checkpoints.merge([stale, fresh])["f"]["sha256"] == "new"
+    assert checkpoints.merge([fresh, stale])["f"]["sha256"] == "new"

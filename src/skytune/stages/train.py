@@ -107,6 +107,10 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     train, val, gate_metrics = _tokenize(params, tokenizer, rank)
 
     run_dir = checkpoints.root(paths.checkpoint_dir) / _fingerprint(params, base)
+    if world_size > 1:
+        from accelerate import PartialState
+
+        PartialState()  # the process group, up before the Trainer: the processes agree on the checkpoint to resume
     resume = checkpoints.newest_complete(run_dir)
     state: dict[str, Any] = json.loads((resume / STATE_FILE).read_text()) if resume else {}
     if notice.received:

@@ -22,20 +22,23 @@ STATE_FILE = "skytune_state.json"  # what the stage needs back on resume, saved 
 
 class Checkpointing(TrainerCallback):
     """After the Trainer writes `checkpoint-<step>`: add the DVCLive snapshot and the stage's state, write the
-    completion marker, and prune old checkpoints (main process, after every process has written its part)."""
+    completion marker from every node's listing of what it sees, and prune old checkpoints (rank 0, after every
+    process has written its part)."""
 
     def __init__(self, live_dir: Path, state: Callable[[], dict[str, Any]], keep: int) -> None:
         self.live_dir, self.state, self.keep = live_dir, state, keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         barrier()
+        run_dir = Path(args.output_dir)
+        directory = run_dir / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero:
-            run_dir = Path(args.output_dir)
-            directory = run_dir / f"checkpoint-{state.global_step}"
             if self.live_dir.is_dir():
                 shutil.copytree(self.live_dir, directory / LIVE_SNAPSHOT, dirs_exist_ok=True)
             (directory / STATE_FILE).write_text(json.dumps(self.state(), sort_keys=True), encoding="utf-8")
-            checkpoints.mark_complete(directory)
+        barrier()
+        checkpoints.seal(directory)  # every node's listing; rank 0 writes the marker
+        if state.is_world_process_zero:
             checkpoints.prune(run_dir, self.keep)
             log.info("checkpoint %s complete", directory)
         barrier()

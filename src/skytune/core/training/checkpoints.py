@@ -6,6 +6,12 @@ A checkpoint directory (`checkpoint-<step>`, as the transformers Trainer writes 
 damaged later, is skipped and the one before it is used (transformers#35782 has no such fallback). The marker is
 written last, through a temporary file, fsync and rename, so it never exists half-written.
 
+On several nodes each node may see its own copy of the checkpoint directory (a MOUNT_CACHED bucket mount is a
+per-node cache, uploaded in the background and synced with a delay). So the marker is written by rank 0 only after a
+barrier, from every node's listing of the files it sees (`seal`), and the checkpoint to resume is chosen by rank 0
+from every node's view, as the newest one complete in all of them, and broadcast (`newest_complete`). Only rank 0
+deletes.
+
 Checkpoints of different training inputs never mix: each run writes under `<root>/<fingerprint>/`, the fingerprint
 hashing everything that determines the result (params, base model, data, this package's code and the versions of
 the training libraries). A run that finishes and writes its outputs removes its checkpoints (`finished`), so a
@@ -28,10 +34,12 @@ from typing import Any, NoReturn
 
 import skytune
 from skytune.core.atomic import file_sha256
+from skytune.core.training.distributed import all_gather, broadcast, local_main, rank
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
+MISSING = "is missing"  # check()'s word for a listed file not there: on several nodes, possibly still syncing
 ENV_DIR = "SKYTUNE_CHECKPOINT_DIR"
 # Exit code of a training run stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL ("try again"). SkyPilot's
 # `job_recovery.recover_on_exit_codes: [75]` relaunches on it; the relaunch resumes from that checkpoint.
@@ -72,10 +80,40 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith(".tmp"))
 
 
-def mark_complete(directory: Path) -> None:
-    """Write the completion marker of a fully written checkpoint directory."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in _files(directory)}
+Listing = dict[str, dict[str, Any]]  # file (relative) -> {"size", "sha256", "mtime"}
+
+
+def listing(directory: Path) -> Listing:
+    """Every file of a checkpoint directory as this node sees it, with size, sha256 and modification time."""
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p),
+                                            "mtime": p.stat().st_mtime}
+            for p in _files(directory)}
+
+
+def merge(parts: list[Listing]) -> Listing:
+    """The nodes' listings as one: where two nodes see different copies of a file (a stale one from an earlier
+    attempt at the same step, not yet replaced by the sync), the most recently written copy wins."""
+    files: Listing = {}
+    for part in parts:
+        for name, entry in part.items():
+            if name not in files or entry["mtime"] > files[name]["mtime"]:
+                files[name] = entry
+    return files
+
+
+def seal(directory: Path) -> None:
+    """Every process: each node's main process lists the checkpoint's files it sees; rank 0 writes the marker from
+    all the listings, after all of them are in (a collective: call it on every process, after the save)."""
+    parts = all_gather(listing(directory) if local_main() else None)
+    if rank() == 0:
+        mark_complete(directory, [part for part in parts if part is not None])
+
+
+def mark_complete(directory: Path, parts: list[Listing] | None = None) -> None:
+    """Write the completion marker of a fully written checkpoint directory, from the nodes' listings (default: this
+    process's own view)."""
+    merged = merge(parts if parts is not None else [listing(directory)])
+    files = {name: {"size": entry["size"], "sha256": entry["sha256"]} for name, entry in merged.items()}
     tmp = directory / f".tmp-{MARKER}"
     with tmp.open("w", encoding="utf-8") as fh:
         json.dump({"files": files}, fh, indent=1, sort_keys=True)
@@ -112,7 +150,7 @@ def check(directory: Path) -> str | None:
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{name} {MISSING}"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
         if file_sha256(path) != expected["sha256"]:
@@ -133,14 +171,31 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_complete(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint in `run_dir`; newer incomplete ones are logged and removed."""
-    for directory in checkpoints(run_dir):
-        problem = check(directory)
-        if problem is None:
-            return directory
-        log.warning("skipping checkpoint %s: %s; removing it", directory, problem)
-        shutil.rmtree(directory, ignore_errors=True)
-    return None
+    """The checkpoint to resume from, the same on every process (a collective: call it on every process): each node's
+    main process checks the checkpoints it sees; rank 0 picks the newest one complete in every node's view and
+    broadcasts its step. Rank 0 alone removes newer ones, and only those torn or damaged in every view; a newer one
+    complete on some node, or sealed but with files not yet synced to a node (an upload in flight), is kept and
+    skipped."""
+    view = {step_of(d): check(d) for d in checkpoints(run_dir)} if local_main() else None
+    views = [v for v in all_gather(view) if v is not None]
+    chosen = None
+    if rank() == 0:
+        for step in sorted(set().union(*views), reverse=True):
+            problems = [f"node {i}: {v.get(step, 'not there')}" for i, v in enumerate(views)
+                        if v.get(step, "") is not None]
+            if not problems:
+                chosen = step
+                break
+            directory = run_dir / f"checkpoint-{step}"
+            syncing = len(views) > 1 and any(p.endswith(MISSING) for p in problems)
+            if len(problems) < len(views) or syncing:
+                log.warning("skipping checkpoint %s: not complete on every node yet (%s); kept", directory,
+                            "; ".join(problems))
+            else:
+                log.warning("skipping checkpoint %s (%s): removing it", directory, "; ".join(problems))
+                shutil.rmtree(directory, ignore_errors=True)
+    chosen = broadcast(chosen)
+    return None if chosen is None else run_dir / f"checkpoint-{chosen}"
 
 
 def prune(run_dir: Path, keep: int) -> None:
