@@ -96,6 +96,7 @@ case "${1:-}" in
       # --pull --allow-missing: a stage whose inputs match the remote's run-cache is restored, not run (make launch
       # pushed the data stages' outputs; a data stage that still runs warns in the log), and only the inputs the
       # stages that do run need are pulled.
+      export SKYTUNE_RUN_STARTED=${SKYTUNE_RUN_STARTED:-$(date +%s)}   # the train stage's wall and GPU hours
       python -m skytune.face.cli preemptible -- dvc exp run --pull --allow-missing -n "$name" "${sets[@]}" &
       child=$!
       trap 'kill -TERM "$child" 2>/dev/null; signalled=1' TERM

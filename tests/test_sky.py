@@ -153,6 +153,7 @@ def node_env(tmp_path: Path, s3: dict[str, str], origin: Origin) -> dict[str, st
             "SKYPILOT_TASK_ID": "sky-managed-2026-11-24_skytune-train_7", "SKYPILOT_NODE_RANK": "0",
             "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_GPUS_PER_NODE": "0",
             "OVERRIDES": "train.lora_r=4 train.epochs=3 train.save_steps=20",
+            "SKYTUNE_MARKET": "spot", "SKYPILOT_CLUSTER_INFO": '{"cloud": "local", "region": "loopback"}',
             "GIT_REMOTE": origin.url, "GIT_REF": origin.commit, "GIT_URL": origin.url, "GIT_TOKEN": origin.token,
             "SKYTUNE_CHECKPOINT_DIR": str(tmp_path / "bucket-mount"), "GIT_AUTHOR_NAME": "node",
             "GIT_AUTHOR_EMAIL": "node@localhost", "GIT_COMMITTER_NAME": "node", "GIT_COMMITTER_EMAIL": "node@localhost"}
@@ -214,6 +215,8 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
         time.sleep(0.2)
     kill_tree(run.pid)  # the VM disappears without notice: the worst case
     run.wait()
+    first_seconds = json.loads(next(Path(env["SKYTUNE_CHECKPOINT_DIR"]).rglob("skytune_state.json")).read_text())[
+        "node_seconds"]  # the first VM's wall time up to its checkpoint, carried by the checkpoint
 
     # VM 2 (a managed-job recovery: same task id, same bucket): resumes, finishes, pushes.
     second = new_node(tmp_path, "vm2", origin)
@@ -226,6 +229,11 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     assert origin.token not in (second / ".git" / "config").read_text()  # node.sh took it out of origin
     train = json.loads((second / PATHS.train_metrics).read_text())
     assert train["resumed_from_step"] >= 20 and train["steps"] > train["resumed_from_step"]
+    # What the experiment ran on and its wall hours: both VMs' (the first up to its checkpoint), not the second's alone.
+    cloud = train["cloud"]
+    assert {k: cloud[k] for k in ("accelerator", "gpus_per_node", "nodes", "market")} == {
+        "accelerator": "cpu", "gpus_per_node": 0, "nodes": 1, "market": "spot"}
+    assert cloud["wall_hours"] * 3600 > first_seconds + train["train_seconds"] and cloud["gpu_hours"] == 0
     assert list((Path(s3["S3_ROOT"]) / urlparse(DVC_REMOTE_URL).netloc).rglob("*"))  # the DVC cache is in S3
 
     # A recovery after the experiment was pushed (a fresh VM) has nothing to do: no training, no push.
@@ -260,7 +268,7 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     # The sweep's comparison command on what was pushed (a sweep's experiments share a name prefix).
     table = subprocess.run([sys.executable, "-m", "skytune.face.cloud.sweep", "pull", "sky-managed"], check=True,
                            env=client, capture_output=True, text=True, **sh_env).stdout
-    assert f"| {name} | 4 |" in table and "gpu_hours" in table
+    assert f"| {name} | 4 |" in table and "| gpu_hours | cost |" in table and "| cpu | spot |" in table
     # Launching that name again at the same commit is refused on the laptop (the node would skip it as done).
     again = subprocess.run([sys.executable, "-m", "skytune.face.cloud.jobs", "launch", "--name", name, "--dry-run"],
                            env=client, capture_output=True, text=True, check=False, **sh_env)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from skytune.core import packaging
+from skytune.core import cloud_node, packaging
 from skytune.core.atomic import (
     atomic_dir,
     atomic_file,
@@ -113,6 +113,8 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
         PartialState()  # the process group, up before the Trainer: the processes agree on the checkpoint to resume
     resume = checkpoints.newest_complete(run_dir)
     state: dict[str, Any] = json.loads((resume / STATE_FILE).read_text()) if resume else {}
+    # Wall time on cloud nodes, all attempts of a preempted run together (each up to its last checkpoint).
+    started, earlier = float(os.environ.get(cloud_node.STARTED_ENV) or time.time()), state.get("node_seconds", 0.0)
     if notice.received:
         checkpoints.exit_preempted()
     dtype = compute_dtype(p.compute_dtype)
@@ -123,7 +125,9 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     live = _live(Path(paths.dvclive_dir), resume, rank)
     stop = StopOnPreemption(notice)
     callbacks = [*([LiveLog(live)] if live else []), stop,
-                 Checkpointing(Path(paths.dvclive_dir), lambda: state, checkpoints.keep_count(p.save_total_limit))]
+                 Checkpointing(Path(paths.dvclive_dir),
+                               lambda: {**state, "node_seconds": earlier + time.time() - started},
+                               checkpoints.keep_count(p.save_total_limit))]
     trainer = build_trainer(model, tokenizer, train, val, p, output_dir=run_dir, seed=params.base.seed, dtype=dtype,
                             world_size=world_size, callbacks=callbacks)
     if "val_loss_before" not in state:
@@ -141,7 +145,7 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     live.end()
     _write_outputs(params, base, trainer, tokenizer, quantization, weights)
     _write_metrics(params, trainer, train, gate_metrics, state["val_loss_before"], after, quantization,
-                   seconds, start_step, world_size)
+                   seconds, start_step, world_size, cloud_node.describe(earlier + time.time() - started))
     checkpoints.finished(run_dir)
 
 
@@ -192,7 +196,8 @@ def _write_outputs(params: Params, base: BaseModel, trainer: Any, tokenizer: Any
 
 
 def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict[str, Any], before: float,
-                   after: float, quantization: str, seconds: float, start_step: int, world_size: int) -> None:
+                   after: float, quantization: str, seconds: float, start_step: int, world_size: int,
+                   cloud: dict[str, Any] | None) -> None:
     state = trainer.state
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     tokens_per_epoch = sum(len(r.input_ids) for r in train)
@@ -229,6 +234,8 @@ def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict
         utilization = mfu(tokens_per_second, total, trainable, world_size)
         if utilization is not None:
             metrics["mfu"] = round(utilization, 4)
+    if cloud is not None:  # on a SkyPilot node: what it ran on, its wall and GPU hours, and its cost where priced
+        metrics["cloud"] = cloud
     write_json(params.paths.train_metrics, metrics)
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import ParamsError
-from skytune.face.cloud import buckets, remote_data
+from skytune.face.cloud import buckets, prices, remote_data
 from skytune.face.cloud import overrides as ov
 
 # The SkyPilot CLI: make exports SKY (the launcher environment of `make launcher`); else `sky` on PATH.
@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.name:
         refuse_existing([args.name], source, args.remote)
     command = launch_command(args.name or args.yaml.stem, pairs, args.name, source, sky=args.sky,
-                             train_yaml=args.yaml, extra=[*secrets_to_pass(args.yaml), *bucket, *extra])
+                             train_yaml=args.yaml,
+                             extra=[*secrets_to_pass(args.yaml), *bucket, *prices.launch_env(args.yaml, args.sky),
+                                    *extra])
     remote_data.prepare([pairs], dry_run=args.dry_run)
     run([command], sky=args.sky, dry_run=args.dry_run)
     return 0

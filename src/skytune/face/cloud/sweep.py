@@ -27,7 +27,7 @@ from typing import Any
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import PARAMS_FILE, ParamsError
-from skytune.face.cloud import buckets, jobs, overrides, remote_data
+from skytune.face.cloud import buckets, jobs, overrides, prices, remote_data
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 COLUMNS = ("val_loss_after", "val_perplexity_tuned", "identity_exact_match_tuned", "ends_with_eot_tuned")
@@ -61,8 +61,9 @@ def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, remote: str,
         secrets = jobs.secrets_to_pass()
     except (jobs.JobError, buckets.BucketNotSet) as exc:
         raise SystemExit(f"nothing launched: {exc}") from None
+    priced = prices.launch_env(jobs.TRAIN_YAML, sky)
     commands = [jobs.launch_command(job, list(point.items()), job, source, sky=sky,
-                                    extra=[*secrets, *bucket, *extra])
+                                    extra=[*secrets, *bucket, *priced, *extra])
                 for job, point in zip(names, points, strict=True)]
     print(f"sweep {name}: {len(commands)} managed job(s) at {source.commit[:12]}")
     try:
@@ -80,8 +81,9 @@ def _dvc(*args: str) -> str:
 
 
 def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    """One row per experiment of the sweep from `dvc exp show --json`: its overridden train params, key metrics
-    and GPU-hours (train_seconds x processes on a GPU)."""
+    """One row per experiment of the sweep from `dvc exp show --json`: its overridden train params, key metrics,
+    the accelerator and market it ran on, GPU-hours (the node's wall hours x GPUs, all attempts of a preempted run
+    together; else train_seconds x processes on a GPU) and the cost where the launch had catalog prices."""
     out = []
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
@@ -92,11 +94,13 @@ def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
             for values in (data.get("metrics") or {}).values():
                 metrics.update(values.get("data") or {})
             train = data["params"][str(PARAMS_FILE)]["data"]["train"]
+            cloud = metrics.get("cloud") or {}  # skytune.core.cloud_node, on a SkyPilot node
             gpu = metrics.get("device", "cpu") != "cpu"
             hours = metrics.get("train_seconds", 0) * metrics.get("world_size", 1) / 3600 if gpu else 0.0
             out.append({"experiment": exp["name"], "lora_r": train["lora_r"], "learning_rate": train["learning_rate"],
                         "epochs": train["epochs"], **{c: metrics.get(c) for c in COLUMNS},
-                        "gpu_hours": round(hours, 3)})
+                        "accelerator": cloud.get("accelerator"), "market": cloud.get("market"),
+                        "gpu_hours": round(cloud.get("gpu_hours", hours), 3), "cost": cloud.get("cost")})
     return sorted(out, key=lambda r: r["experiment"])
 
 

@@ -1,0 +1,84 @@
+"""What a cloud experiment ran on and cost, as the node sees it: recorded in the train stage's metrics, so that
+`make sweep-pull` (skytune.face.cloud.sweep) shows GPU-hours and cost per experiment.
+
+On a SkyPilot node (SKYPILOT_TASK_ID set): the accelerator (CUDA's device name, else "cpu"), GPUs per node and
+nodes (SKYPILOT_NUM_GPUS_PER_NODE, SKYPILOT_NUM_NODES), the cloud, region and zone (SKYPILOT_CLUSTER_INFO), the market
+(spot or on-demand: $SKYTUNE_MARKET if set, else the cloud's instance metadata: AWS, GCP, Azure), and the hourly
+price per GPU when the launcher passed SkyPilot's catalog prices ($SKYTUNE_PRICES, skytune.face.cloud.prices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRICES_ENV = "SKYTUNE_PRICES"  # {"L4": {"spot": 0.25, "on-demand": 0.8}, ...}: per GPU-hour, from the launcher
+MARKET_ENV = "SKYTUNE_MARKET"  # spot | on-demand, when the instance metadata cannot tell
+STARTED_ENV = "SKYTUNE_RUN_STARTED"  # epoch seconds at which sky/node.sh started the run
+# The instance metadata that says whether a VM is spot, per cloud (SKYPILOT_CLUSTER_INFO's "cloud"): the URL, its
+# headers and the answer that means spot.
+_METADATA = {
+    "aws": ("http://169.254.169.254/latest/meta-data/instance-life-cycle", {}, "spot"),
+    "gcp": ("http://metadata.google.internal/computeMetadata/v1/instance/scheduling/preemptible",
+            {"Metadata-Flavor": "Google"}, "TRUE"),
+    "azure": ("http://169.254.169.254/metadata/instance/compute/priority?api-version=2021-02-01&format=text",
+              {"Metadata": "true"}, "Spot"),
+}
+
+
+def market_from_metadata(cloud: str | None, timeout: float = 1.0) -> str:
+    """spot | on-demand from the cloud's instance metadata service, or "unknown" (another cloud, no answer)."""
+    if not cloud or cloud.lower() not in _METADATA:
+        return "unknown"
+    url, headers, spot = _METADATA[cloud.lower()]
+    try:
+        if cloud.lower() == "aws":  # IMDSv2: a session token first
+            token = urllib.request.Request("http://169.254.169.254/latest/api/token", method="PUT",
+                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+            with urllib.request.urlopen(token, timeout=timeout) as answer:
+                headers = {"X-aws-ec2-metadata-token": answer.read().decode()}
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return "spot" if answer.read().decode().strip() == spot else "on-demand"
+    except OSError as exc:
+        log.info("instance metadata of %s did not answer (%s): market unknown", cloud, exc)
+        return "unknown"
+
+
+def hourly_price(prices: Mapping[str, Mapping[str, float]], accelerator: str, market: str) -> float | None:
+    """The price per GPU-hour of `accelerator` (a CUDA device name such as "NVIDIA A100-SXM4-80GB") on `market`: the
+    catalog name it contains (the longest, so A10G is not taken for A10)."""
+    names = sorted((n for n in prices if n.lower() in accelerator.lower()), key=len, reverse=True)
+    return prices[names[0]].get(market) if names else None
+
+
+def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The cloud block of the train metrics for a run that took `seconds` of wall time on the node (all attempts of
+    a preempted run together), or None off a SkyPilot node."""
+    env = os.environ if environ is None else environ
+    if not env.get("SKYPILOT_TASK_ID"):
+        return None
+    info = json.loads(env.get("SKYPILOT_CLUSTER_INFO") or "{}")
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    gpus = int(env.get("SKYPILOT_NUM_GPUS_PER_NODE") or 0)
+    nodes = int(env.get("SKYPILOT_NUM_NODES") or 1)
+    market = env.get(MARKET_ENV) or market_from_metadata(info.get("cloud"))
+    hours = seconds / 3600
+    block: dict[str, Any] = {"accelerator": accelerator, "gpus_per_node": gpus, "nodes": nodes,
+                             "cloud": info.get("cloud"), "region": info.get("region"), "zone": info.get("zone"),
+                             "market": market, "wall_hours": round(hours, 4),
+                             "gpu_hours": round(hours * gpus * nodes, 4)}
+    prices = json.loads(env.get(PRICES_ENV) or "{}")
+    price = hourly_price(prices, accelerator, market) if market != "unknown" else None
+    if price is not None:
+        block["price_per_gpu_hour"] = price
+        block["cost"] = round(price * block["gpu_hours"], 4)
+    return block

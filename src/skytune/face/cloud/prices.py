@@ -1,0 +1,78 @@
+"""Hourly GPU prices from SkyPilot's catalog at launch, passed to the node ($SKYTUNE_PRICES), which records the cost
+of the experiment with the accelerator and market it got (skytune.core.cloud_node).
+
+The catalog is read in SkyPilot's own environment (make launcher), for the accelerators the training YAML may get,
+on the clouds `sky check` enabled: per GPU-hour, the cheapest offering of each, spot and on-demand. Where the catalog
+cannot be read (offline, no cloud enabled) the job launches without prices: its metrics then hold GPU-hours only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from skytune.core.cloud_node import PRICES_ENV
+
+# Runs in SkyPilot's environment: argv[1] is {"L4": 1, ...}; prints {"L4": {"spot": ..., "on-demand": ...}, ...}.
+_QUERY = """
+import json, sys
+from sky import catalog, check
+from sky.clouds import CloudCapability
+wanted = json.loads(sys.argv[1])
+enabled = [str(c).lower() for c in check.get_cached_enabled_clouds_or_refresh(
+    CloudCapability.COMPUTE, raise_if_no_cloud_access=False)]
+prices = {}
+for name, count in wanted.items():
+    for cloud in enabled:
+        try:
+            offers = catalog.list_accelerators(gpus_only=True, name_filter=name, quantity_filter=count,
+                                               clouds=cloud, case_sensitive=False)
+        except Exception as exc:
+            print(f"{cloud} catalog: {exc}", file=sys.stderr)
+            continue
+        for info in offers.get(name, []):
+            for market, price in (("on-demand", info.price), ("spot", info.spot_price)):
+                if price and price == price:  # NaN where a market is not offered
+                    per_gpu = price / info.accelerator_count
+                    best = prices.setdefault(name, {})
+                    best[market] = round(min(best.get(market, per_gpu), per_gpu), 4)
+print(json.dumps(prices))
+"""
+
+
+def accelerators(train_yaml: Path) -> dict[str, int]:
+    """The accelerators `resources.accelerators` allows: {"L4": 1, "A100": 8}."""
+    wanted = (yaml.safe_load(train_yaml.read_text(encoding="utf-8")).get("resources") or {}).get("accelerators")
+    if isinstance(wanted, str):
+        name, _, count = wanted.partition(":")
+        return {name: int(count or 1)}
+    return {str(k): int(v) for k, v in (wanted or {}).items()}
+
+
+def catalog_prices(train_yaml: Path, sky: Path) -> dict[str, dict[str, float]]:
+    """Per-GPU hourly prices from SkyPilot's catalog ({} where it cannot be read, said on stdout)."""
+    python = sky.parent / "python"
+    wanted = accelerators(train_yaml)
+    if not wanted or not python.is_file():
+        return {}
+    done = subprocess.run([str(python), "-c", _QUERY, json.dumps(wanted)], capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"})
+    try:
+        prices = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout else {}
+    except ValueError:
+        prices = {}
+    if not prices:
+        why = (done.stderr.strip().splitlines() or ["no cloud enabled"])[-1][:200]
+        print(f"no GPU prices from SkyPilot's catalog ({why}): the jobs record GPU-hours, not cost")
+    return prices
+
+
+def launch_env(train_yaml: Path, sky: Path) -> list[str]:
+    """`--env SKYTUNE_PRICES=...` for `sky jobs launch`, or nothing when no price is known."""
+    prices = catalog_prices(train_yaml, sky)
+    return ["--env", f"{PRICES_ENV}={json.dumps(prices, separators=(',', ':'))}"] if prices else []
+
