@@ -36,7 +36,7 @@ def test_the_market_comes_from_the_instance_metadata(monkeypatch: pytest.MonkeyP
     answers = {"/preemptible": "TRUE"}
 
     class Metadata(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             ok = self.headers.get("Metadata-Flavor") == "Google"  # GCP refuses a request without it
             body = answers.get(self.path, "") if ok else ""
             self.send_response(200 if ok else 403)

@@ -271,7 +271,8 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     assert f"| {name} | 4 |" in table and "| gpu_hours | cost |" in table and "| cpu | spot |" in table
     # Launching that name again at the same commit is refused on the laptop (the node would skip it as done).
     again = subprocess.run([sys.executable, "-m", "skytune.face.cloud.jobs", "launch", "--name", name, "--dry-run"],
-                           env=client, capture_output=True, text=True, check=False, **sh_env)
+                           env={**client, "CHECKPOINT_BUCKET": "my-checkpoints"}, capture_output=True, text=True,
+                           check=False, **sh_env)
     assert again.returncode == 1 and f"experiment name(s) {name} already on origin" in again.stderr, again.stderr
 
 

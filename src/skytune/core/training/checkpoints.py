@@ -181,8 +181,8 @@ def newest_complete(run_dir: Path) -> Path | None:
     chosen = None
     if rank() == 0:
         for step in sorted(set().union(*views), reverse=True):
-            problems = [f"node {i}: {v.get(step, 'not there')}" for i, v in enumerate(views)
-                        if v.get(step, "") is not None]
+            problems = [(f"node {i}: " if len(views) > 1 else "") + v.get(step, "not there")
+                        for i, v in enumerate(views) if v.get(step, "") is not None]
             if not problems:
                 chosen = step
                 break
@@ -192,7 +192,7 @@ def newest_complete(run_dir: Path) -> Path | None:
                 log.warning("skipping checkpoint %s: not complete on every node yet (%s); kept", directory,
                             "; ".join(problems))
             else:
-                log.warning("skipping checkpoint %s (%s): removing it", directory, "; ".join(problems))
+                log.warning("skipping checkpoint %s: %s; removing it", directory, "; ".join(problems))
                 shutil.rmtree(directory, ignore_errors=True)
     chosen = broadcast(chosen)
     return None if chosen is None else run_dir / f"checkpoint-{chosen}"
