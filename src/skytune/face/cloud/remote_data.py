@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -109,44 +110,46 @@ def compute(tree: Path) -> tuple[list[str], float]:
     return re.findall(r"Running stage '(\w+)'", log), time.monotonic() - start
 
 
-def missing(tree: Path) -> list[str]:
-    """What the default DVC remote lacks for the data stages as computed in `tree`: a run-cache entry (what lets a node
-    skip the stage) or an output's files (what it restores)."""
+@contextlib.contextmanager
+def _run_cache(tree: Path) -> Iterator[tuple[Any, Any, dict[str, str]]]:
+    """DVC's repository in `tree`, the default remote's object store, and each data stage's run-cache directory
+    (`runs/<key[:2]>/<key>`, as DVC's stage cache names it)."""
     from dvc.repo import Repo
     from dvc.stage.cache import _get_stage_hash
 
-    lacking = []
     with contextlib.chdir(tree), Repo(".") as repo:  # DVC resolves stage paths against the working directory
-        try:
-            odb = repo.cloud.get_remote_odb(None, "status --run-cache", hash_name="md5-dos2unix")
-            for name in DATA_STAGES:
-                key = _get_stage_hash(repo.stage.collect(name)[0])
-                if not odb.fs.exists(odb.fs.join(odb.path, "runs", key[:2], key)):
-                    lacking.append(f"{name}: run-cache entry")
+        odb = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+        runs = {}
+        for name in DATA_STAGES:
+            key = _get_stage_hash(repo.stage.collect(name)[0])
+            runs[name] = f"runs/{key[:2]}/{key}"
+        yield repo, odb, runs
+
+
+def missing(tree: Path) -> list[str]:
+    """What the default DVC remote lacks for the data stages as computed in `tree`: a run-cache entry (what lets a node
+    skip the stage) or an output's files (what it restores)."""
+    try:
+        with _run_cache(tree) as (repo, odb, runs):
+            lacking = [f"{name}: run-cache entry" for name, run in runs.items()
+                       if not odb.fs.exists(odb.fs.join(odb.path, run))]
             status = repo.status(targets=[DATA_STAGES[-1]], with_deps=True, cloud=True)
-        except Exception as exc:  # noqa: BLE001 - botocore and DVC raise many types (auth, DNS, missing bucket)
-            raise RemoteDataError(f"the DVC remote cannot be read ({type(exc).__name__}: {exc}): `make preflight` "
-                                  "checks its endpoint and the AWS_* credentials") from None
-        lacking += [f"{path}: {state}" for path, state in sorted(status.items())]
-    return lacking
+    except Exception as exc:  # noqa: BLE001 - botocore and DVC raise many types (auth, DNS, missing bucket)
+        raise RemoteDataError(f"the DVC remote cannot be read ({type(exc).__name__}: {exc}): `make preflight` "
+                              "checks its endpoint and the AWS_* credentials") from None
+    return lacking + [f"{path}: {state}" for path, state in sorted(status.items())]
 
 
 def push(tree: Path) -> None:
     """The data stages' outputs, and their run-cache entries alone, to the default remote. (`dvc push --run-cache`
     would send every entry of this machine's run-cache: other stages' too, such as an evaluate_base scored here on
     another engine than a GPU node's.)"""
-    from dvc.repo import Repo
-    from dvc.stage.cache import _get_stage_hash
-
     _dvc(tree, "push", "--with-deps", DATA_STAGES[-1])
-    with contextlib.chdir(tree), Repo(".") as repo:
-        odb = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+    with _run_cache(tree) as (repo, odb, runs):
         local = repo.cache.legacy
-        for name in DATA_STAGES:
-            key = _get_stage_hash(repo.stage.collect(name)[0])
-            entries = local.fs.join(local.path, "runs", key[:2], key)
-            for entry in local.fs.find(entries):
-                odb.fs.put_file(entry, odb.fs.join(odb.path, "runs", key[:2], key, local.fs.name(entry)))
+        for run in runs.values():
+            for entry in local.fs.find(local.fs.join(local.path, run)):
+                odb.fs.put_file(entry, odb.fs.join(odb.path, run, local.fs.name(entry)))
 
 
 def prepare(points: list[Pairs], *, dry_run: bool = False, repo: Path = Path(".")) -> list[str]:
