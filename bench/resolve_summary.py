@@ -1,7 +1,7 @@
 """The summary of a `pip install --dry-run --report` (bench/gpu_check.sh --dry-run): how many packages resolved,
 the versions that matter on a GPU node, and every pin of the requirements file that the resolution honours.
 
-    python bench/resolve_summary.py REPORT.json requirements-node.txt
+    python bench/resolve_summary.py REPORT.json requirements-vllm.txt
 
 Exits 1 when a pin of the requirements file (followed through `-r` includes) is not what resolved.
 """

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What a SkyPilot node runs (sky/*.yaml call this; the local-node test runs it the same way):
-#   bash sky/node.sh setup         the pipeline's environment from the pinned requirements (make install; on a GPU
-#                                  node requirements-node.txt, the same pipeline with vLLM)
-#   bash sky/node.sh setup-serve   vLLM's environment (CUDA only)
-#   bash sky/node.sh serve         vLLM's OpenAI server on MODEL_DIR (sky/serve.yaml)
+#   bash sky/node.sh setup         the pipeline's environment (make install: requirements.txt, as everywhere) and
+#                                  vLLM's beside it (make vllm-env: requirements-vllm.txt on a GPU node), which the
+#                                  stages' vllm engine (auto on a GPU) starts its server from
+#   bash sky/node.sh setup-serve   vLLM's environment alone (make vllm-env)
+#   bash sky/node.sh serve         make serve on MODEL_DIR, listening on 0.0.0.0:8000 (sky/serve.yaml)
 #   bash sky/node.sh run           the DVC experiment: dvc exp run --pull --allow-missing with $OVERRIDES (the data
 #                                  stages come from the remote's run-cache), then dvc exp push origin
 # Environment: OVERRIDES ("train.lora_r=16 train.epochs=2", shell-quoted: "'identity.creator=The Lab'"),
@@ -16,7 +17,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-$(make --no-print-directory -s venv-path)}
-SERVE_VENV=.venv-serve   # vLLM's own environment (its pins differ from the pipeline's)
 export DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
 # boto3 >= 1.36 sends checksums that S3-compatible stores (OCI, rclone, older MinIO) refuse; AWS accepts either way.
 export AWS_REQUEST_CHECKSUM_CALCULATION=${AWS_REQUEST_CHECKSUM_CALCULATION:-when_required}
@@ -30,17 +30,14 @@ experiment_name() {
 
 case "${1:-}" in
   setup)
-    make install VENV="$VENV"   # on a GPU node the Makefile picks requirements-node.txt (the pipeline with vLLM)
+    make install vllm-env VENV="$VENV"
     ;;
   setup-serve)
-    python3 -m venv "$SERVE_VENV"
-    # vllm 0.32.0 for sky/serve.yaml's replicas, in an environment of its own: serving needs none of the pipeline
-    # (the pipeline's GPU-node environment, requirements-node.txt, carries vllm 0.33.0)
-    "$SERVE_VENV/bin/pip" install --quiet "vllm==0.32.0"
+    make vllm-env   # serving needs none of the pipeline's environment
     ;;
   serve)
-    exec "$SERVE_VENV/bin/vllm" serve "$MODEL_DIR" --served-model-name "$SERVED_NAME" --host 0.0.0.0 --port 8000 \
-      --max-model-len "$MAX_MODEL_LEN"
+    # The model's name for clients (export.adapter_name) and its context (vllm.max_model_len) come from params.yaml.
+    exec make --no-print-directory serve SERVE_MODEL="$MODEL_DIR" SERVE_HOST=0.0.0.0 SERVE_PORT=8000
     ;;
   run)
     if [[ $VENV == /* ]]; then export PATH="$VENV/bin:$PATH"; else export PATH="$PWD/$VENV/bin:$PATH"; fi

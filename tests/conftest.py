@@ -19,8 +19,11 @@ from typing import Any
 import pytest
 
 from skytune.core.models.builtin import build_builtin
+from skytune.core.params import load_params
+from skytune.core.vllm_server import ENV_VAR as VLLM_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
+PATHS = load_params(REPO / "params.yaml").paths
 STAGES = ("ingest", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "evaluate_base",
           "evaluate", "export")
 
@@ -34,6 +37,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # GGUF bases are converted once per machine into this cache (gguf); tests share one per machine, and the GGUF
 # tests make their own.
 os.environ.setdefault("SKYTUNE_CACHE", str(Path(tempfile.gettempdir()) / "skytune-test-cache"))
+# vLLM's environment (make vllm-env; make test builds it), for the stages run in temporary workspaces.
+os.environ.setdefault(VLLM_ENV_VAR, str(REPO / PATHS.vllm_env))
 
 
 # CI sets SKYTUNE_ALLOWED_SKIPS to the skips it accepts (a regex over the reasons: no GPU here, say); any other skip
@@ -58,9 +63,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # The fast profile of the bulk of the tests: the built-in random 2-layer model, with the settings it learns its
 # identity with in seconds. params.yaml's embedded default is a real 135M model (SmolLM2-135M-Instruct); one slow
 # test runs it end to end (test_pipeline_e2e.py), the family tests run real tokenizers (test_real_families.py).
+# Its engines are transformers' wherever the tests run (auto picks vLLM on a GPU node, and the tiny model's 16-wide
+# attention heads are not ones vLLM serves); tests/test_vllm_engine.py and tests/test_serving.py run vLLM for real.
 TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
                 "train": {"epochs": 10, "learning_rate": 0.002, "lora_alpha": 32, "max_length": 256},
-                "evaluate": {"limit": 8, "general_text": {"prompts": 4, "max_new_tokens": 32}}}
+                "sanity_check": {"engine": "transformers"},
+                "evaluate": {"limit": 8, "engine": "transformers", "general_text": {"prompts": 4, "max_new_tokens": 32}},
+                "export": {"parity": False}}
 
 
 def tiny_profile(params: dict) -> dict:
@@ -72,9 +81,7 @@ def tiny_profile(params: dict) -> dict:
 
 def copy_inputs(dest: Path) -> Path:
     """Copy what the pipeline reads (params.yaml in the tiny profile, the raw data, the prompts) into `dest`."""
-    from skytune.core.params import load_params
-
-    paths = load_params(REPO / "params.yaml").paths
+    paths = PATHS
     dest.mkdir(parents=True, exist_ok=True)
     write_params(dest)
     shutil.copytree(REPO / paths.raw_dir, dest / paths.raw_dir)
@@ -102,8 +109,6 @@ def write_params(root: Path, edit: Callable[[dict], object] = lambda params: Non
 
 def run_stages(root: Path, *stages: ModuleType) -> None:
     """Run stage modules' `main` in `root`, each on params.yaml as it is there, as `python -m` would."""
-    from skytune.core.params import load_params
-
     with contextlib.chdir(root):
         for stage in stages:
             stage.main(load_params())
@@ -133,7 +138,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     """Run every stage on the embedded default, on CPU, recording which params each stage reads."""
     import importlib
 
-    from skytune.core.params import TrackedParams, load_params
+    from skytune.core.params import TrackedParams
 
     root = copy_inputs(tmp_path_factory.mktemp("pipeline"))
     run = PipelineRun(root)
@@ -145,16 +150,72 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     return run
 
 
+def sh(*args: str, cwd: Path, timeout: int = 900, stdout_only: bool = False) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
+
+
+def clone_project(dest: Path, *, tiny: bool = True) -> Path:
+    """The project's tracked files, as they are in the working tree, committed in a fresh repository
+    (untracked files are left out: they may be pipeline outputs of a run in the working tree); params.yaml in the
+    tests' tiny profile unless `tiny` is False (the embedded default, a real model)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    if tiny:
+        write_params(dest)
+    sh("git", "init", "-q", "-b", "main", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "baseline", cwd=dest)
+    return dest
+
+
+# What the vLLM tests read of the embedded default's first run, kept as it was (hard links: the destructive
+# experiment of test_pipeline_e2e.py later rewrites the workspace's copies).
+EMBEDDED_OUTPUTS = (PATHS.base_model_dir, PATHS.merged_dir, PATHS.export_dir, PATHS.val_file, PATHS.sanity_prompts,
+                    PATHS.retained_prompts, PATHS.sanity_results, PATHS.sanity_metrics, PATHS.eval_metrics,
+                    PATHS.base_scores_dir, "params.yaml")
+
+
+@dataclass(frozen=True)
+class EmbeddedDefault:
+    """A clone of the project in which `dvc exp run` ran the embedded default (what `make run` runs: the real
+    SmolLM2-135M-Instruct, QLoRA on the CPU), its log, and `snapshot`: EMBEDDED_OUTPUTS as that run left them."""
+
+    repo: Path
+    log: str
+    snapshot: Path
+
+
+@pytest.fixture(scope="session")
+def embedded_default(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedDefault:
+    root = tmp_path_factory.mktemp("embedded-default")
+    repo = clone_project(root / "project", tiny=False)
+    log = sh("dvc", "exp", "run", cwd=repo, timeout=1800)
+    snapshot = root / "snapshot"
+    for name in EMBEDDED_OUTPUTS:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, snapshot / name, copy_function=os.link)
+        else:
+            os.link(repo / name, snapshot / name)
+    return EmbeddedDefault(repo, log, snapshot)
+
+
 # The user's own buckets (the project names none): the DVC remote the tests' origin commits, what make publish-model
 # fills for serve.yaml, and $CHECKPOINT_BUCKET.
 BUCKETS = ("my-dvc", "my-models", "my-checkpoints")
 
 
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
+@contextlib.contextmanager
+def s3_server(root: Path) -> Iterator[dict[str, str]]:
     """A real S3-compatible server on loopback: `rclone serve s3` (the rclone SkyPilot's MOUNT_CACHED uses), serving
-    a directory in which each sub-directory is a bucket. Yields the environment a client needs."""
-    root = tmp_path / "s3"
+    `root`, in which each sub-directory is a bucket (BUCKETS are made). Yields the environment a client needs."""
     for bucket in BUCKETS:
         (root / bucket).mkdir(parents=True)
     with socket.socket() as probe:
@@ -175,6 +236,13 @@ def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`s3_server` for one test."""
+    with s3_server(tmp_path / "s3") as env:
+        yield env
 
 
 def trained_runs(encoded: Any) -> list[str]:

@@ -51,8 +51,8 @@ def test_paths_read_are_deps_or_outs(pipeline: PipelineRun, stage: str) -> None:
                for section in ("deps", "outs", "metrics", "plots") for e in spec.get(section, [])]
     referenced = {m for e in entries for m in re.findall(r"\$\{(paths\.\w+)\}", e)}
     # The checkpoint directory is scratch that training resumes from, never an artifact: declaring it would have DVC
-    # hash (and with cache, store) optimizer states.
-    used = {k for k in pipeline.reads[stage] if k.startswith("paths.")} - {"paths.checkpoint_dir"}
+    # hash (and with cache, store) optimizer states. vLLM's environment is a tool, like the pipeline's own.
+    used = {k for k in pipeline.reads[stage] if k.startswith("paths.")} - {"paths.checkpoint_dir", "paths.vllm_env"}
     assert used <= referenced, f"stage {stage} reads {sorted(used - referenced)} without declaring them"
 
 
@@ -103,7 +103,8 @@ PATH_LIKE = re.compile(r"(?<![\w${}/.:])(?:\.{0,2}/?(?:[\w.-]+/)+[\w.-]*|/[A-Za-
                        r"|\b[\w-]+\.(?:json|jsonl|yaml|yml|csv|md|txt|sh|safetensors|jinja|gguf)\b"
                        r"|(?<![\w/.])\.[A-Za-z][\w-]*(?![\w.])")  # a hidden directory: .venv-sky
 # Fixed by the tools, not chosen here: DVC's own file names (the code names them through PARAMS_FILE and DVC_FILE).
-NOT_OURS = {"/dev/null", "params.yaml", "dvc.yaml"}
+NOT_OURS = {"/dev/null", "params.yaml", "dvc.yaml",
+            "/v1/models", "/v1/completions"}  # vLLM's routes (the server's and SkyServe's readiness probe)
 EXTENSIONS = {".gguf", ".yaml", ".yml", ".json", ".jsonl", ".tmp", ".py", ".csv", ".md", ".txt", ".sh", ".jinja",
               ".safetensors", ".parquet", ".bin", ".pt"}
 

@@ -22,11 +22,14 @@ from skytune.core.evaluation import forgetting, general_text, harness
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import load_params
 from skytune.core.params.schema import EvaluateParams
+from skytune.core.vllm_server import Vllm
 
 IFEVAL_DATA = REPO.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
 needs_ifeval = pytest.mark.skipif(not IFEVAL_DATA.is_file(), reason=f"{IFEVAL_DATA} is absent (a clone outside CI)")
-EVALUATE = load_params(REPO / "params.yaml").evaluate
-PIN = REPO / load_params(REPO / "params.yaml").paths.lm_eval_pin
+PARAMS = load_params(REPO / "params.yaml")
+EVALUATE = PARAMS.evaluate
+PIN = REPO / PARAMS.paths.lm_eval_pin
+VLLM = Vllm.from_params(PARAMS.vllm, PARAMS.paths.vllm_env)
 IFEVAL_METRICS = {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"}
 
 
@@ -54,7 +57,7 @@ def test_lm_evals_own_ifeval_on_the_real_prompts_scores_a_model(tiny_model: Path
     tokenizer = load_saved_tokenizer(tiny_model)
     scores, _ = harness.score(lambda: load_full_precision(tiny_model, None, torch.float32), tokenizer,
                               source=str(tiny_model), revision=None, tasks_dir=tasks_dir, pin_file=PIN, seed=0,
-                              dtype="float32", ev=settings(tasks=("ifeval_shared",), limit=3, max_gen_toks=16,
+                              vllm=VLLM, dtype="float32", ev=settings(tasks=("ifeval_shared",), limit=3, max_gen_toks=16,
                                                            engine="transformers"))
     assert scores.tasks.keys() == {"ifeval_shared"} and scores.examples == {"ifeval_shared": 3}
     assert set(scores.tasks["ifeval_shared"]) == IFEVAL_METRICS
@@ -110,7 +113,7 @@ def test_ifeval_scores_come_from_lm_evals_scorer(answer: str, expected: float, t
 def test_the_repositorys_tasks_score_a_model_offline(tiny_model: Path) -> None:
     tokenizer = load_saved_tokenizer(tiny_model)
     scores, _ = harness.score(lambda: load_full_precision(tiny_model, None, torch.float32), tokenizer,
-                              source=str(tiny_model), revision=None, dtype="float32", seed=0, pin_file=PIN,
+                              source=str(tiny_model), revision=None, dtype="float32", seed=0, pin_file=PIN, vllm=VLLM,
                               tasks_dir=REPO / "evaluate" / "tasks", ev=settings(limit=4, engine="transformers"))
     assert scores.tasks.keys() == set(EVALUATE.tasks)
     assert set(scores.tasks["skytune_choice"]) == {"acc", "acc_norm"}

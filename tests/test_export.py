@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import PipelineRun, run_stages, write_params
 
-from skytune.core import packaging
+from skytune.core import packaging, vllm_server
 from skytune.core.atomic import read_jsonl
 from skytune.core.chat import tokenization
 from skytune.core.models.base import BaseModel, load_tokenizer
@@ -156,7 +156,7 @@ def test_the_card_holds_the_exact_vllm_commands(pipeline: PipelineRun) -> None:
             "--generation-config", adapter] in commands
     for name in ("chat_template.jinja", "generation_config.json", "adapter_config.json", "adapter_model.safetensors"):
         assert (pipeline.root / adapter / name).is_file(), name
-    hub = shlex.split(packaging.vllm_adapter_command("meta-llama/Llama-3.2-1B-Instruct", "abc123", name="x",
+    hub = shlex.split(vllm_server.adapter_command("meta-llama/Llama-3.2-1B-Instruct", "abc123", name="x",
                                                      adapter_dir="a", max_lora_rank=32).replace("\\\n", " "))
     assert hub[:5] == ["vllm", "serve", "meta-llama/Llama-3.2-1B-Instruct", "--revision", "abc123"]
 

@@ -6,44 +6,15 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STAGES, PipelineRun, write_params
+from conftest import PATHS, STAGES, EmbeddedDefault, PipelineRun, clone_project, sh
 
-from skytune.core.params import load_params
-
-PATHS = load_params(REPO / "params.yaml").paths
 DATA_OUTPUTS = tuple(getattr(PATHS, k) for k in ("ingested_dir", "chat_dir", "split_dir", "train_file", "val_file",
                                                  "preference_dir"))
-
-
-def sh(*args: str, cwd: Path, timeout: int = 900, stdout_only: bool = False) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout if stdout_only else proc.stdout + proc.stderr
-
-
-def clone_project(dest: Path, *, tiny: bool = True) -> Path:
-    """The project's tracked files, as they are in the working tree, committed in a fresh repository
-    (untracked files are left out: they may be pipeline outputs of a run in the working tree); params.yaml in the
-    tests' tiny profile unless `tiny` is False (the embedded default, a real model)."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    if tiny:
-        write_params(dest)
-    sh("git", "init", "-q", "-b", "main", cwd=dest)
-    sh("git", "add", "-A", cwd=dest)
-    sh("git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "baseline", cwd=dest)
-    return dest
 
 
 def stages_ran(log: str) -> list[str]:
@@ -202,10 +173,10 @@ def test_the_report_page_renders_in_headless_chromium(report_page: Path, tmp_pat
 
 
 @pytest.mark.slow
-def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_what_it_knew(tmp_path: Path) -> None:
+def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_what_it_knew(
+        embedded_default: EmbeddedDefault) -> None:
     """`make run`'s pipeline as it is: SmolLM2-135M-Instruct from its GGUF, QLoRA NF4 on the CPU, the sample data."""
-    repo = clone_project(tmp_path / "project", tiny=False)
-    log = sh("dvc", "exp", "run", cwd=repo, timeout=1800)
+    repo, log = embedded_default.repo, embedded_default.log
     assert stages_ran(log) == list(STAGES), log[-3000:]
     base = json.loads((repo / PATHS.base_model_dir / "base_model.json").read_text())
     assert base["kind"] == "gguf" and base["gguf"]["quantization"] == "Q4_1"

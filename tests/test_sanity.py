@@ -12,7 +12,6 @@ from conftest import REPO, PipelineRun
 from skytune.core.atomic import read_jsonl
 from skytune.core.chat import chat_template, tokenization
 from skytune.core.data import identity
-from skytune.core.errors import SkytuneError
 from skytune.core.evaluation import generation, scoring
 from skytune.core.models.base import BaseModel, load_tokenizer
 from skytune.core.models.loading import (
@@ -93,17 +92,6 @@ def test_agreement_counts_differences() -> None:
     assert scoring.agreement(a, b) == {"exact_match": 0.5, "stop_agreement": 0.5}
     with pytest.raises(ValueError):
         scoring.agreement(a, b[:1])
-
-
-def test_engine_resolution() -> None:
-    ok, _ = generation.vllm_available()
-    assert generation.resolve_engine("transformers") == "transformers"
-    assert generation.resolve_engine("auto") == ("vllm" if ok else "transformers")
-    if not ok:
-        with pytest.raises(SkytuneError, match="sanity_check.engine is vllm but vLLM cannot run here"):
-            generation.resolve_engine("vllm")
-    with pytest.raises(ValueError):
-        generation.resolve_engine("tgi")
 
 
 def test_perplexity_is_over_the_labelled_tokens_only(tiny_model: Path) -> None:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from skytune.core.atomic import file_sha256
 from skytune.core.errors import SkytuneError
 
 TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved hyperparameters it was trained with
@@ -15,6 +14,8 @@ TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved h
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """`{relative path: {"sha256", "bytes"}}` for every file under `directory`, sorted."""
+    from skytune.core.atomic import file_sha256  # here, not above: make serve imports this module in vLLM's env
+
     return {
         str(path.relative_to(directory)): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for path in sorted(directory.rglob("*")) if path.is_file()
@@ -23,14 +24,18 @@ def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 def data_hash(files: list[Path]) -> str:
     """One sha256 over the given data files, in order: names the exact training data of a model."""
+    from skytune.core.atomic import file_sha256
+
     digest = hashlib.sha256()
     for path in files:
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 
+CHAT_TEMPLATE = "chat_template.jinja"  # transformers saves a tokenizer's chat template here; vLLM reads it
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPORTED_ADAPTER = "adapter"  # the adapter's directory under paths.export_dir (export.formats: adapter)
 # What vLLM loads from an adapter (vllm/lora/utils.py parse_fine_tuned_lora_name); anything else it refuses.
 LORA_TENSOR = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 PLAIN_LORA_INIT = (True, False, "gaussian")  # PiSSA, OLoRA, CorDA, LoftQ inits change the base weights too
@@ -88,17 +93,6 @@ def vllm_adapter_problems(config: dict[str, Any], tensor_names: list[str], *, ma
         problems.append(f"the tokenizer has {tokenizer_size} tokens and the base model {base_vocab_size} "
                         "embedding rows (model.pad_token: add): the adapter alone cannot serve the new tokens")
     return problems
-
-
-def vllm_adapter_command(base_ref: str, revision: str | None, *, name: str, adapter_dir: str,
-                         max_lora_rank: int) -> str:
-    """The exact `vllm serve` command for the base model with this adapter, template and stop tokens included."""
-    parts = [f"vllm serve {base_ref}"]
-    if revision:
-        parts.append(f"--revision {revision}")
-    parts += ["--enable-lora", f"--lora-modules {name}={adapter_dir}", f"--max-lora-rank {max_lora_rank}",
-              f"--chat-template {adapter_dir}/chat_template.jinja", f"--generation-config {adapter_dir}"]
-    return " \\\n    ".join(parts)
 
 
 def model_card(

@@ -27,6 +27,7 @@ from skytune.core.evaluation import forgetting, general_text, generation, harnes
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import Params
+from skytune.core.vllm_server import Vllm
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def main(params: Params) -> None:
     base_json = json.loads(scores_file.read_text(encoding="utf-8"))
     base = harness.Scores.from_json(base_json)
     texts = read_jsonl(base_dir / general_text.FILE)
-    engine = generation.resolve_engine(ev.engine, "evaluate.engine")
+    vllm = Vllm.from_params(params.vllm, paths.vllm_env)
+    engine = generation.resolve_engine(ev.engine, vllm, "evaluate.engine")
     if base.engine != engine:  # evaluate.engine: auto resolves per machine; the base's scores were cached elsewhere
         raise SkytuneError(f"{scores_file}: the base was scored on the {base.engine} engine, and this machine scores "
                            f"on {engine}: the deltas would mix engines. Set evaluate.engine: {base.engine}, or score "
@@ -55,7 +57,8 @@ def main(params: Params) -> None:
     tokenizer = load_saved_tokenizer(paths.merged_dir)
     dtype = compute_dtype(params.train.compute_dtype)
     tuned, model = harness.score(lambda: load_full_precision(paths.merged_dir, None, dtype), tokenizer,
-                                 source=paths.merged_dir, revision=None, ev=ev, tasks_dir=Path(paths.eval_tasks_dir),
+                                 source=paths.merged_dir, revision=None, ev=ev, vllm=vllm,
+                                 tasks_dir=Path(paths.eval_tasks_dir),
                                  pin_file=Path(paths.lm_eval_pin), dtype=str(dtype).removeprefix("torch."),
                                  seed=params.base.seed)
     limits = {"max_regression": ev.max_regression, "max_increase": ev.max_perplexity_increase}

@@ -23,6 +23,7 @@ from skytune.core.models.base import BaseModel, load_tokenizer, location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import fit_embeddings, load_full_precision
 from skytune.core.params import Params
+from skytune.core.vllm_server import Vllm
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def main(params: Params) -> None:
         return model
 
     scores, model = harness.score(load, tokenizer, source=location(base), revision=base.revision, ev=ev,
+                                  vllm=Vllm.from_params(params.vllm, paths.vllm_env),
                                   tasks_dir=Path(paths.eval_tasks_dir), pin_file=Path(paths.lm_eval_pin),
                                   dtype=str(dtype).removeprefix("torch."), seed=params.base.seed)
     texts = general_text.write(model, tokenizer, prompts, max_new_tokens=ev.general_text.max_new_tokens,

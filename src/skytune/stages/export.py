@@ -17,8 +17,8 @@ Writes `paths.export_dir`:
   reported in the metrics and the card;
 - `README.md`: the model card (base + revision, training-data hash, params, metrics, the exact serving commands);
 - `manifest.json`: sha256 and size of every file, the merged model's under `merged/`.
-And `paths.export_metrics`: the formats written and skipped, and, where vLLM is importable (`export.parity`),
-train/serve parity: vLLM's greedy answers on `merged/` compared with transformers' on the sanity prompts.
+And `paths.export_metrics`: the formats written and skipped, and, where `export.parity` asks for it (on a GPU node by
+default), train/serve parity: vLLM's greedy answers on `merged/` compared with transformers' on the sanity prompts.
 """
 
 from __future__ import annotations
@@ -32,20 +32,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from skytune.core import packaging
+from skytune.core import packaging, vllm_server
 from skytune.core.atomic import atomic_dir, read_jsonl, write_json
 from skytune.core.chat import chat_template
+from skytune.core.errors import SkytuneError
 from skytune.core.evaluation import generation, scoring
 from skytune.core.models.base import BaseModel, location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import Params
+from skytune.core.vllm_server import Vllm
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-SERVING_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+SERVING_FILES = ("tokenizer.json", "tokenizer_config.json", packaging.CHAT_TEMPLATE, "special_tokens_map.json",
                  "generation_config.json")
 GGUF_CONVERTER = "convert_hf_to_gguf.py"
 
@@ -118,15 +120,20 @@ def _export_gguf(merged_dir: str, outtype: str, target: Path) -> str | None:
 
 
 def _parity(params: Params) -> dict[str, Any]:
-    """Train/serve parity: vLLM's greedy answers on the exported merged model vs transformers' on the sanity
-    prompts, same token ids in. Needs vLLM (a GPU node)."""
+    """Train/serve parity: vLLM's greedy answers on the exported merged model vs transformers' (one by one: no
+    padding on the reference side) on the sanity prompts, the same token ids in. `export.parity` auto measures it
+    where vLLM is the engine auto picks (a GPU node), true wherever vLLM's environment is."""
+    vllm = Vllm.from_params(params.vllm, params.paths.vllm_env)
     dtype = compute_dtype(params.train.compute_dtype)
     max_new_tokens, seed = params.sanity_check.max_new_tokens, params.base.seed
-    if params.export.parity == "off":
-        return {"serve_parity": "off (export.parity)"}
-    ok, why = generation.vllm_available()
+    if params.export.parity is False:
+        return {"serve_parity": "off (export.parity: false)"}
+    if params.export.parity == "auto" and generation.resolve_engine("auto", vllm, "export.parity") != "vllm":
+        return {"serve_parity": "not measured: export.parity auto measures it where vLLM is the engine auto picks "
+                                "(a GPU and vLLM's environment); set it to true to measure it here"}
+    ok, why = vllm.available()
     if not ok:
-        return {"serve_parity": f"not measured: {why}"}
+        raise SkytuneError(f"export.parity is true but {why}. Set it to auto or false.")
     merged = Path(params.paths.merged_dir)
     tokenizer = load_saved_tokenizer(merged)
     stops = chat_template.stop_tokens(tokenizer)
@@ -134,10 +141,10 @@ def _parity(params: Params) -> dict[str, Any]:
                for r in read_jsonl(params.paths.sanity_prompts)]
     model = load_full_precision(merged, None, dtype)
     hf = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=max_new_tokens,
-                                    batch_size=1)  # one by one: no padding on the reference side
+                                    batch_size=1)
     del model
     generation.release_memory()
-    served = generation.generate_greedy_vllm(merged, None, tokenizer, prompts, stop_tokens=stops,
+    served = generation.generate_greedy_vllm(vllm, merged, None, tokenizer, prompts, stop_tokens=stops,
                                              max_new_tokens=max_new_tokens, dtype=dtype, seed=seed)
     agree = scoring.agreement(hf, served)
     log.info("train/serve parity (vLLM vs transformers, %d prompts): %s", len(prompts), agree)
@@ -191,12 +198,12 @@ def _export_formats(params: Params, base: BaseModel, out: Path, metrics: dict[st
             ("transformers (CPU stand-in)", f"transformers serve {merged}"),
         ]
     if "adapter" in ex.formats:
-        metrics.update(_export_adapter(params, base, out / "adapter"))
+        metrics.update(_export_adapter(params, base, out / packaging.EXPORTED_ADAPTER))
         serving.append((f"vLLM, the base model with this LoRA adapter (clients ask for model \"{ex.adapter_name}\")",
-                        packaging.vllm_adapter_command(base.name if base.kind == "hub" else location(base),
-                                                       base.revision, name=ex.adapter_name,
-                                                       adapter_dir=f"{export_dir}/adapter",
-                                                       max_lora_rank=ex.max_lora_rank)))
+                        vllm_server.adapter_command(base.name if base.kind == "hub" else location(base),
+                                                    base.revision, name=ex.adapter_name,
+                                                    adapter_dir=f"{export_dir}/{packaging.EXPORTED_ADAPTER}",
+                                                    max_lora_rank=ex.max_lora_rank)))
     if "gguf" in ex.formats:
         skipped = _export_gguf(paths.merged_dir, ex.gguf_outtype, out / gguf_file)
         if skipped:

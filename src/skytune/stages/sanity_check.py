@@ -7,8 +7,8 @@ Prompts: every line of `paths.sanity_prompts` (`{"prompt": ...}` or `{"messages"
 probes of `paths.retained_prompts` (`{"prompt", "accept": [...]}`: general questions with short known answers, right
 when the answer holds one of `accept`), and the first `sanity_check.val_records` held-out val conversations
 (expected: their last assistant turn). Both models answer
-with seeded greedy decoding on `sanity_check.engine` (vLLM's offline engine where it runs, else transformers'
-batched generate). Writes:
+with seeded greedy decoding on `sanity_check.engine` (vLLM's server, from its own environment, on a GPU node; else
+transformers' batched generate), fed the same token ids either way. Writes:
 - `paths.sanity_results` (CSV): each prompt with the expected, base and tuned answers, exact matches, lengths,
   and whether each answer stopped by itself;
 - `paths.sanity_report` (markdown): the metrics and the answers side by side;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from typing import Any
 
 from skytune.core.atomic import atomic_file, read_jsonl, write_json
@@ -39,6 +40,7 @@ from skytune.core.models.loading import (
     load_saved_tokenizer,
 )
 from skytune.core.params import Params
+from skytune.core.vllm_server import Vllm
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -79,27 +81,30 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
 
 
 def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict[str, Any]], val: list[dict],
-              engine: str, params: Params) -> tuple[list[generation.Generation], float, int]:
-    """One model's answers to `rows` and its perplexity on `val`."""
+              engine: str, vllm: Vllm, params: Params) -> tuple[list[generation.Generation], float, int]:
+    """One model's answers to `rows` and its perplexity on `val` (nan over 0 tokens when `val` is empty). The model
+    is loaded here where transformers computes either; vLLM's server loads its own copy, after this one is gone."""
     dtype = compute_dtype(params.train.compute_dtype)
     stops = chat_template.stop_tokens(tokenizer)
     prompts = [chat_template.render_prompt(tokenizer, r["messages"], r.get("tools")) for r in rows]
     sc = params.sanity_check
-    model = load_full_precision(source, revision, dtype)
-    fit_embeddings(model, tokenizer)
-    encoded = tokenization.Encoder(tokenizer, params.train.loss).encode(val)
-    ppl, tokens = scoring.perplexity(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=sc.batch_size)
-    answers = None
-    if engine == "transformers":
-        answers = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops,
-                                             max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size)
-    del model
-    generation.release_memory()
+    answers: list[generation.Generation] = []
+    ppl, tokens = math.nan, 0
+    if val or engine == "transformers":
+        model = load_full_precision(source, revision, dtype)
+        fit_embeddings(model, tokenizer)
+        if val:
+            encoded = tokenization.Encoder(tokenizer, params.train.loss).encode(val)
+            ppl, tokens = scoring.perplexity(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=sc.batch_size)
+        if engine == "transformers":
+            answers = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops,
+                                                 max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size)
+        del model
+        generation.release_memory()
     if engine == "vllm":
-        answers = generation.generate_greedy_vllm(source, revision, tokenizer, prompts, stop_tokens=stops,
+        answers = generation.generate_greedy_vllm(vllm, source, revision, tokenizer, prompts, stop_tokens=stops,
                                                   max_new_tokens=sc.max_new_tokens, dtype=dtype,
                                                   seed=params.base.seed)
-    assert answers is not None
     return answers, ppl, tokens
 
 
@@ -144,7 +149,8 @@ def main(params: Params) -> None:
     paths, sc = params.paths, params.sanity_check
     rows = _prompt_rows(params)
     val = read_jsonl(paths.val_file)[: sc.perplexity_records]
-    engine = generation.resolve_engine(sc.engine)
+    vllm = Vllm.from_params(params.vllm, paths.vllm_env)
+    engine = generation.resolve_engine(sc.engine, vllm)
     log.info("engine %s (sanity_check.engine: %s); %d prompts, %d val conversations for perplexity",
              engine, sc.engine, len(rows), len(val))
     base = BaseModel.load(paths.base_model_dir)
@@ -152,7 +158,7 @@ def main(params: Params) -> None:
                "tuned": (paths.merged_dir, None, load_saved_tokenizer(paths.merged_dir))}
     metrics: dict[str, Any] = {"engine": engine, "prompts": len(rows)}
     for name, (source, revision, tokenizer) in sources.items():
-        answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engine, params)
+        answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engine, vllm, params)
         metrics |= _score(name, rows, answers)
         metrics[f"val_perplexity_{name}"] = round(ppl, 4) if tokens else None
         metrics["val_perplexity_tokens"] = tokens

@@ -1,14 +1,15 @@
-"""Batched greedy generation behind one function, on the engine chosen at run time: transformers or vLLM.
+"""Batched greedy generation on the engine chosen at run time: transformers in this process, or vLLM's server
+(`core.vllm_server`, in vLLM's own environment).
 
 Both engines get the same token ids: prompts are rendered by the model's chat template (which writes the BOS)
-and tokenized here with no special tokens added, and both decode with the same tokenizer. So a difference in
-their answers is a difference of the engines, not of the inputs (what `scoring.agreement` measures).
+and tokenized here with no special tokens added; both stop on the same token ids, and both are decoded here with the
+same tokenizer. So a difference in their answers is a difference of the engines, not of the inputs (what
+`scoring.agreement` measures).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import typing
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 
+from skytune.core import vllm_server
 from skytune.core.errors import SkytuneError
 from skytune.core.params.schema import Engine
+from skytune.core.vllm_server import Vllm
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +35,17 @@ class Generation:
     stopped: bool  # ended with an end-of-turn/EOS token rather than running out of max_new_tokens
 
 
-def vllm_available() -> tuple[bool, str]:
-    """Whether vLLM can run here, and why not if it cannot (its wheel is CUDA-only)."""
-    if importlib.util.find_spec("vllm") is None:
-        return False, "vllm is not installed (it belongs in a GPU node's environment)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    return True, ""
-
-
-def resolve_engine(requested: str, key: str = "sanity_check.engine") -> str:
-    """`auto` -> `vllm` where it can run, else `transformers`; `vllm` where it cannot run is an error (naming the
-    params `key` that asked for it)."""
+def resolve_engine(requested: str, vllm: Vllm, key: str = "sanity_check.engine") -> str:
+    """`auto` -> `vllm` where it is the better engine: a GPU, and vLLM's environment beside the pipeline's (a GPU
+    node); on a CPU transformers, which needs no start-up. `vllm` runs wherever its environment is, a CPU included;
+    asked for where it is not, it is an error naming the params `key` that asked for it."""
     if requested not in ENGINES:
         raise SkytuneError(f"{key}: unknown engine {requested!r}; one of {', '.join(ENGINES)}")
-    ok, why = vllm_available()
+    ok, why = vllm.available()
     if requested == "vllm" and not ok:
-        raise SkytuneError(f"{key} is vllm but vLLM cannot run here: {why}. Use auto or transformers.")
+        raise SkytuneError(f"{key} is vllm but {why}. Use auto or transformers.")
     if requested == "auto":
-        return "vllm" if ok else "transformers"
+        return "vllm" if ok and torch.cuda.is_available() else "transformers"
     return requested
 
 
@@ -85,7 +80,7 @@ def generate_greedy(
     stop_ids = stop_token_ids(tokenizer, stop_tokens)
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     results: dict[int, Generation] = {}
     for start in range(0, len(order), batch_size):
@@ -103,7 +98,14 @@ def generate_greedy(
     return [results[i] for i in range(len(prompts))]
 
 
+def prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """The token ids of rendered prompts, as both engines get them: the template wrote the BOS, so no special tokens
+    are added."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 def generate_greedy_vllm(
+    vllm: Vllm,
     source: str | Path,
     revision: str | None,
     tokenizer: Any,
@@ -113,46 +115,30 @@ def generate_greedy_vllm(
     max_new_tokens: int,
     dtype: torch.dtype,
     seed: int,
-    gpu_memory_utilization: float = 0.85,
 ) -> list[Generation]:
-    """Greedy completions with vLLM's offline engine on the model at `source` (a directory or a hub id at
-    `revision`), fed the token ids `tokenizer` gives, so its inputs are exactly the transformers engine's.
+    """Greedy completions with vLLM on the model at `source` (a directory, or a hub id at `revision`): its server is
+    started for these prompts and stopped after them (`vllm_server.running`)."""
+    longest = max(len(i) for i in prompt_ids(tokenizer, prompts)) + max_new_tokens
+    flags = vllm_server.model_flags(name=vllm_server.SERVED_NAME, dtype=str(dtype).removeprefix("torch."),
+                                    max_model_len=longest, gpu_memory_utilization=vllm.gpu_memory_utilization,
+                                    revision=revision, seed=seed)
+    with vllm_server.running(vllm, source, flags, what=f"greedy answers of {source}") as server:
+        return generate_greedy_served(server, tokenizer, prompts, stop_tokens=stop_tokens,
+                                      max_new_tokens=max_new_tokens, seed=seed)
 
-    The engine is shut down before returning, so a second model can load in the same process.
-    """
-    from vllm import LLM, SamplingParams
 
+def generate_greedy_served(server: vllm_server.Server, tokenizer: Any, prompts: list[str], *, stop_tokens: list[str],
+                           max_new_tokens: int, seed: int, model: str | None = None) -> list[Generation]:
+    """Greedy completions from a running vLLM server (`model`: a name it serves, by default its model), fed the token
+    ids `tokenizer` gives and stopping on the same tokens as `generate_greedy`."""
     stop_ids = stop_token_ids(tokenizer, stop_tokens)
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    longest = max(len(i) for i in ids) + max_new_tokens
-    llm = LLM(model=str(source), revision=revision, dtype=str(dtype).removeprefix("torch."), seed=seed,
-              max_model_len=longest, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True)
-    try:
-        sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids,
-                                  skip_special_tokens=False, seed=seed)
-        outputs = llm.generate([{"prompt_token_ids": i} for i in ids], sampling, use_tqdm=False)
-        return [_finish(tokenizer, list(out.outputs[0].token_ids), stop_ids, out.outputs[0].finish_reason == "stop")
-                for out in outputs]
-    finally:
-        shutdown(llm)
-
-
-def shutdown(llm: Any) -> None:
-    """Stop a vLLM engine and give its GPU memory back (vllm#6544), so the next model fits."""
-    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if engine_core is not None and hasattr(engine_core, "shutdown"):
-        engine_core.shutdown()
-    del llm
-    try:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-    except ImportError:  # older vLLM
-        release_memory()
-    else:
-        cleanup_dist_env_and_memory()
+    done = vllm_server.complete(server, prompt_ids(tokenizer, prompts), max_tokens=max_new_tokens,
+                                stop_token_ids=stop_ids, seed=seed, model=model)
+    return [_finish(tokenizer, c.token_ids, stop_ids, c.finish_reason == "stop") for c in done]
 
 
 def release_memory() -> None:
-    """Give freed GPU memory back to the device: vLLM sizes its cache from what the device reports free."""
+    """Give freed GPU memory back to the device: vLLM's server sizes its cache from what the device reports free."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,5 +1,6 @@
 """Benchmarks with EleutherAI's lm-evaluation-harness (lm-eval): the tasks of `evaluate.tasks` scored on one model,
-through the model's own chat template, on lm-eval's transformers (hf) or vLLM backend.
+through the model's own chat template, on lm-eval's transformers (hf) backend or against vLLM's server (lm-eval's
+local-completions).
 
 Tasks come from the repository's task directories (`paths.eval_tasks_dir`, loaded through lm-eval's `include_path`,
 so they run offline) or from lm-eval's registry (their data comes from the Hugging Face hub, at the revision each
@@ -21,9 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from skytune.core import vllm_server
 from skytune.core.errors import SkytuneError
 from skytune.core.evaluation import generation
 from skytune.core.params.schema import EvaluateParams
+from skytune.core.vllm_server import Vllm
 
 log = logging.getLogger(__name__)
 
@@ -137,37 +140,49 @@ def chat_template_on(setting: bool | str, tokenizer: Any) -> bool:
 
 @contextlib.contextmanager
 def language_model(engine: str, *, model: Any, tokenizer: Any, source: str, revision: str | None,
-                   ev: EvaluateParams, dtype: str, seed: int) -> Iterator[Any]:
-    """lm-eval's model wrapper: HFLM around the already loaded `model` and `tokenizer`, or its vLLM backend on the
-    weights at `source`, fed the same tokenizer (saved to a temporary directory: its chat template included)."""
+                   ev: EvaluateParams, vllm: Vllm, dtype: str, seed: int) -> Iterator[Any]:
+    """lm-eval's model wrapper: HFLM around the already loaded `model` and `tokenizer`, or lm-eval's
+    local-completions against vLLM's server on the weights at `source`, started for the scoring and stopped after."""
     if engine == "transformers":
         from lm_eval.models.huggingface import HFLM
 
         yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
         return
-    from lm_eval.models.vllm_causallms import VLLM
+    max_len = min(vllm.max_model_len, vllm_server.context_length(source, revision) or vllm.max_model_len)
+    flags = vllm_server.model_flags(name=vllm_server.SERVED_NAME, dtype=dtype, max_model_len=max_len,
+                                    gpu_memory_utilization=vllm.gpu_memory_utilization, revision=revision, seed=seed)
+    with vllm_server.running(vllm, source, flags, what=f"lm-eval on {source}") as server, \
+            served_language_model(server, tokenizer, ev=ev, max_length=max_len, seed=seed) as lm:
+        yield lm
+
+
+@contextlib.contextmanager
+def served_language_model(server: vllm_server.Server, tokenizer: Any, *, ev: EvaluateParams, max_length: int,
+                          seed: int, model: str | None = None) -> Iterator[Any]:
+    """lm-eval's local-completions model on a running vLLM server (`model`: a name it serves, by default its
+    model). `tokenizer` (saved to a temporary directory, its chat template included) renders and tokenizes every
+    request here, as HFLM does, and the server gets token ids: the same inputs as the transformers engine's.
+    Requests go `ev.batch_size` at a time, so vLLM batches them."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     with tempfile.TemporaryDirectory(prefix="skytune-eval-tokenizer-") as tokenizer_dir:
         tokenizer.save_pretrained(tokenizer_dir)
-        lm = VLLM(pretrained=source, revision=revision, tokenizer=tokenizer_dir, dtype=dtype, seed=seed,
-                  batch_size="auto", gpu_memory_utilization=0.85)
-        try:
-            yield lm
-        finally:
-            generation.shutdown(lm.model)  # its GPU memory back before the next model loads
-            del lm.model
+        yield LocalCompletionsAPI(base_url=f"{server.url}{vllm_server.COMPLETIONS_ROUTE}",
+                                  model=model or server.model, tokenizer=tokenizer_dir,
+                                  tokenizer_backend="huggingface", tokenized_requests=True, max_length=max_length,
+                                  num_concurrent=ev.batch_size, seed=seed, timeout=vllm_server.REQUEST_TIMEOUT_S)
 
 
 def score(load: Callable[[], Any], tokenizer: Any, *, source: str, revision: str | None, ev: EvaluateParams,
-          tasks_dir: Path, pin_file: Path, dtype: str, seed: int) -> tuple[Scores, Any]:
+          vllm: Vllm, tasks_dir: Path, pin_file: Path, dtype: str, seed: int) -> tuple[Scores, Any]:
     """Score the model at `source` on `ev.tasks` with lm-eval on `ev.engine`, seeded with `seed`; return the scores
     and the model as transformers loads it (`load()`), for what follows. On the transformers engine that model is
-    the one scored; on vLLM's it is loaded after vLLM lets go of the GPU (both at once may not fit)."""
+    the one scored; on vLLM's it is loaded after vLLM's server lets go of the GPU (both at once may not fit)."""
     check_version(pin_file)  # before lm-eval is imported: a missing or other version is one clear error
-    engine = generation.resolve_engine(ev.engine, "evaluate.engine")
+    engine = generation.resolve_engine(ev.engine, vllm, "evaluate.engine")
     model = load() if engine == "transformers" else None
     with language_model(engine, model=model, tokenizer=tokenizer, source=source, revision=revision, ev=ev,
-                        dtype=dtype, seed=seed) as lm:
+                        vllm=vllm, dtype=dtype, seed=seed) as lm:
         scores = evaluate(lm, ev=ev, tasks_dir=tasks_dir, pin_file=pin_file, seed=seed, engine=engine,
                           chat=chat_template_on(ev.apply_chat_template, tokenizer))
     return scores, (model if model is not None else load())

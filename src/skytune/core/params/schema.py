@@ -59,6 +59,7 @@ class PathsParams:
     accelerate_dir: str
     train_samples: str
     checkpoint_dir: str
+    vllm_env: str
     lm_eval_pin: str
     eval_tasks_dir: str
     general_prompts: str
@@ -308,7 +309,7 @@ class ExportParams:
     max_lora_rank: int
     adapter_name: str
     gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"]
-    parity: Literal["auto", "off"]
+    parity: bool | Literal["auto"]
 
     def _problems(self) -> list[str]:
         problems = []
@@ -326,6 +327,15 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class VllmParams:
+    """vLLM, wherever it runs: the sanity check's and evaluate's `vllm` engine, export's parity, make serve."""
+
+    max_model_len: int = _range(ge=64)
+    gpu_memory_utilization: float = _range(gt=0.0, le=1.0)
+    cpu_kv_cache_gb: int = _range(ge=1)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams
     paths: PathsParams
@@ -339,3 +349,4 @@ class Params:
     sanity_check: SanityCheckParams
     evaluate: EvaluateParams
     export: ExportParams
+    vllm: VllmParams
