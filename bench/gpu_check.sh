@@ -48,7 +48,7 @@ if [ "$DRY" = 1 ]; then
     || { say "FAILED: the resolution does not honour $VLLM_REQUIREMENTS's pins"; exit 1; }
 else
   say "installing requirements.txt into $VENV and $VLLM_REQUIREMENTS into vLLM's environment"
-  make --no-print-directory install vllm-env VENV="$VENV" VLLM_REQUIREMENTS="$VLLM_REQUIREMENTS" 2>&1 \
+  make --no-print-directory node-env VENV="$VENV" VLLM_REQUIREMENTS="$VLLM_REQUIREMENTS" 2>&1 \
     | sed '/^WARNING: Location/d' | tee -a "$LOG"
   "$VENV/bin/pip" install --quiet -r requirements-test.txt 2>&1 | sed '/^WARNING: Location/d' | tee -a "$LOG"
   "$VENV/bin/python" -m pip freeze > "$OUT/node-freeze.txt"

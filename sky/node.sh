@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What a SkyPilot node runs (sky/*.yaml call this; the local-node test runs it the same way):
-#   bash sky/node.sh setup         the pipeline's environment (make install: requirements.txt, as everywhere) and
-#                                  vLLM's beside it (make vllm-env: requirements-vllm.txt on a GPU node), which the
-#                                  stages' vllm engine (auto on a GPU) starts its server from
+#   bash sky/node.sh setup         the pipeline's environment (requirements.txt, as everywhere) and, on a GPU,
+#                                  vLLM's beside it (requirements-vllm.txt), which the stages' vllm engine (what
+#                                  auto picks on a GPU) starts its server from: make node-env
 #   bash sky/node.sh setup-serve   vLLM's environment alone (make vllm-env)
 #   bash sky/node.sh serve         make serve on MODEL_DIR, listening on 0.0.0.0:8000 (sky/serve.yaml)
 #   bash sky/node.sh run           the DVC experiment: dvc exp run --pull --allow-missing with $OVERRIDES (the data
@@ -30,7 +30,7 @@ experiment_name() {
 
 case "${1:-}" in
   setup)
-    make install vllm-env VENV="$VENV"
+    make node-env VENV="$VENV"
     ;;
   setup-serve)
     make vllm-env   # serving needs none of the pipeline's environment

