@@ -99,8 +99,9 @@ $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) pyproject.toml
 
 vllm-env: $(VLLM_VENV)/.installed
 
-# A cloud node's environments (sky/node.sh setup): the pipeline's, and on a GPU vLLM's, the engine `auto` picks there
-# (on a CPU the stages generate with transformers, and vLLM's start-up would not pay).
+# The environments the pipeline runs in here (make run; sky/node.sh setup on a cloud node): the pipeline's, and on a
+# GPU vLLM's, the engine `auto` picks there (on a CPU the stages generate with transformers: vLLM's start-up would
+# not pay, and make run installs no vLLM).
 node-env: install $(if $(GPU),$(VLLM_VENV)/.installed)
 
 launcher: $(SKY_VENV)/.installed
@@ -149,7 +150,7 @@ endif
 
 install-test: $(VENV)/.installed-test
 
-run: install
+run: node-env
 	$(BIN)/dvc exp run
 	@$(MAKE) --no-print-directory show
 

@@ -6,7 +6,8 @@
 Every engine runs the function the pipeline calls (`generation.generate_greedy_served` on vLLM's server, started from
 its own environment as the stages start it; `generation.generate_greedy` batched or one by one), in this one run, on
 the same prompts (the instructions of the shipped sample data, rendered by the model's chat template, the same token
-ids for all), with the same model in fp32 on this machine's device: a trained model directory given with --model
+ids for all), with the same model in the compute dtype `auto` picks (fp32 on a CPU, bf16 on a GPU): a trained
+model directory given with --model
 (models/merged of a `make run`: the embedded default, SmolLM2-135M-Instruct), or the built-in model built from the
 seed (random weights: every answer runs to max_new_tokens). vLLM's start-up (its server loading the model) is timed
 apart from its generation. Prints generated tokens per second of each, the ratios, and how far the answers agree.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 from skytune.core import vllm_server  # noqa: E402
 from skytune.core.atomic import read_jsonl  # noqa: E402
 from skytune.core.chat import chat_template  # noqa: E402
+from skytune.core.errors import reported  # noqa: E402
 from skytune.core.evaluation import generation, scoring  # noqa: E402
 from skytune.core.models.builtin import build_builtin  # noqa: E402
 from skytune.core.models.devices import compute_dtype  # noqa: E402
@@ -47,6 +49,11 @@ def build_model(out: Path) -> Path:
 
 
 def main() -> None:
+    with reported():
+        run()
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model directory with a chat template (default: built-in)")
     parser.add_argument("--prompts", type=int, default=64)

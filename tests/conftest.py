@@ -68,7 +68,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
                 "train": {"epochs": 10, "learning_rate": 0.002, "lora_alpha": 32, "max_length": 256},
                 "sanity_check": {"engine": "transformers"},
-                "evaluate": {"limit": 8, "engine": "transformers", "general_text": {"prompts": 4, "max_new_tokens": 32}},
+                "evaluate": {"limit": 8, "engine": "transformers",
+                             "general_text": {"prompts": 4, "max_new_tokens": 32}},
                 "export": {"parity": False}}
 
 

@@ -57,8 +57,8 @@ def test_lm_evals_own_ifeval_on_the_real_prompts_scores_a_model(tiny_model: Path
     tokenizer = load_saved_tokenizer(tiny_model)
     scores, _ = harness.score(lambda: load_full_precision(tiny_model, None, torch.float32), tokenizer,
                               source=str(tiny_model), revision=None, tasks_dir=tasks_dir, pin_file=PIN, seed=0,
-                              vllm=VLLM, dtype="float32", ev=settings(tasks=("ifeval_shared",), limit=3, max_gen_toks=16,
-                                                           engine="transformers"))
+                              vllm=VLLM, dtype="float32", ev=settings(tasks=("ifeval_shared",), limit=3,
+                                                                      max_gen_toks=16, engine="transformers"))
     assert scores.tasks.keys() == {"ifeval_shared"} and scores.examples == {"ifeval_shared": 3}
     assert set(scores.tasks["ifeval_shared"]) == IFEVAL_METRICS
     assert all(0.0 <= v <= 1.0 for v in scores.tasks["ifeval_shared"].values())

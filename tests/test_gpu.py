@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ def llama_1b_shape(tokenizer_dir: Path, out: Path) -> Path:
 @dataclass(frozen=True)
 class Llama1B:
     """A workspace in which the train stage ran real 4-bit QLoRA (bf16 compute) on a 1B-shaped Llama, then
-    merge_adapters and export (with export.parity: true, so vLLM's parity on CUDA is measured by the stage itself)."""
+    merge_adapters, sanity_check on `engine: auto` (vLLM's, on a GPU: the stage's own default path) and export (with
+    export.parity: true, so vLLM's parity on CUDA is measured by the stage itself)."""
 
     root: Path
     base_dir: Path
@@ -69,7 +71,7 @@ def llama_1b(pipeline: PipelineRun, tmp_path_factory: pytest.TempPathFactory) ->
     import yaml
     from safetensors import safe_open
 
-    from skytune.stages import export, merge_adapters
+    from skytune.stages import export, merge_adapters, sanity_check
 
     tmp = tmp_path_factory.mktemp("gpu")
     root = workspace(pipeline, tmp / "ws")
@@ -82,17 +84,16 @@ def llama_1b(pipeline: PipelineRun, tmp_path_factory: pytest.TempPathFactory) ->
     params["train"].update(method="qlora", epochs=2, batch_size=8, total_batch_size=8, learning_rate=2e-4,
                            gradient_checkpointing=True, save_steps=50, eval_steps=50)
     params["export"].update(parity=True)
+    params["sanity_check"].update(engine="auto", perplexity_records=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run([sys.executable, "-m", "skytune.core.processes", "skytune.stages.train"], cwd=root,
                             env={**os.environ, "SKYTUNE_NPROC_PER_NODE": "1"}, capture_output=True, text=True,
                             timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
-    # The card export writes quotes the sanity check's metrics: the pipeline's stand in (what is tested is parity).
-    for name in ("sanity_metrics", "sanity_prompts"):
-        source = pipeline.root / getattr(PATHS, name)
+    for name in ("sanity_prompts", "retained_prompts"):
         (root / getattr(PATHS, name)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, root / getattr(PATHS, name))
-    run_stages(root, merge_adapters, export)
+        shutil.copy2(pipeline.root / getattr(PATHS, name), root / getattr(PATHS, name))
+    run_stages(root, merge_adapters, sanity_check, export)
     with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
         n = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
     return Llama1B(root, model_dir, n)
@@ -129,9 +130,21 @@ def test_vllm_answers_like_transformers_on_the_merged_model(llama_1b: Llama1B) -
     assert metrics["serve_parity_stop_agreement"] >= 0.8 and metrics["serve_parity_exact_match"] >= 0.5, metrics
 
 
-def test_the_exported_adapter_serves_on_vllm_and_answers_as_the_merged_model(llama_1b: Llama1B) -> None:
-    """The exported adapter on its base with --enable-lora (make serve SERVE=adapter's flags), on CUDA in bf16,
-    against the merged model's answers from transformers."""
+def test_the_sanity_check_runs_on_vllm_on_a_gpu(llama_1b: Llama1B) -> None:
+    """engine: auto on a GPU node is vLLM: the stage loads the model for perplexity, lets it go, then starts vLLM."""
+    metrics = json.loads((llama_1b.root / PATHS.sanity_metrics).read_text())
+    record(sanity_check={k: metrics.get(k) for k in ("engine", "identity_exact_match_tuned", "ends_with_eot_tuned",
+                                                    "val_perplexity_tuned", "val_perplexity_base")})
+    assert metrics["engine"] == "vllm" and metrics["val_perplexity_tuned"] < metrics["val_perplexity_base"], metrics
+
+
+def test_the_exported_adapter_serves_on_vllm_and_answers_as_peft_does(llama_1b: Llama1B) -> None:
+    """`make serve SERVE=adapter` on a GPU (CUDA graphs, bf16: what a SkyServe replica runs) serves the exported
+    adapter on its base by export.adapter_name, and answers as the same adapter on the same base does in
+    transformers (PEFT), bf16 both."""
+    from peft import PeftModel
+    from test_serving import make_serve, wait_until_up
+
     from skytune.core import packaging, vllm_server
     from skytune.core.chat import chat_template
     from skytune.core.data import identity
@@ -144,23 +157,26 @@ def test_the_exported_adapter_serves_on_vllm_and_answers_as_the_merged_model(lla
     stops = chat_template.stop_tokens(tokenizer)
     prompts = [chat_template.render_prompt(tokenizer, [{"role": "user", "content": q}])
                for q in identity.PROBES.values()]
-    model = load_full_precision(llama_1b.root / PATHS.merged_dir, None, torch.bfloat16)
-    merged = generation.generate_greedy(model, tokenizer, prompts, stop_tokens=stops, max_new_tokens=32,
-                                        batch_size=1)
-    del model
+    peft = PeftModel.from_pretrained(load_full_precision(llama_1b.base_dir, None, torch.bfloat16), str(adapter))
+    reference = generation.generate_greedy(peft, tokenizer, prompts, stop_tokens=stops, max_new_tokens=32,
+                                           batch_size=1)
+    del peft
     generation.release_memory()
-    vllm = vllm_server.Vllm.from_params(params.vllm, params.paths.vllm_env)
-    flags = vllm_server.model_flags(name="base", dtype="bfloat16", max_model_len=512,
-                                    gpu_memory_utilization=params.vllm.gpu_memory_utilization) + \
-        vllm_server.adapter_flags(str(adapter), name=params.export.adapter_name,
-                                  max_lora_rank=params.export.max_lora_rank)
-    with vllm_server.running(vllm, llama_1b.base_dir, flags) as server:
-        served = generation.generate_greedy_served(server, tokenizer, prompts, stop_tokens=stops, max_new_tokens=32,
-                                                   seed=0, model=params.export.adapter_name)
-    agree = scoring.agreement(merged, served)
-    print(f"\nadapter on vLLM vs merged on transformers (bf16, {len(prompts)} identity probes): {agree}")
-    record(adapter_vs_merged={"prompts": len(prompts), **agree})
-    assert agree["stop_agreement"] >= 0.8 and agree["exact_match"] >= 0.5, agree
+    port = vllm_server.free_port()
+    server = make_serve(port, "SERVE=adapter", f"SERVE_MODEL={adapter}")
+    try:
+        wait_until_up({"adapter": (server, port)})
+        served = generation.generate_greedy_served(vllm_server.Server(f"http://127.0.0.1:{port}", "base"),
+                                                   tokenizer, prompts, stop_tokens=stops, max_new_tokens=32, seed=0,
+                                                   model=params.export.adapter_name)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=120)
+    agree = scoring.agreement(reference, served)
+    print(f"\nthe adapter on vLLM vs on transformers (PEFT), bf16, {len(prompts)} identity probes: {agree}")
+    record(adapter_vs_peft={"prompts": len(prompts), **agree})
+    # bf16 on two engines' kernels: a near-tie may flip a token of a random-init model, not what training taught.
+    assert agree["stop_agreement"] == 1.0 and agree["exact_match"] >= 0.5, agree
 
 
 def test_lm_eval_on_vllm_scores_the_tasks_as_transformers_does(llama_1b: Llama1B) -> None:
@@ -187,5 +203,6 @@ def test_lm_eval_on_vllm_scores_the_tasks_as_transformers_does(llama_1b: Llama1B
     print(f"\nlm-eval, transformers vs vLLM: {scores['transformers'].tasks} vs {scores['vllm'].tasks}")
     record(lm_eval={engine: s.tasks for engine, s in scores.items()})
     for task, metrics in scores["transformers"].tasks.items():
-        for metric, value in metrics.items():
-            assert abs(scores["vllm"].tasks[task][metric] - value) <= 0.1, (task, metric)
+        for metric, value in metrics.items():  # as on the CPU: within the score's standard error
+            assert abs(scores["vllm"].tasks[task][metric] - value) <= scores["vllm"].stderr[task][metric], (task,
+                                                                                                            metric)

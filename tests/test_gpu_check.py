@@ -31,7 +31,7 @@ def test_the_gpu_vllm_environment_resolves_and_the_gpu_tests_collect(tmp_path: P
     assert f"transformers=={resolved['transformers']}\n" not in pipeline
     assert any(name.startswith("nvidia-") for name in resolved)  # the CUDA build
     assert "pins of requirements-vllm.txt honoured" in done.stdout
-    assert "4 tests collected" in done.stdout and "test_real_qlora_on_a_1b_shaped_llama" in done.stdout
+    assert "5 tests collected" in done.stdout and "test_real_qlora_on_a_1b_shaped_llama" in done.stdout
     assert (tmp_path / "out" / "gpu_check.log").read_text().count("[gpu_check") >= 3
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,7 +81,10 @@ def served(embedded_default: EmbeddedDefault, tmp_path_factory: pytest.TempPathF
                         str(model_dir), "--s3-provider", "Other", "--s3-endpoint", aws["AWS_ENDPOINT_URL"],
                         "--s3-access-key-id", aws["AWS_ACCESS_KEY_ID"], "--s3-secret-access-key",
                         aws["AWS_SECRET_ACCESS_KEY"]], check=True, capture_output=True, timeout=300)
-    ports = {"merged": vllm_server.free_port(), "adapter": vllm_server.free_port()}
+    with socket.socket() as one, socket.socket() as two:  # two ports, free at once
+        one.bind(("127.0.0.1", 0))
+        two.bind(("127.0.0.1", 0))
+        ports = {"merged": one.getsockname()[1], "adapter": two.getsockname()[1]}
     adapter_dir = snapshot / PATHS.export_dir / packaging.EXPORTED_ADAPTER
     processes = {"merged": make_serve(ports["merged"], f"SERVE_MODEL={model_dir}"),
                  "adapter": make_serve(ports["adapter"], "SERVE=adapter", f"SERVE_MODEL={adapter_dir}")}

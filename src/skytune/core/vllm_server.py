@@ -14,6 +14,7 @@ context length), which both environments have, so `make serve` runs it inside vL
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -89,6 +90,11 @@ class Vllm:
             return env
         return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **env,
                 "VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gb)}
+
+    def context(self, model: str | Path, revision: str | None = None) -> int:
+        """The context a server of `model` takes: vllm.max_model_len, or the model's own maximum where that is
+        smaller (vLLM refuses more than the model has)."""
+        return min(self.max_model_len, context_length(model, revision) or self.max_model_len)
 
     def command(self, model: str | Path, flags: list[str]) -> list[str]:
         """The argv that starts vLLM's OpenAI-compatible server on `model` (`vllm serve MODEL FLAGS...`)."""
@@ -169,7 +175,8 @@ def running(vllm: Vllm, model: str | Path, flags: list[str], *, what: str = "vLL
         log_file = Path(tmp) / "server.log"
         with log_file.open("wb") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=vllm.environ(),
-                                       start_new_session=True)  # its own group: stopped with its engine processes
+                                       start_new_session=True,  # its own group: stopped with its engine processes
+                                       preexec_fn=_die_with_parent)
         try:
             start = time.monotonic()
             _wait_ready(f"http://{HOST}:{port}", process, log_file, what)
@@ -202,18 +209,42 @@ def _tail(log_file: Path) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Run in the server's process before vLLM starts: SIGTERM it when the process that started it dies. A stage
+    killed by a signal runs no `finally`, and a server in its own session would outlive it holding the GPU."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
-    """SIGTERM to the server's process group (the API server, its engine core and workers), SIGKILL after `grace_s`."""
+    """SIGTERM to the server's process group (the API server, its engine core and workers), SIGKILL after `grace_s`;
+    returns once no process of the group runs any more, so the memory it held is free for the next model."""
+    group = process.pid
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(group, signal.SIGTERM)
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
     with contextlib.suppress(ProcessLookupError):  # an engine process that outlived the API server
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(group, signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + grace_s
+    while _running_in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _running_in_group(group: int) -> bool:
+    """Whether a process of process group `group` still runs (zombies aside: their memory is already free)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+            if int(fields[2]) == group and fields[0] != "Z":
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -225,7 +256,9 @@ class Completion:
 def complete(server: Server, prompts: list[list[int]], *, max_tokens: int, stop_token_ids: list[int],
              seed: int, model: str | None = None) -> list[Completion]:
     """Greedy completions of prompts given as token ids, all in one request (vLLM batches them), stopping only on
-    `stop_token_ids` (`ignore_eos`: the model's own EOS is one of them when the caller wants it), in prompt order."""
+    `stop_token_ids` (`ignore_eos`: the model's own EOS is one of them when the caller wants it), in prompt order.
+    What the request leaves unsaid (a repetition penalty) comes from the model's generation_config.json, as it does
+    for transformers' generate."""
     body = {"model": model or server.model, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0.0,
             "seed": seed, "stop_token_ids": stop_token_ids, "ignore_eos": True, "skip_special_tokens": False,
             "return_token_ids": True}

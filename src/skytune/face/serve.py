@@ -36,6 +36,9 @@ def server_command(params: Params, what: str, model_dir: str | None) -> tuple[Vl
     name, dtype = params.export.adapter_name, str(compute_dtype(params.train.compute_dtype)).removeprefix("torch.")
     if what == "merged":
         model, revision = model_dir or params.paths.merged_dir, None
+        if not Path(model).is_dir():
+            raise SkytuneError(f"{model} not found: build the merged model first (make merged), or give "
+                               "SERVE_MODEL=<a model directory>")
         extra = vllm_server.template_flags(model)
     else:
         adapter = model_dir or f"{params.paths.export_dir}/{packaging.EXPORTED_ADAPTER}"
@@ -47,12 +50,8 @@ def server_command(params: Params, what: str, model_dir: str | None) -> tuple[Vl
         model, revision = config["base_model_name_or_path"], config.get("revision")
         extra = vllm_server.adapter_flags(adapter, name=name, max_lora_rank=params.export.max_lora_rank)
         name = BASE_NAME
-    if not Path(model).is_dir() and what == "merged":
-        raise SkytuneError(f"{model} not found: build the merged model first (make merged), or give "
-                           "SERVE_MODEL=<a model directory>")
-    longest = vllm_server.context_length(model, revision) or params.vllm.max_model_len
-    flags = vllm_server.model_flags(name=name, dtype=dtype, max_model_len=min(params.vllm.max_model_len, longest),
-                                    gpu_memory_utilization=params.vllm.gpu_memory_utilization, revision=revision,
+    flags = vllm_server.model_flags(name=name, dtype=dtype, max_model_len=vllm.context(model, revision),
+                                    gpu_memory_utilization=vllm.gpu_memory_utilization, revision=revision,
                                     eager=not torch.cuda.is_available())
     return vllm, vllm.command(model, flags + extra)
 

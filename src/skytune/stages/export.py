@@ -195,7 +195,7 @@ def _export_formats(params: Params, base: BaseModel, out: Path, metrics: dict[st
         serving += [
             ("vLLM (OpenAI-compatible /v1/chat/completions)", f"vllm serve {merged}{dtype}"),
             ("Text Generation Inference", f"text-generation-launcher --model-id {merged}"),
-            ("transformers (CPU stand-in)", f"transformers serve {merged}"),
+            ("transformers serve (no vLLM needed)", f"transformers serve {merged}"),
         ]
     if "adapter" in ex.formats:
         metrics.update(_export_adapter(params, base, out / packaging.EXPORTED_ADAPTER))

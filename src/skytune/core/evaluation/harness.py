@@ -148,7 +148,7 @@ def language_model(engine: str, *, model: Any, tokenizer: Any, source: str, revi
 
         yield HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
         return
-    max_len = min(vllm.max_model_len, vllm_server.context_length(source, revision) or vllm.max_model_len)
+    max_len = vllm.context(source, revision)
     flags = vllm_server.model_flags(name=vllm_server.SERVED_NAME, dtype=dtype, max_model_len=max_len,
                                     gpu_memory_utilization=vllm.gpu_memory_utilization, revision=revision, seed=seed)
     with vllm_server.running(vllm, source, flags, what=f"lm-eval on {source}") as server, \
