@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import shutil
@@ -71,6 +72,30 @@ TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
                 "evaluate": {"limit": 8, "engine": "transformers",
                              "general_text": {"prompts": 4, "max_new_tokens": 32}},
                 "export": {"parity": False}}
+
+
+def direct_imports(path: Path, *, packages: bool = False) -> set[Path]:
+    """The project modules a source file imports by name, anywhere in it (inside functions too): for `from a.b import
+    c`, `a/b/c.py` when c is a module, else `a/b.py` or `a/b/__init__.py`. With `packages`, the package named in
+    a `from` (whose __init__ runs first) is included as well."""
+    src = REPO / "src"
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[tuple[str, ...]] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("skytune"):
+            names = [(f"{node.module}.{a.name}", node.module) for a in node.names]
+            if packages:
+                names.append((node.module,))
+        elif isinstance(node, ast.Import):
+            names = [(a.name,) for a in node.names if a.name.startswith("skytune")]
+        for choices in names:  # the first name that is a module or package wins
+            for name in choices:
+                base = src / name.replace(".", "/")
+                hit = next((c for c in (base.with_suffix(".py"), base / "__init__.py") if c.is_file()), None)
+                if hit:
+                    found.add(hit)
+                    break
+    return found
 
 
 def tiny_profile(params: dict) -> dict:

@@ -15,6 +15,7 @@ from conftest import REPO, run_stages, write_params
 
 from skytune.core.atomic import read_jsonl
 from skytune.core.data.sources import SourceError
+from skytune.core.errors import SkytuneError
 from skytune.stages import ingest, merge_data, split, to_chat
 
 ASSETS = REPO / "tests" / "assets" / "bad_inputs"
@@ -99,10 +100,10 @@ def test_every_bad_row_is_counted_with_file_line_and_field_and_no_valid_row_is_l
 def test_on_invalid_error_stops_at_the_first_bad_row_naming_it(workspace: Path) -> None:
     configure(workspace, SOURCES[1:2], on_invalid="error")
     run(ingest)
-    with pytest.raises(ValueError, match=r"wrong_types.jsonl:2: field instruction: expected a string, got list"):
+    with pytest.raises(SkytuneError, match=r"wrong_types.jsonl:2: field instruction: expected a string, got list"):
         run(to_chat)
     configure(workspace, SOURCES[:1], on_invalid="error")
-    with pytest.raises(ValueError, match=r"truncated_line.jsonl:2: not valid JSON"):
+    with pytest.raises(SkytuneError, match=r"truncated_line.jsonl:2: not valid JSON"):
         run(ingest)
 
 
@@ -115,12 +116,12 @@ def test_an_empty_file_is_a_clear_error(workspace: Path) -> None:
 def test_a_parquet_file_with_an_unexpected_schema(workspace: Path) -> None:
     configure(workspace, [{"name": "pq", "path": "unexpected_schema.parquet", "format": "auto"}])
     run(ingest)
-    with pytest.raises(ValueError, match=r"format auto cannot tell .*\['bar', 'foo'\].*set format:"):
+    with pytest.raises(SkytuneError, match=r"format auto cannot tell .*\['bar', 'foo'\].*set format:"):
         run(to_chat)
     configure(workspace, [{"name": "pq", "path": "unexpected_schema.parquet", "format": "alpaca"}],
               max_reject_fraction=0.1)
     run(ingest)
-    with pytest.raises(ValueError, match=r"source pq: 3 of 3 rows rejected.*unexpected_schema.parquet:1.*"
+    with pytest.raises(SkytuneError, match=r"source pq: 3 of 3 rows rejected.*unexpected_schema.parquet:1.*"
                                          r"instruction: missing"):
         run(to_chat)
 
@@ -164,7 +165,7 @@ def test_unreadable_rows_count_toward_the_reject_threshold(workspace: Path) -> N
     (raw / "mostly_bad.jsonl").write_text('{"instruction": "Say 1.", "output": "1."}\n' + "{not json\n" * 9)
     configure(workspace, [{"name": "bad", "path": "mostly_bad.jsonl", "format": "alpaca"}], max_reject_fraction=0.5)
     run(ingest)
-    with pytest.raises(ValueError, match=r"source bad: 9 of 10 rows rejected \(9 unreadable at ingest\)"):
+    with pytest.raises(SkytuneError, match=r"source bad: 9 of 10 rows rejected \(9 unreadable at ingest\)"):
         run(to_chat)
 
 

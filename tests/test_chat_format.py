@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skytune.core.data.chat_format import InvalidRecord, to_messages, validate
+from skytune.core.errors import SkytuneError
 from skytune.core.params.schema import SharegptTags
 
 
@@ -78,7 +79,7 @@ def test_orca_summarization_and_columns() -> None:
     cols = converter("columns", columns={"user": "Context", "assistant": "Response"})
     assert cols({"Context": "I feel low.", "Response": "I hear you."})[1] == {"role": "assistant",
                                                                              "content": "I hear you."}
-    with pytest.raises(ValueError, match="needs `instruction`"):
+    with pytest.raises(SkytuneError, match="needs `instruction`"):
         converter("summarization")
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_resume import workspace
 
 from skytune.core import processes
+from skytune.core.errors import SkytuneError
 from skytune.core.params import TrainParams, load_params
 from skytune.core.training.sft import grad_accum
 
@@ -50,7 +51,7 @@ def test_world_defaults_and_overrides() -> None:
 
 def test_gradient_accumulation_keeps_the_total_batch() -> None:
     assert [grad_accum(32, 4, world) for world in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    with pytest.raises(ValueError, match="total_batch_size .32. is not a multiple of batch_size .4. x 3"):
+    with pytest.raises(SkytuneError, match="total_batch_size .32. is not a multiple of batch_size .4. x 3"):
         grad_accum(32, 4, 3)
 
 

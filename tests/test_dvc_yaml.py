@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, STAGES, PipelineRun
+from conftest import REPO, STAGES, PipelineRun, direct_imports
 
 from skytune.core.params import Params
 
@@ -57,7 +57,7 @@ def test_paths_read_are_deps_or_outs(pipeline: PipelineRun, stage: str) -> None:
 
 
 def imported_modules(path: Path) -> set[Path]:
-    """Project modules `path` imports, transitively (package __init__ files included)."""
+    """Project modules `path` imports, transitively (the packages on the way, whose __init__ runs, included)."""
     src = REPO / "src"
     found: set[Path] = set()
     todo = [path]
@@ -66,17 +66,7 @@ def imported_modules(path: Path) -> set[Path]:
         if current in found:
             continue
         found.add(current)
-        for node in ast.walk(ast.parse(current.read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("skytune"):
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.startswith("skytune")]
-            for name in names:
-                base = src / name.replace(".", "/")
-                for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-                    if candidate.is_file():
-                        todo.append(candidate)
+        todo.extend(direct_imports(current, packages=True))
     return {p for p in found if p != src / "skytune" / "__init__.py"}
 
 

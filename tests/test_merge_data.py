@@ -10,6 +10,7 @@ import pytest
 from conftest import copy_inputs, run_stages, write_params
 
 from skytune.core.atomic import read_jsonl
+from skytune.core.errors import SkytuneError
 from skytune.core.models.loading import load_saved_tokenizer
 from skytune.stages import ingest, merge_data, split, to_chat
 
@@ -57,7 +58,7 @@ def test_mixture_fraction_rows_and_upsampling(split_workspace: Path) -> None:
     assert again == train  # seeded: the same selection and order
     other, _ = run_merge(root, **{"merge_data.mixture": mixture, "base.seed": 7})
     assert [r["id"] for r in other] != [r["id"] for r in train]
-    with pytest.raises(ValueError, match="unknown sources \\['nope'\\]"):
+    with pytest.raises(SkytuneError, match="unknown sources \\['nope'\\]"):
         run_merge(root, **{"merge_data.mixture": {"nope": {"rows": 1}}})
 
 

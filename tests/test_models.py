@@ -42,7 +42,7 @@ def test_builtin_model_is_deterministic_offline(tmp_path: Path) -> None:
 
 def test_resolve_base_kinds(tmp_path: Path, tiny_model: Path) -> None:
     assert resolve_base("builtin:tiny-llama", None, tmp_path)[0] == "builtin"
-    with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'"):
+    with pytest.raises(SkytuneError, match="unknown built-in model 'builtin:nope'"):
         resolve_base("builtin:nope", None, tmp_path)
     kind, _, ref, revision = resolve_base(str(tiny_model), None, tmp_path)
     assert (kind, revision) == ("local", None)

@@ -23,6 +23,7 @@ import yaml
 from conftest import BUCKETS, REPO
 from test_pipeline_e2e import PATHS, clone_project, sh, stages_ran
 
+from skytune.core.errors import SkytuneError
 from skytune.core.training.checkpoints import PREEMPTED_EXIT_CODE
 
 DVC_REMOTE_URL = "s3://my-dvc/skytune"  # the remote the user commits (README: "Cloud"); the project names none
@@ -380,7 +381,7 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
     assert overrides.parse(rendered) == [("train.lora_r", "8"), ("identity.creator", "The Lab")]
     with pytest.raises(SystemExit, match="train.lora_rank: unknown key; did you mean 'train.lora_r'"):
         sweep.launch("rank", ["train.lora_rank=4,8"], dry_run=True, sky=Path("sky"), remote="origin", extra=[])
-    with pytest.raises(ValueError, match="expected key=value1,value2"):
+    with pytest.raises(SkytuneError, match="expected key=value1,value2"):
         sweep.grid(["train.lora_r"])
 
 

@@ -10,6 +10,7 @@ from conftest import run_stages, write_params
 
 from skytune.core.atomic import read_jsonl, write_jsonl
 from skytune.core.data.records import content_hash
+from skytune.core.errors import SkytuneError
 from skytune.core.params import load_params
 from skytune.stages import split
 
@@ -53,5 +54,5 @@ def test_adding_rows_never_moves_existing_rows(tmp_path: Path) -> None:
 def test_leakage_across_sources_fails_the_stage(tmp_path: Path) -> None:
     shared = [record("a", f"shared question {i}", "x") for i in range(50)]
     other = [record("b", f"shared question {i}", "a different answer") for i in range(50)]
-    with pytest.raises(ValueError, match=r"val prompts also appear in train.*\('a', 'b'\)"):
+    with pytest.raises(SkytuneError, match=r"val prompts also appear in train.*\('a', 'b'\)"):
         run_split(tmp_path, {"a": shared, "b": other}, val_fraction=0.5, val_fraction_by_source={"b": 0.0})

@@ -13,6 +13,7 @@ from conftest import REPO
 from tiny_archs import FAMILIES, build_tiny
 
 from skytune.core.chat import chat_template, tokenization
+from skytune.core.errors import SkytuneError
 from skytune.core.models.base import BaseModel, describe_base, load_tokenizer
 from skytune.core.models.loading import load_for_training, load_saved_tokenizer
 from skytune.core.params import load_params
@@ -93,7 +94,7 @@ def test_pad_strategies(tmp_path: Path) -> None:
     assert pad(llama, "bos") == "<|begin_of_text|>"
     assert pad(mistral, "auto") == "<unk>"
     assert pad(mistral, "add") == chat_template.PAD_TOKEN_ADDED
-    with pytest.raises(ValueError, match="model.pad_token: unk"):
+    with pytest.raises(SkytuneError, match="model.pad_token: unk"):
         pad(llama, "unk")  # Llama 3 has no UNK
 
 
@@ -139,7 +140,7 @@ def test_gate_catches_a_template_that_drops_the_end_of_turn_of_earlier_answers(t
 def test_a_template_that_never_ends_a_turn_is_refused(tiny_model: Path) -> None:
     tokenizer = load_saved_tokenizer(tiny_model)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(ValueError, match="could not learn to stop"):
+    with pytest.raises(SkytuneError, match="could not learn to stop"):
         tokenization.Encoder(tokenizer, "assistant_only")
 
 
@@ -161,7 +162,7 @@ def test_template_strategies(tmp_path: Path) -> None:
     assert chat_template.resolve_template(qwen, "chatml")[0] == chat_template.CHATML_TEMPLATE
     mistral_dir = build_tiny("mistral", tmp_path / "mistral")
     mistral = AutoTokenizer.from_pretrained(mistral_dir)
-    with pytest.raises(ValueError, match=r"chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
+    with pytest.raises(SkytuneError, match=r"chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
         chat_template.resolve_template(mistral, "chatml")
     zephyr, _ = chat_template.resolve_template(mistral, str(REPO / "templates/zephyr.jinja"))
     base = BaseModel("local", "m", str(mistral_dir), None, zephyr, "auto")

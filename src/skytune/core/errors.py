@@ -15,9 +15,10 @@ from contextlib import contextmanager
 DEBUG_ENV = "SKYTUNE_DEBUG"
 
 
-class SkytuneError(ValueError):
+class SkytuneError(Exception):
     """A failure the user can fix from its message alone: bad params or data, a failed gate, a model that cannot be
-    found or read, a missing credential. `exit_code` is what the process exits with."""
+    found or read, a missing credential. `exit_code` is what the process exits with. It is no `ValueError`, so no
+    `except ValueError` meant for a parse swallows it."""
 
     exit_code = 1
 

@@ -19,14 +19,14 @@ import html
 import io
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from skytune.core.atomic import atomic_file
-from skytune.core.errors import SkytuneError, reported
+from skytune.core.errors import reported
 from skytune.core.params import Params, load_params
+from skytune.face import commands
 
 WORKSPACE = "workspace"
 CSS = """
@@ -43,10 +43,7 @@ figcaption { font-size: 0.8rem; color: #555; }
 
 
 def _dvc_json(args: list[str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SkytuneError(f"dvc {' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout)
+    return json.loads(commands.dvc(*args, "--json"))
 
 
 def plot_specs(revs: list[str]) -> dict[str, dict[str, Any]]:

@@ -40,19 +40,9 @@ def main(params: Params) -> None:
 
     set_seed(params.base.seed)
     paths, ev = params.paths, params.evaluate
-    base_dir = Path(paths.base_scores_dir)
-    scores_file = base_dir / harness.SCORES_FILE
-    if not scores_file.is_file():
-        raise SkytuneError(f"{scores_file} not found: run the evaluate_base stage first (dvc repro evaluate_base)")
-    base_json = json.loads(scores_file.read_text(encoding="utf-8"))
-    base = harness.Scores.from_json(base_json)
-    texts = read_jsonl(base_dir / general_text.FILE)
     vllm = Vllm.from_params(params.vllm, paths.vllm_env)
-    engine = generation.resolve_engine(ev.engine, vllm, "evaluate.engine")
-    if base.engine != engine:  # evaluate.engine: auto resolves per machine; the base's scores were cached elsewhere
-        raise SkytuneError(f"{scores_file}: the base was scored on the {base.engine} engine, and this machine scores "
-                           f"on {engine}: the deltas would mix engines. Set evaluate.engine: {base.engine}, or score "
-                           "the base here: dvc repro -f evaluate_base")
+    base_json = _base_scores(paths.base_scores_dir, generation.resolve_engine(ev.engine, vllm, "evaluate.engine"))
+    base = harness.Scores.from_json(base_json)
     start = time.monotonic()
     tokenizer = load_saved_tokenizer(paths.merged_dir)
     dtype = compute_dtype(params.train.compute_dtype)
@@ -65,6 +55,7 @@ def main(params: Params) -> None:
     metrics: dict[str, Any] = {"engine": tuned.engine, "lm_eval": tuned.lm_eval, "examples": tuned.examples,
                                "tasks": forgetting.compare(base, tuned, **limits)}
     flagged = forgetting.forgotten(metrics["tasks"])
+    texts = read_jsonl(Path(paths.base_scores_dir) / general_text.FILE)
     if texts:
         ppl, tokens = general_text.perplexity(model, tokenizer, texts, batch_size=ev.batch_size)
         entry = forgetting.entry(base_json["general_text"]["perplexity"], ppl, higher_is_better=False, **limits)
@@ -74,6 +65,25 @@ def main(params: Params) -> None:
                 "seconds_base": base_json.get("seconds"), "seconds_tuned": round(time.monotonic() - start, 1)}
     write_json(paths.eval_metrics, metrics)
     _write_plot(paths.eval_plot, metrics["tasks"])
+    _report(metrics, flagged, params)
+
+
+def _base_scores(base_dir: str, engine: str) -> dict[str, Any]:
+    """evaluate_base's scores, once they are known to come from the engine this machine scores on."""
+    scores_file = Path(base_dir) / harness.SCORES_FILE
+    if not scores_file.is_file():
+        raise SkytuneError(f"{scores_file} not found: run the evaluate_base stage first (dvc repro evaluate_base)")
+    base_json = json.loads(scores_file.read_text(encoding="utf-8"))
+    if base_json.get("engine") != engine:  # evaluate.engine: auto resolves per machine; the base may be cached
+        raise SkytuneError(f"{scores_file}: the base was scored on the {base_json.get('engine')} engine, and this "
+                           f"machine scores on {engine}: the deltas would mix engines. Set evaluate.engine: "
+                           f"{base_json.get('engine')}, or score the base here: dvc repro -f evaluate_base")
+    return base_json
+
+
+def _report(metrics: dict[str, Any], flagged: list[str], params: Params) -> None:
+    """Each score in the log; a flagged regression warned about, or failing the stage when asked."""
+    ev = params.evaluate
     for task, scores in metrics["tasks"].items():
         for metric, e in scores.items():
             log.info("%s %s: base %s -> tuned %s (%+.4f)%s", task, metric, e["base"], e["tuned"], e["delta"],
@@ -81,7 +91,7 @@ def main(params: Params) -> None:
     if flagged:
         message = (f"forgetting: {', '.join(flagged)} regressed past evaluate.max_regression "
                    f"({ev.max_regression}) / max_perplexity_increase ({ev.max_perplexity_increase}); see "
-                   f"{paths.eval_metrics}")
+                   f"{params.paths.eval_metrics}")
         if ev.fail_on_regression:
             raise SkytuneError(f"{message} (evaluate.fail_on_regression is true)")
         log.warning(message)

@@ -115,18 +115,36 @@ def _template(params: Params) -> str:
 
 
 def main(params: Params) -> None:
-    raw_dir = Path(params.paths.raw_dir)
-    on_invalid = params.data.on_invalid
-    seed = params.base.seed
     names = [s.name for s in params.data.sources] + ([identity.SOURCE] if params.identity.enabled else [])
     if len(set(names)) != len(names):
         raise SkytuneError(f"params.yaml data.sources: source names must be unique and not {identity.SOURCE!r} "
-                         f"while identity is enabled; got {names}")
+                           f"while identity is enabled; got {names}")
+    summary = _ingest_data(params)
+    with atomic_dir(params.paths.base_model_dir) as out:
+        kind, name, ref, commit = resolve_base(params.model.base, params.model.revision,
+                                               Path(params.paths.base_model_dir))
+        if kind == "builtin":
+            corpus = [text for name in sorted(summary)
+                      for item in itertools.islice(iter_jsonl(Path(params.paths.ingested_dir) / f"{name}.jsonl"),
+                                                   CORPUS_ROWS)
+                      for text in _texts(item["row"])]
+            build_builtin(out, corpus, seed=params.base.seed, **to_dict(params.model.builtin))
+            ref = str(out)  # built in the staging directory; the manifest records the final one below
+        base = describe_base(kind, name, ref, commit, template=_template(params), pad_token=params.model.pad_token)
+        if kind == "builtin":
+            base = dataclasses.replace(base, ref=str(Path(params.paths.base_model_dir)))
+        base.save(out)
+        log.info("base model: %s %s (revision %s), pad strategy %s", base.kind, base.name, base.revision,
+                 base.pad_token)
+
+
+def _ingest_data(params: Params) -> dict[str, dict]:
+    """Every source's rows (and the identity rows) into `paths.ingested_dir`, rejects counted: the summary."""
+    raw_dir, seed = Path(params.paths.raw_dir), params.base.seed
     summary: dict[str, dict] = {}
     rejects: list[dict] = []
-    out_dir = Path(params.paths.ingested_dir)
-    with atomic_dir(out_dir) as out:
-        jobs = [(source, raw_dir, out, on_invalid, seed) for source in params.data.sources]
+    with atomic_dir(params.paths.ingested_dir) as out:
+        jobs = [(source, raw_dir, out, params.data.on_invalid, seed) for source in params.data.sources]
         sizes = [sum(f.stat().st_size for f in sources.expand(raw_dir, s.path, s.name)) if s.path else 0
                  for s in params.data.sources]
         for name, counts, source_rejects in map_in_processes(_ingest_source, jobs, sizes):
@@ -140,24 +158,7 @@ def main(params: Params) -> None:
             summary[identity.SOURCE] = {"rows": len(generated), "rejected": 0}
         write_jsonl(out / REJECTS_FILE, rejects)
         write_json(out / SUMMARY_FILE, summary)
-
-    with atomic_dir(params.paths.base_model_dir) as out:
-        kind, name, ref, commit = resolve_base(params.model.base, params.model.revision,
-                                                      Path(params.paths.base_model_dir))
-        if kind == "builtin":
-            corpus = [text for name in sorted(summary)
-                      for item in itertools.islice(iter_jsonl(out_dir / f"{name}.jsonl"), CORPUS_ROWS)
-                      for text in _texts(item["row"])]
-            build_builtin(out, corpus, seed=seed, **to_dict(params.model.builtin))
-            ref = str(out)  # built in the staging directory; the manifest records the final one below
-        base = describe_base(kind, name, ref, commit, template=_template(params),
-                                    pad_token=params.model.pad_token)
-        if kind == "builtin":
-            base = dataclasses.replace(base, ref=str(Path(params.paths.base_model_dir)))
-        base.save(out)
-        log.info("base model: %s %s (revision %s), pad strategy %s", base.kind, base.name, base.revision,
-                 base.pad_token)
-
+    return summary
 
 if __name__ == "__main__":
     run_stage(main)

@@ -22,6 +22,7 @@ from typing import Any
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import load_params
+from skytune.face.commands import SKY
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 DVC_DIR = Path(".dvc")  # DVC's own directory: config (committed), config.local, cache
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("url", nargs="?", default="", help="s3://<bucket>/<path>")
     up.add_argument("--source", type=Path, help="the model directory (default: paths.merged_dir)")
     args = parser.parse_args(argv)
-    from skytune.face.cloud.jobs import SKY
-
     if not args.url:
         raise BucketNotSet(f"no MODEL_URL: the model goes to a bucket of yours (the project names none): "
                            f"{SET_MODEL_URL}")

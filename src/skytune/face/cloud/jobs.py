@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,9 @@ from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import ParamsError
 from skytune.face.cloud import buckets, prices, remote_data
 from skytune.face.cloud import overrides as ov
+from skytune.face.commands import SKY, dvc, git
+from skytune.face.commands import run as run_command
 
-# The SkyPilot CLI: make exports SKY (the launcher environment of `make launcher`); else `sky` on PATH.
-SKY = Path(os.environ.get("SKY") or "sky")
 TRAIN_YAML = Path("sky/train.yaml")
 _SCP = re.compile(r"(?:[^@/]+@)?([^:/]+):(.+)")  # git@github.com:org/repo.git
 _SSH = re.compile(r"ssh://(?:[^@/]+@)?([^:/]+)(?::\d+)?/(.+)")
@@ -62,26 +61,20 @@ def https_url(url: str) -> str:
     return f"https://{match.group(1)}/{match.group(2)}" if match else url
 
 
-def _git(*args: str, cwd: Path) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise JobError(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 def pushed_commit(remote: str = "origin", repo: Path = Path(".")) -> Source:
     """HEAD and the remote's URL, once HEAD is known to be on the remote and the tracked files are committed."""
-    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    dirty = git("status", "--porcelain", "--untracked-files=no", cwd=repo, error=JobError)
     if dirty:
         files = ", ".join(line.split(maxsplit=1)[-1] for line in dirty.splitlines()[:8])
         raise JobError(f"uncommitted changes ({files}): the node runs the pushed commit, not this working tree. "
                        "Commit and push them (hyperparameters go in OVERRIDES, not in edits)")
-    head = _git("rev-parse", "HEAD", cwd=repo)
-    url = _git("remote", "get-url", remote, cwd=repo)
-    tips = {line.split("\t")[0] for line in _git("ls-remote", "--heads", "--tags", url, cwd=repo).splitlines()}
+    head = git("rev-parse", "HEAD", cwd=repo, error=JobError)
+    url = git("remote", "get-url", remote, cwd=repo, error=JobError)
+    listed = git("ls-remote", "--heads", "--tags", url, cwd=repo, error=JobError)
+    tips = {line.split("\t")[0] for line in listed.splitlines()}
     on_remote = head in tips or any(
-        subprocess.run(["git", "merge-base", "--is-ancestor", head, tip], cwd=repo, capture_output=True,
-                       check=False).returncode == 0 for tip in tips)
+        run_command(["git", "merge-base", "--is-ancestor", head, tip], cwd=repo, error=None).returncode == 0
+        for tip in tips)
     if not on_remote:
         raise JobError(f"HEAD {head[:12]} is not on {remote} ({url}): `git push {remote}` first, so the node can "
                        "clone it and the experiment can be reproduced from it")
@@ -106,11 +99,8 @@ def secrets_to_pass(train_yaml: Path = TRAIN_YAML, environ: dict[str, str] | Non
 def refuse_existing(names: list[str], source: Source, remote: str) -> None:
     """A name already pushed for this commit would make the node skip training (a recovery after the push): refuse
     it here, where it costs nothing."""
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", remote, "--rev", source.commit, "--name-only"],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise JobError(f"cannot list the experiments on {remote}: {done.stderr.strip()[-300:]}")
-    taken = sorted(set(names) & set(done.stdout.split()))
+    listed = dvc("exp", "list", remote, "--rev", source.commit, "--name-only", error=JobError)
+    taken = sorted(set(names) & set(listed.split()))
     if taken:
         raise JobError(f"experiment name(s) {', '.join(taken)} already on {remote} for {source.commit[:12]}: "
                        "choose another name (dvc exp pull origin <name> fetches the finished one)")
@@ -148,7 +138,7 @@ def run(commands: list[list[str]], *, sky: Path, dry_run: bool) -> None:
     if not sky.is_file():
         raise JobError(f"{sky} not found: run `make launcher` first")
     for command in commands:
-        subprocess.run(command, check=True)
+        run_command(command, capture=False, error=JobError)
     print(f"watch: {sky} jobs queue; {sky} jobs logs <id>")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,9 @@ from skytune.core.errors import SkytuneError, reported
 from skytune.core.hub import resolve_model
 from skytune.core.models.builtin import BUILTIN_PREFIX
 from skytune.core.params import ParamsError, load_params
+from skytune.face import commands
 from skytune.face.cloud import buckets, jobs, remote_data
+from skytune.face.commands import SKY
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -66,7 +67,7 @@ def check_launcher(sky: Path, run_sky_check: bool) -> str:
         raise CheckFailed(f"{sky} not found: `make launcher` installs SkyPilot in its own environment")
     if not run_sky_check:
         return f"{sky} installed (sky check skipped)"
-    done = subprocess.run([str(sky), "check"], capture_output=True, text=True, timeout=300, check=False)
+    done = commands.run([sky, "check"], timeout=300, error=None)
     clouds = enabled_infra(done.stdout)
     computing = [c for c in clouds if "compute" in c.lower()]
     if done.returncode != 0 or not computing:
@@ -166,8 +167,8 @@ def check_git(remote: str) -> str:
     if os.environ.get("GIT_TOKEN"):
         env["GIT_ASKPASS"] = str(Path("sky/git-askpass.sh").resolve())
     probe = "refs/heads/skytune-preflight-probe"
-    done = subprocess.run(["git", "-c", "credential.helper=", "push", "--dry-run", source.url, f"HEAD:{probe}"],
-                          capture_output=True, text=True, timeout=60, check=False, env=env)
+    done = commands.run(["git", "-c", "credential.helper=", "push", "--dry-run", source.url, f"HEAD:{probe}"],
+                        timeout=60, env=env, error=None)
     if done.returncode != 0:
         token = "GIT_TOKEN" if os.environ.get("GIT_TOKEN") else "no GIT_TOKEN"
         raise CheckFailed(f"cannot push to {source.url} with {token}: {done.stderr.strip()[-400:]} (the node pushes "
@@ -190,7 +191,7 @@ def run(checks: list[tuple[str, Callable[[], str]]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skytune.face.cloud.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--remote", default="origin", help="the git remote experiments are pushed to")
-    parser.add_argument("--sky", type=Path, default=jobs.SKY)
+    parser.add_argument("--sky", type=Path, default=SKY)
     parser.add_argument("--no-sky-check", action="store_true", help="only check SkyPilot is installed")
     args = parser.parse_args(argv)
     return run([

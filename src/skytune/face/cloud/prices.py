@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from skytune.core.cloud_node import PRICES_ENV
+from skytune.face.commands import run
 
 # Runs in SkyPilot's environment: argv[1] is {"L4": 1, ...}; prints {"L4": {"spot": ..., "on-demand": ...}, ...}.
 _QUERY = """
@@ -59,8 +59,8 @@ def catalog_prices(train_yaml: Path, sky: Path) -> dict[str, dict[str, float]]:
     wanted = accelerators(train_yaml)
     if not wanted or not python.is_file():
         return {}
-    done = subprocess.run([str(python), "-c", _QUERY, json.dumps(wanted)], capture_output=True, text=True,
-                          timeout=300, check=False, env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"})
+    done = run([python, "-c", _QUERY, json.dumps(wanted)], timeout=300, error=None,
+               env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"})
     try:
         prices = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout else {}
     except ValueError:

@@ -22,7 +22,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import yaml
 
 from skytune.core.errors import SkytuneError, reported
+from skytune.face import commands
 from skytune.face.cloud import buckets
 from skytune.face.cloud import overrides as ov
 from skytune.stages import DATA_STAGES, DVC_FILE
@@ -65,17 +65,10 @@ def distinct(points: list[Pairs], keys: set[str]) -> list[Pairs]:
     return list(seen.values())
 
 
-def _run(args: list[str], cwd: Path) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    if done.returncode != 0:
-        raise RemoteDataError(f"`{' '.join(args[2:] if args[0] == sys.executable else args)}` failed in {cwd}:\n"
-                              f"{(done.stdout + done.stderr).strip()[-2000:]}")
-    return done.stdout + done.stderr
-
-
 def _dvc(cwd: Path, *args: str) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], cwd)
+    """`dvc <args>` in `cwd`: what it printed, stdout and stderr (its log of the stages it ran)."""
+    done = commands.run([*commands.DVC, *args], cwd=cwd, error=RemoteDataError)
+    return done.stdout + done.stderr
 
 
 @contextlib.contextmanager
@@ -87,8 +80,8 @@ def worktree(pairs: Pairs, repo: Path = Path(".")) -> Iterator[Path]:
     repo = repo.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="skytune-data-"))
     tree = tmp / "tree"
-    _run(["git", "worktree", "prune"], repo)  # registrations of trees a killed run left behind
-    _run(["git", "worktree", "add", "--quiet", "--detach", str(tree), "HEAD"], repo)
+    commands.git("worktree", "prune", cwd=repo, error=RemoteDataError)  # trees a killed run left behind
+    commands.git("worktree", "add", "--quiet", "--detach", str(tree), "HEAD", cwd=repo, error=RemoteDataError)
     try:
         local = repo / buckets.DVC_DIR / "config.local"
         if local.is_file():
@@ -98,8 +91,7 @@ def worktree(pairs: Pairs, repo: Path = Path(".")) -> Iterator[Path]:
             apply_overrides(str(tree / "params.yaml"), [f"{k}={v}" for k, v in pairs])
         yield tree
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True,
-                       check=False)
+        commands.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, error=None)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

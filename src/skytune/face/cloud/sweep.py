@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import PARAMS_FILE, ParamsError
 from skytune.face.cloud import buckets, jobs, overrides, prices, remote_data
+from skytune.face.commands import SKY, dvc
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,40}")
 COLUMNS = ("val_loss_after", "val_perplexity_tuned", "identity_exact_match_tuned", "ends_with_eot_tuned")
@@ -76,10 +76,6 @@ def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, remote: str,
     return 0
 
 
-def _dvc(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], check=True, capture_output=True, text=True).stdout
-
-
 def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     """One row per experiment of the sweep from `dvc exp show --json`: its overridden train params, key metrics,
     the accelerator and market it ran on, GPU-hours (the node's wall hours x GPUs, all attempts of a preempted run
@@ -106,12 +102,12 @@ def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
 
 def pull(name: str) -> int:
     prefix = f"{name}-"
-    listed = _dvc("exp", "list", "origin", "--all-commits", "--name-only").split()
+    listed = dvc("exp", "list", "origin", "--all-commits", "--name-only").split()
     names = sorted(n for n in listed if n.startswith(prefix))
     if not names:
         raise SystemExit(f"no experiment named {prefix}* on origin yet (sky jobs queue shows the running jobs)")
-    _dvc("exp", "pull", "origin", *names)
-    table = rows(json.loads(_dvc("exp", "show", "--all-commits", "--json")), prefix)
+    dvc("exp", "pull", "origin", *names)
+    table = rows(json.loads(dvc("exp", "show", "--all-commits", "--json")), prefix)
     if not table:
         raise SystemExit(f"pulled {names}, but dvc exp show --all-commits lists none of them")
     header = list(table[0])
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("name")
     up.add_argument("axes", nargs="+", help="key=value1,value2,... (params.yaml keys)")
     up.add_argument("--dry-run", action="store_true", help="check the grid and print the commands only")
-    up.add_argument("--sky", type=Path, default=jobs.SKY)
+    up.add_argument("--sky", type=Path, default=SKY)
     up.add_argument("--remote", default="origin", help="the git remote the nodes clone and push to")
     down = sub.add_parser("pull", help="pull the sweep's experiments and print the comparison")
     down.add_argument("name")
