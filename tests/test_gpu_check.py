@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 
@@ -18,6 +19,7 @@ def dry_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
                           timeout=900, check=False)
 
 
+@pytest.mark.slow
 def test_the_gpu_vllm_environment_resolves_and_the_gpu_tests_collect(tmp_path: Path) -> None:
     done = dry_run(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

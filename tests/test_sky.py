@@ -289,6 +289,7 @@ def test_a_workdir_uploaded_without_git_stops_with_a_clear_error(tmp_path: Path,
     assert done.returncode == 2 and "not a git repository" in done.stderr and "git workdir" in done.stderr
 
 
+@pytest.mark.slow
 @needs_launcher
 def test_preflight_checks_bucket_git_and_launcher(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     project = origin.project
@@ -385,6 +386,7 @@ def test_sweep_fans_a_grid_out_to_one_job_each(origin: Origin, monkeypatch: pyte
         sweep.grid(["train.lora_r"])
 
 
+@pytest.mark.slow
 @needs_launcher
 def test_cloud_commands_refuse_without_your_buckets(tmp_path: Path, s3: dict[str, str], origin: Origin) -> None:
     """No bucket is named by the project: launch, sweep, preflight and publish-model each refuse, with the exact
@@ -477,6 +479,7 @@ def test_a_sweeps_node_restores_the_data_stages_pushed_at_launch(tmp_path: Path,
     print(f"node r-01: {seconds:.0f} s, data stages restored from the remote")
 
 
+@pytest.mark.slow
 def test_a_data_stage_on_a_cloud_node_says_it_computes(tmp_path: Path) -> None:
     project = clone_project(tmp_path / "p")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

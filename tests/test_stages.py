@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from conftest import PipelineRun
 
 from skytune.core import atomic, packaging
@@ -178,6 +179,7 @@ def test_export_is_self_contained_and_points_at_the_one_merged_model(pipeline: P
     assert metrics["serve_parity"] == "off (export.parity: false)"  # the tiny profile's; tests/test_vllm_engine.py: the rest
 
 
+@pytest.mark.slow
 def test_the_dag_runs_with_identity_disabled(tmp_path: Path) -> None:
     """identity.enabled: false with the default mixture, which names the identity source: every stage runs, the
     sanity check has no identity probes, and `make show` prints what there is."""
