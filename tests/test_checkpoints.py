@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,30 +132,35 @@ def test_sigterm_sets_the_notice_and_the_handler_is_restored(tmp_path: Path,
     assert exc.value.code == checkpoints.PREEMPTED_EXIT_CODE and flag.exists()
 
 
-# One "node" of the two-node simulation below: a gloo process whose checkpoint root is its node's own directory.
+# One "node" of the two-node simulations below: a gloo process whose checkpoint root is its node's own directory.
 NODE = """
 import json, os, sys
 from pathlib import Path
 import torch.distributed as dist
 from skytune.core.training import checkpoints
-rank, phase, root = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+rank, phase, root, step = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 dist.init_process_group("gloo", rank=rank, world_size=2)
-if phase == "save":  # what each node writes of checkpoint-40: rank 0 the adapter, every rank its rng state
-    directory = root / "checkpoint-40"
-    directory.mkdir(parents=True)
+if phase == "save":  # what each node writes of checkpoint-<step>: rank 0 the adapter, every rank its rng state
+    directory = root / f"checkpoint-{step}"
+    before = checkpoints.listing(directory)  # what an earlier attempt at this step left here (Checkpointing)
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rng_state_{rank}.pth").write_bytes(bytes([rank]) * 1000)
     if rank == 0:
         (directory / "adapter_model.safetensors").write_bytes(b"weights" * 100)
     dist.barrier()
-    checkpoints.seal(directory)
+    checkpoints.seal(directory, before)
+elif phase == "prune":
+    checkpoints.prune(root, keep=int(step))
 else:
     resume = checkpoints.newest_complete(root)
     print(json.dumps(None if resume is None else resume.name))
 dist.destroy_process_group()
 """
+ADAPTER = hashlib.sha256(b"weights" * 100).hexdigest()
+RNG_1 = hashlib.sha256(bytes([1]) * 1000).hexdigest()
 
 
-def run_nodes(phase: str, views: dict[int, Path]) -> list[str]:
+def run_nodes(phase: str, views: dict[int, Path], step: int = 40) -> list[str]:
     """Both nodes at once, each on its own view of the checkpoint directory (MOUNT_CACHED gives every node its own
     cache of the bucket)."""
     import socket
@@ -163,7 +169,7 @@ def run_nodes(phase: str, views: dict[int, Path]) -> list[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": "0"}
-    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(rank), phase, str(view)], env=env,
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(rank), phase, str(view), str(step)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank, view in views.items()]
     outs = [node.communicate(timeout=120) for node in nodes]
@@ -171,10 +177,11 @@ def run_nodes(phase: str, views: dict[int, Path]) -> list[str]:
     return [out.strip().splitlines()[-1] if out.strip() else "" for out, _ in outs]
 
 
-def sync(source: Path, target: Path) -> None:
-    """The bucket sync, one way: every file `source` has reaches `target` (what MOUNT_CACHED does, later)."""
+def sync(source: Path, target: Path, *, rng_of: int | None = None) -> None:
+    """The bucket sync, one way: every file `source` has reaches `target` (what MOUNT_CACHED does, later); with
+    `rng_of`, only what that node wrote itself (its rng states), the upload of its own writes."""
     for path in source.rglob("*"):
-        if path.is_file():
+        if path.is_file() and (rng_of is None or path.name == f"rng_state_{rng_of}.pth"):
             (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target / path.relative_to(source))
 
@@ -187,7 +194,7 @@ def test_two_nodes_with_delayed_caches_agree_on_a_checkpoint_complete_on_both(tm
     run_nodes("save", views)
     marker = json.loads((views[0] / "checkpoint-40" / checkpoints.MARKER).read_text())["files"]
     assert set(marker) == {"adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"}  # node 1's file too
-    assert marker["rng_state_1.pth"]["sha256"] == hashlib.sha256(bytes([1]) * 1000).hexdigest()
+    assert marker["rng_state_1.pth"]["sha256"] == RNG_1
     assert not (views[1] / "checkpoint-40" / checkpoints.MARKER).exists()  # not yet synced to node 1
     sync(views[0], views[1])  # node 0's files and marker reached node 1: complete there, not on node 0
     assert checkpoints.check(views[1] / "checkpoint-40") is None
@@ -210,7 +217,43 @@ def test_two_nodes_with_delayed_caches_agree_on_a_checkpoint_complete_on_both(tm
 
 
 def test_a_stale_copy_from_an_earlier_attempt_loses_to_the_fresh_one() -> None:
-    fresh = {"f": {"size": 1, "sha256": "new", "mtime": 200.0}}
-    stale = {"f": {"size": 1, "sha256": "old", "mtime": 100.0}}
-    assert checkpoints.merge([stale, fresh])["f"]["sha256"] == "new"
-    assert checkpoints.merge([fresh, stale])["f"]["sha256"] == "new"
+    """The copy a node wrote in this save wins, whatever the order of the nodes; mtimes play no part."""
+    fresh = {"f": {"size": 1, "sha256": "new"}}
+    stale = {"f": {"size": 1, "sha256": "old"}}
+    assert checkpoints.merge([(stale, stale), (stale, fresh)])["f"]["sha256"] == "new"
+    assert checkpoints.merge([(stale, fresh), (stale, stale)])["f"]["sha256"] == "new"
+    assert checkpoints.merge([({}, fresh), ({}, stale)])["f"]["sha256"] == "new"  # both new: the first node's
+
+
+def test_two_nodes_with_a_skewed_clock_and_two_uploads_in_flight(tmp_path: Path) -> None:
+    """An earlier attempt at step 40 left stale copies on both nodes, node 1's clock an hour ahead (its stale file
+    looks newest); then checkpoints 40 and 60 are saved and both uploads are in flight when pruning runs."""
+    views = {0: tmp_path / "node0", 1: tmp_path / "node1"}
+    make(views[0], 20)
+    sync(views[0], views[1])  # checkpoint-20: complete on both nodes
+    ahead = time.time() + 3600
+    for rank, name in ((1, "adapter_model.safetensors"), (0, "rng_state_1.pth")):
+        stale = views[rank] / "checkpoint-40" / name
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(b"an earlier attempt")
+        os.utime(stale, (ahead, ahead))
+    run_nodes("save", views, step=40)
+    run_nodes("save", views, step=60)
+    marker = json.loads((views[0] / "checkpoint-40" / checkpoints.MARKER).read_text())["files"]
+    assert marker["adapter_model.safetensors"]["sha256"] == ADAPTER  # node 0 wrote it; node 1's copy is stale
+    assert marker["rng_state_1.pth"]["sha256"] == RNG_1  # node 1 wrote it; node 0's copy is stale
+    # Uploads in flight both ways: rank 0's own view has markers on 40 and 60, yet neither is complete on every
+    # node. Pruning to 2 keeps checkpoint-20, the only one a resume can use.
+    run_nodes("prune", views, step=2)
+    assert [checkpoints.check(v / "checkpoint-20") for v in views.values()] == [None, None]
+    assert checkpoints.check(views[0] / "checkpoint-40") == "rng_state_1.pth has 18 bytes, 1000 were written"
+    assert checkpoints.check(views[1] / "checkpoint-60") == "no completion marker (torn by a kill mid-write?)"
+    # The sync catches up: each node's writes reach the other; 40 and 60 are complete everywhere, and now
+    # checkpoint-20 goes (from rank 0's view, the bucket's removal reaching node 1 later).
+    sync(views[1], views[0], rng_of=1)
+    for step in (40, 60):
+        for name in ("adapter_model.safetensors", "rng_state_0.pth", checkpoints.MARKER):
+            shutil.copy2(views[0] / f"checkpoint-{step}" / name, views[1] / f"checkpoint-{step}" / name)
+    run_nodes("prune", views, step=2)
+    assert sorted(p.name for p in views[0].iterdir()) == ["checkpoint-40", "checkpoint-60"]
+    assert run_nodes("resume", views) == ['"checkpoint-60"', '"checkpoint-60"']

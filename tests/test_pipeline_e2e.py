@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -185,6 +186,10 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     assert sanity["identity_exact_match_base"] == 0.0 and sanity["identity_exact_match_tuned"] >= 0.9, sanity
     assert sanity["ends_with_eot_tuned"] >= 0.95, sanity
     assert sanity["retained"] >= 0.9 and sanity["retained_probes_base_correct"] >= 20, sanity
+    with open(repo / PATHS.sanity_results, encoding="utf-8") as fh:
+        known = [r for r in csv.DictReader(fh) if r["kind"] == "retained" and r["base_match"] == "True"]
+    assert sanity["retained_probes_base_correct"] == len(known)
+    assert sanity["retained"] == round(sum(r["tuned_match"] == "True" for r in known) / len(known), 4)
     assert sanity["val_perplexity_tuned"] < sanity["val_perplexity_base"]
     summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)
     assert "retained" in summary and "identity_exact_match" in summary
@@ -194,17 +199,20 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     # perplexity move past the default thresholds (0.74 -> 0.60, 1.99 -> 3.14), flagged as they should be.
     assert benchmarks["tasks"]["skytune_knowledge"]["answer_match"]["forgot"] is False, benchmarks
 
-    # A deliberately destructive run: identity only, a learning rate 20x too high, three epochs. Only what
-    # evaluate needs runs (the base is not scored again), and the forgetting is flagged.
-    log = sh("dvc", "exp", "run", "-n", "destroy", "-S", "train.learning_rate=0.02", "-S", "train.epochs=3",
+    # A deliberately destructive run: identity only, a learning rate 20x too high, one epoch. Only what
+    # evaluate needs runs (the base is not scored again), and every score is flagged (measured: choice acc 0.74 -> 0.24,
+    # knowledge 0.63 -> 0.0, general-text perplexity 2.0 -> 2e8).
+    log = sh("dvc", "exp", "run", "-n", "destroy", "-S", "train.learning_rate=0.02", "-S", "train.epochs=1",
              "-S", "merge_data.mixture.sharegpt_math.rows=0", "-S", "+merge_data.mixture.alpaca_tasks={rows: 0}",
              "evaluate", cwd=repo, timeout=1800)
     assert stages_ran(log) == ["merge_data", "train", "merge_adapters", "evaluate"], log[-3000:]
     destroyed = json.loads((repo / PATHS.eval_metrics).read_text())
-    assert destroyed["forgetting"] is True and destroyed["regressions"] > benchmarks["regressions"], destroyed
-    assert destroyed["tasks"]["skytune_knowledge"]["answer_match"]["forgot"] is True, destroyed
-    general = destroyed["general_text"]["perplexity"]
-    assert general["forgot"] is True and general["tuned"] > benchmarks["general_text"]["perplexity"]["tuned"]
+    scores = {f"{task}.{metric}": entry for task, metrics in destroyed["tasks"].items()
+              for metric, entry in metrics.items()} | {"general_text.perplexity": destroyed["general_text"]["perplexity"]}
+    assert len(scores) == 4 and [k for k, e in scores.items() if e["forgot"] is not True] == [], destroyed
+    assert destroyed["forgetting"] is True and destroyed["regressions"] == len(scores), destroyed
+    assert all(e["tuned"] < e["base"] for k, e in scores.items() if k != "general_text.perplexity"), destroyed
+    assert scores["general_text.perplexity"]["tuned"] > benchmarks["general_text"]["perplexity"]["tuned"]
     assert "Stage 'evaluate_base' didn't change, skipping" in log
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, stdout_only=True))
     columns = {exp["name"]: rev["data"]["metrics"][PATHS.eval_metrics]["data"]["tasks"]

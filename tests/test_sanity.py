@@ -113,3 +113,16 @@ def test_perplexity_is_over_the_labelled_tokens_only(tiny_model: Path) -> None:
     together = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=4)
     separately = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=1)
     assert together[1] == alone[1] + n_answer and together[0] == pytest.approx(separately[0], rel=1e-5)
+
+
+def test_retained_is_the_fraction_of_what_the_base_knew_that_the_tuned_model_still_knows() -> None:
+    from skytune.stages.sanity_check import _retained
+
+    def probe(base: bool, tuned: bool, kind: str = "retained") -> dict:
+        return {"kind": kind, "base_match": base, "tuned_match": tuned}
+
+    # 4 probes the base knows, 3 of them kept; a probe only the tuned model knows, and other kinds, do not count.
+    rows = [probe(True, True), probe(True, False), probe(True, True), probe(True, True), probe(False, True),
+            probe(True, False, kind="identity"), probe(True, False, kind="val")]
+    assert _retained(rows) == {"retained": 0.75, "retained_probes_base_correct": 4}
+    assert _retained([probe(False, True), probe(False, False)]) == {}  # nothing known: no fraction to report

@@ -141,8 +141,9 @@ def test_sanity_check_fine_tuned_knows_its_identity_and_stops(pipeline: Pipeline
     retained = [r for r in rows if r["kind"] == "retained"]
     known = [r for r in retained if r["base_match"] == "True"]
     assert metrics["retained_correct_base"] == round(len(known) / len(retained), 4)
-    if known:  # the random built-in base rarely knows any; then there is no retained fraction to report
-        assert metrics["retained"] == round(sum(r["tuned_match"] == "True" for r in known) / len(known), 4)
+    # The random built-in base knows none, so there is no retained fraction to report (the real model's run in
+    # test_pipeline_e2e.py checks the fraction itself, from its own CSV; test_sanity.py on constructed rows).
+    assert not known and "retained" not in metrics
     identity_rows = [r for r in rows if r["kind"] == "identity"]
     assert identity_rows and all(r["tuned_answer"] == r["expected"] for r in identity_rows)
     assert all(r["base_answer"] != r["expected"] for r in identity_rows)

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from skytune.core.training import checkpoints
-from skytune.core.training.distributed import any_process, barrier
+from skytune.core.training.distributed import any_process, barrier, local_main
 from skytune.core.training.live import LIVE_SNAPSHOT
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,17 @@ STATE_FILE = "skytune_state.json"  # what the stage needs back on resume, saved 
 
 class Checkpointing(TrainerCallback):
     """After the Trainer writes `checkpoint-<step>`: add the DVCLive snapshot and the stage's state, write the
-    completion marker from every node's listing of what it sees, and prune old checkpoints (rank 0, after every
-    process has written its part)."""
+    completion marker from every node's listing of what it sees, and prune old checkpoints (from every node's view,
+    after every process has written its part). A directory of that step already there before the save (left by an
+    earlier attempt) is listed first, so the marker takes this save's copies of its files."""
 
     def __init__(self, live_dir: Path, state: Callable[[], dict[str, Any]], keep: int) -> None:
         self.live_dir, self.state, self.keep = live_dir, state, keep
+        self.before: checkpoints.Listing = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.before = checkpoints.listing(directory) if local_main() and directory.is_dir() else {}
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         barrier()
@@ -37,9 +43,9 @@ class Checkpointing(TrainerCallback):
                 shutil.copytree(self.live_dir, directory / LIVE_SNAPSHOT, dirs_exist_ok=True)
             (directory / STATE_FILE).write_text(json.dumps(self.state(), sort_keys=True), encoding="utf-8")
         barrier()
-        checkpoints.seal(directory)  # every node's listing; rank 0 writes the marker
+        checkpoints.seal(directory, self.before)  # every node's listing; rank 0 writes the marker
+        checkpoints.prune(run_dir, self.keep)  # every node's view; rank 0 deletes
         if state.is_world_process_zero:
-            checkpoints.prune(run_dir, self.keep)
             log.info("checkpoint %s complete", directory)
         barrier()
 

@@ -80,39 +80,47 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith(".tmp"))
 
 
-Listing = dict[str, dict[str, Any]]  # file (relative) -> {"size", "sha256", "mtime"}
+Listing = dict[str, dict[str, Any]]  # file (relative) -> {"size", "sha256"}
 
 
 def listing(directory: Path) -> Listing:
-    """Every file of a checkpoint directory as this node sees it, with size, sha256 and modification time."""
-    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p),
-                                            "mtime": p.stat().st_mtime}
+    """Every file of a checkpoint directory as this node sees it, with its size and sha256 ({} if it is absent)."""
+    if not directory.is_dir():
+        return {}
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
             for p in _files(directory)}
 
 
-def merge(parts: list[Listing]) -> Listing:
-    """The nodes' listings as one: where two nodes see different copies of a file (a stale one from an earlier
-    attempt at the same step, not yet replaced by the sync), the most recently written copy wins."""
-    files: Listing = {}
-    for part in parts:
-        for name, entry in part.items():
-            if name not in files or entry["mtime"] > files[name]["mtime"]:
-                files[name] = entry
-    return files
+def merge(parts: list[tuple[Listing, Listing]]) -> Listing:
+    """The nodes' listings as one. Each part is a node's (before, after): what it saw of the directory before this
+    save (a stale copy left by an earlier attempt at the same step) and after it. Where the nodes see different
+    copies of a file, the right one is the copy a node wrote in this save: its content differs from what that node
+    saw before. Contents decide, never modification times, which nodes' clocks and a bucket sync both change. A file
+    no node wrote in this save keeps the copy the first node (rank 0's) sees."""
+    written: Listing = {}
+    kept: Listing = {}
+    for before, after in parts:
+        for name, entry in after.items():
+            if before.get(name, {}).get("sha256") != entry["sha256"]:
+                written.setdefault(name, entry)
+            else:
+                kept.setdefault(name, entry)
+    return kept | written
 
 
-def seal(directory: Path) -> None:
-    """Every process: each node's main process lists the checkpoint's files it sees; rank 0 writes the marker from
-    all the listings, after all of them are in (a collective: call it on every process, after the save)."""
-    parts = all_gather(listing(directory) if local_main() else None)
+def seal(directory: Path, before: Listing | None = None) -> None:
+    """Every process: each node's main process lists the checkpoint's files it sees (and gives `before`, its
+    listing from before the save); rank 0 writes the marker from all of them, after all of them are in (a
+    collective: call it on every process, after the save)."""
+    parts = all_gather((before or {}, listing(directory)) if local_main() else None)
     if rank() == 0:
         mark_complete(directory, [part for part in parts if part is not None])
 
 
-def mark_complete(directory: Path, parts: list[Listing] | None = None) -> None:
-    """Write the completion marker of a fully written checkpoint directory, from the nodes' listings (default: this
-    process's own view)."""
-    merged = merge(parts if parts is not None else [listing(directory)])
+def mark_complete(directory: Path, parts: list[tuple[Listing, Listing]] | None = None) -> None:
+    """Write the completion marker of a fully written checkpoint directory, from the nodes' (before, after)
+    listings (default: this process's own view)."""
+    merged = merge(parts if parts is not None else [({}, listing(directory))])
     files = {name: {"size": entry["size"], "sha256": entry["sha256"]} for name, entry in merged.items()}
     tmp = directory / f".tmp-{MARKER}"
     with tmp.open("w", encoding="utf-8") as fh:
@@ -199,14 +207,21 @@ def newest_complete(run_dir: Path) -> Path | None:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the `keep` newest complete checkpoints; delete older ones (only ever after a newer one is complete)."""
-    complete = 0
+    """Keep the `keep` newest checkpoints complete on every node, and every newer one; delete the older ones (a
+    collective: call it on every process). Each node's main process checks the checkpoints it sees; rank 0, which
+    alone deletes, counts only the ones complete in every view. So while uploads are in flight (a checkpoint sealed
+    on one node, its files not yet synced to another) the newest checkpoint complete everywhere is never removed,
+    whatever rank 0's own view says."""
+    view = {step_of(d) for d in checkpoints(run_dir) if check(d) is None} if local_main() else None
+    views = [v for v in all_gather(view) if v is not None]
+    if rank() != 0 or not views:
+        return
+    everywhere = sorted(set.intersection(*views), reverse=True)
+    if len(everywhere) < max(keep, 1):
+        return
+    oldest_kept = everywhere[max(keep, 1) - 1]
     for directory in checkpoints(run_dir):
-        if (directory / MARKER).is_file():
-            complete += 1
-            if complete > keep:
-                shutil.rmtree(directory, ignore_errors=True)
-        elif complete:  # an incomplete one older than a complete one can never be resumed from
+        if step_of(directory) < oldest_kept:
             shutil.rmtree(directory, ignore_errors=True)
 
 
