@@ -11,7 +11,7 @@ import torch
 
 from skytune.core.errors import SkytuneError
 from skytune.core.models import loading
-from skytune.core.models.base import describe_base, load_tokenizer, resolve_base
+from skytune.core.models.base import BaseModel, describe_base, load_tokenizer, resolve_base
 from skytune.core.models.builtin import build_builtin
 from skytune.core.models.loading import (
     load_for_training,
@@ -190,3 +190,19 @@ def test_without_4bit_support_lora_runs_in_full_precision_and_says_so(
     import bitsandbytes as bnb
 
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_an_architecture_transformers_cannot_quantize_is_one_message(tmp_path: Path) -> None:
+    """Falcon's layers are its own FalconLinear: transformers' bitsandbytes integration leaves them unquantized
+    (it only warns), and QLoRA would then die in transformers. The loader says so, with the way out."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    FalconForCausalLM(config).save_pretrained(tmp_path / "falcon")
+    base = BaseModel(kind="local", name="my-falcon", ref=str(tmp_path / "falcon"), revision=None, chat_template="",
+                     pad_token="auto")
+    with pytest.raises(SkytuneError, match=r"^model.base my-falcon: transformers cannot quantize FalconForCausalLM "
+                                           r"to 4 bits .*FalconLinear.* Set train.method: lora"):
+        load_for_training(base, four_bit=True, quant_type="nf4", double_quant=True, dtype=torch.float32)
+    model, ran = load_for_training(base, four_bit=False, quant_type="nf4", double_quant=True, dtype=torch.float32)
+    assert ran == "float32" and type(model).__name__ == "FalconForCausalLM"  # the way out works

@@ -77,10 +77,27 @@ def load_for_training(
         ran = str(dtype).removeprefix("torch.")
         log.warning("4-bit QLoRA failed to load here (%s): training plain LoRA in %s instead", exc, ran)
         model = AutoModelForCausalLM.from_pretrained(location(base), **kwargs)
+    if ran in ("nf4", "fp4"):
+        check_quantized(model, base)
     if ran in ("nf4", "fp4") and not torch.cuda.is_available():
         n = disable_cpu_inference_repack(model)
         log.info("4-bit on CPU: disabled the AVX512-BF16 inference repack on %d layers (bitsandbytes bug)", n)
     return model, ran
+
+
+def check_quantized(model: Any, base: BaseModel) -> None:
+    """QLoRA needs the base's linear layers in 4 bits. transformers' bitsandbytes integration quietly leaves an
+    architecture whose layers are its own Linear subclass (Falcon's FalconLinear) unquantized, and training on
+    then fails deep inside transformers: say so once, with the way out."""
+    import bitsandbytes as bnb
+
+    if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        return
+    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    linear = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    raise SkytuneError(f"model.base {base.name}: transformers cannot quantize {architecture} to 4 bits (none of its "
+                       f"linear layers, {', '.join(linear) or 'none'}, became 4-bit), so train.method qlora cannot "
+                       "train it. Set train.method: lora (LoRA on the unquantized base) and run again.")
 
 
 def load_full_precision(source: str | Path, revision: str | None, dtype: torch.dtype) -> Any:
