@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from skytune.core import cloud_node
 
@@ -15,7 +19,10 @@ NODE = {"SKYPILOT_TASK_ID": "sky-managed-1", "SKYPILOT_NUM_GPUS_PER_NODE": "8", 
         "SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "AWS", "region": "us-east-1",
                                              "zone": "us-east-1a"}),
         cloud_node.MARKET_ENV: "spot",
-        cloud_node.PRICES_ENV: json.dumps({"A10": {"spot": 0.5}, "A10G": {"spot": 0.4, "on-demand": 1.0}})}
+        cloud_node.PRICES_ENV: json.dumps({"A10": {"aws/us-east-1": {"spot": 0.5}, "*": {"spot": 0.5}},
+                                           "A10G": {"aws/us-east-1": {"spot": 0.4, "on-demand": 1.0},
+                                                    "aws/us-west-2": {"spot": 0.3, "on-demand": 0.9},
+                                                    "*": {"spot": 0.3, "on-demand": 0.9}}})}
 
 
 def test_a_node_records_its_hardware_market_hours_and_cost(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,9 +31,13 @@ def test_a_node_records_its_hardware_market_hours_and_cost(monkeypatch: pytest.M
     block = cloud_node.describe(5400.0, NODE)  # 1.5 h of wall time
     assert block == {"accelerator": "NVIDIA A10G", "gpus_per_node": 8, "nodes": 2, "cloud": "AWS",
                      "region": "us-east-1", "zone": "us-east-1a", "market": "spot", "wall_hours": 1.5,
-                     "gpu_hours": 24.0, "price_per_gpu_hour": 0.4, "cost": 9.6}  # A10G's price, not A10's
+                     "gpu_hours": 24.0, "price_per_gpu_hour": 0.4, "price_basis": "region",
+                     "cost": 9.6}  # A10G's price in us-east-1: not A10's, not us-west-2's cheaper one
     on_demand = cloud_node.describe(3600.0, {**NODE, cloud_node.MARKET_ENV: "on-demand"})
     assert on_demand["cost"] == 16.0
+    elsewhere = json.dumps({"cloud": "AWS", "region": "eu-north-1", "zone": "eu-north-1a"})
+    unlisted = cloud_node.describe(3600.0, {**NODE, "SKYPILOT_CLUSTER_INFO": elsewhere})
+    assert unlisted["price_per_gpu_hour"] == 0.3 and unlisted["price_basis"] == "cheapest in the catalog"
     unpriced = cloud_node.describe(3600.0, {**NODE, cloud_node.PRICES_ENV: ""})
     assert "cost" not in unpriced and unpriced["gpu_hours"] == 16.0
     assert cloud_node.describe(3600.0, {}) is None  # not on a SkyPilot node: no cloud block
@@ -59,6 +70,47 @@ def test_the_market_comes_from_the_instance_metadata(monkeypatch: pytest.MonkeyP
     finally:
         server.shutdown()
     assert cloud_node.market_from_metadata("Kubernetes") == "unknown"
+
+
+def gpu_info(name: str, count: int, mib: int) -> str:
+    """A catalog's GpuInfo cell, as SkyPilot's catalogs write it (a Python literal, quoted for CSV)."""
+    gpus = [{"Name": name, "Manufacturer": "NVIDIA", "Count": float(count), "MemoryInfo": {"SizeInMiB": mib}}]
+    return '"' + repr({"Gpus": gpus, "TotalGpuMemoryInMiB": mib * count}) + '"'
+
+
+CATALOG = "\n".join([
+    "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,SpotPrice,Region,GpuInfo",
+    f"gpu_1x_a10,A10,1.0,30.0,200.0,0.75,,us-east-1,{gpu_info('A10', 1, 24576)}",
+    f"gpu_1x_a10,A10,1.0,30.0,200.0,0.86,,europe-central-1,{gpu_info('A10', 1, 24576)}",
+    f"gpu_8x_a100,A100,8.0,124.0,1800.0,10.32,,us-east-1,{gpu_info('A100', 8, 40960)}",
+    f"gpu_1x_a100,A100,1.0,30.0,200.0,1.29,,us-east-1,{gpu_info('A100', 1, 40960)}",
+    f"gpu_1x_a100,A100,1.0,30.0,200.0,1.49,,us-west-1,{gpu_info('A100', 1, 40960)}",
+    "cpu_4x,,,4.0,16.0,0.1,,us-east-1,", ""])
+
+
+@pytest.mark.skipif(not (REPO / ".venv-sky" / "bin" / "python").is_file(), reason="make launcher builds SkyPilot")
+def test_the_catalog_query_reads_skypilots_own_catalog_per_region(tmp_path: Path) -> None:
+    """The launcher's query, run in SkyPilot's environment by SkyPilot's own catalog code, on a catalog file written
+    here (Lambda's format) in place of the one SkyPilot downloads."""
+    from skytune.face.cloud import prices
+
+    sky = REPO / ".venv-sky" / "bin" / "sky"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    where = subprocess.run([str(sky.parent / "python"), "-c", "from sky.catalog import common; "
+                            "print(common.get_catalog_path('lambda/vms.csv'))"], env=env, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert where.startswith(str(tmp_path))
+    Path(where).parent.mkdir(parents=True)
+    Path(where).write_text(CATALOG)
+    (tmp_path / "train.yaml").write_text("resources:\n  accelerators: {A10: 1, A100: 1, H100: 1}\n")
+    table = prices.catalog_prices(tmp_path / "train.yaml", sky, clouds=["lambda"], environ=env)
+    assert table == {  # per GPU-hour: the 8-GPU A100 machine is not a 1-GPU offer; H100 is not in this catalog
+        "A10": {"lambda/us-east-1": {"on-demand": 0.75}, "lambda/europe-central-1": {"on-demand": 0.86},
+                "*": {"on-demand": 0.75}},
+        "A100": {"lambda/us-east-1": {"on-demand": 1.29}, "lambda/us-west-1": {"on-demand": 1.49},
+                 "*": {"on-demand": 1.29}}}
+    price = cloud_node.hourly_price(table, "NVIDIA A100-SXM4-40GB", "on-demand", "Lambda", "us-west-1")
+    assert price == (1.49, "region")
 
 
 def test_launch_prices_come_from_the_yamls_accelerators(tmp_path) -> None:

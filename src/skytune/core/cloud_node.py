@@ -4,7 +4,9 @@
 On a SkyPilot node (SKYPILOT_TASK_ID set): the accelerator (CUDA's device name, else "cpu"), GPUs per node and
 nodes (SKYPILOT_NUM_GPUS_PER_NODE, SKYPILOT_NUM_NODES), the cloud, region and zone (SKYPILOT_CLUSTER_INFO), the market
 (spot or on-demand: $SKYTUNE_MARKET if set, else the cloud's instance metadata: AWS, GCP, Azure), and the hourly
-price per GPU when the launcher passed SkyPilot's catalog prices ($SKYTUNE_PRICES, skytune.face.cloud.prices).
+price per GPU in that cloud's region and market when the launcher passed SkyPilot's catalog prices ($SKYTUNE_PRICES,
+skytune.face.cloud.prices; `price_basis` says whether the region's price was known or the catalog's cheapest
+stood in).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PRICES_ENV = "SKYTUNE_PRICES"  # {"L4": {"spot": 0.25, "on-demand": 0.8}, ...}: per GPU-hour, from the launcher
+# Per GPU-hour, from the launcher: {"L4": {"aws/us-east-1": {"spot": 0.25, "on-demand": 0.8}, ..., "*": {...}}, ...},
+# by cloud/region, "*" the cheapest anywhere (skytune.face.cloud.prices).
+PRICES_ENV = "SKYTUNE_PRICES"
+ANYWHERE = "*"
 MARKET_ENV = "SKYTUNE_MARKET"  # spot | on-demand, when the instance metadata cannot tell
 STARTED_ENV = "SKYTUNE_RUN_STARTED"  # epoch seconds at which sky/node.sh started the run
 # The instance metadata that says whether a VM is spot, per cloud (SKYPILOT_CLUSTER_INFO's "cloud"): the URL, its
@@ -53,11 +58,20 @@ def market_from_metadata(cloud: str | None, timeout: float = 1.0) -> str:
         return "unknown"
 
 
-def hourly_price(prices: Mapping[str, Mapping[str, float]], accelerator: str, market: str) -> float | None:
-    """The price per GPU-hour of `accelerator` (a CUDA device name such as "NVIDIA A100-SXM4-80GB") on `market`: the
-    catalog name it contains (the longest, so A10G is not taken for A10)."""
+def hourly_price(prices: Mapping[str, Mapping[str, Mapping[str, float]]], accelerator: str, market: str,
+                 cloud: str | None, region: str | None) -> tuple[float | None, str | None]:
+    """The price per GPU-hour of `accelerator` (a CUDA device name such as "NVIDIA A100-SXM4-80GB": the catalog name it
+    contains, the longest, so A10G is not taken for A10) on `market` in `cloud`'s `region`, and where that price
+    is from: "region", or "cheapest in the catalog" when the table has no price for the region (a lower bound)."""
     names = sorted((n for n in prices if n.lower() in accelerator.lower()), key=len, reverse=True)
-    return prices[names[0]].get(market) if names else None
+    if not names:
+        return None, None
+    table = prices[names[0]]
+    here = table.get(f"{(cloud or '').lower()}/{(region or '').lower()}", {}).get(market)
+    if here is not None:
+        return here, "region"
+    anywhere = table.get(ANYWHERE, {}).get(market)
+    return (anywhere, "cheapest in the catalog") if anywhere is not None else (None, None)
 
 
 def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
@@ -77,8 +91,8 @@ def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[s
                              "market": market, "wall_hours": round(hours, 4),
                              "gpu_hours": round(hours * gpus * nodes, 4)}
     prices = json.loads(env.get(PRICES_ENV) or "{}")
-    price = hourly_price(prices, accelerator, market) if market != "unknown" else None
+    price, basis = (hourly_price(prices, accelerator, market, info.get("cloud"), info.get("region"))
+                    if market != "unknown" else (None, None))
     if price is not None:
-        block["price_per_gpu_hour"] = price
-        block["cost"] = round(price * block["gpu_hours"], 4)
+        block |= {"price_per_gpu_hour": price, "price_basis": basis, "cost": round(price * block["gpu_hours"], 4)}
     return block

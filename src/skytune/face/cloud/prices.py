@@ -1,9 +1,11 @@
 """Hourly GPU prices from SkyPilot's catalog at launch, passed to the node ($SKYTUNE_PRICES), which records the cost
-of the experiment with the accelerator and market it got (skytune.core.cloud_node).
+of the experiment at the price of the cloud, region and market it got (skytune.core.cloud_node).
 
 The catalog is read in SkyPilot's own environment (make launcher), for the accelerators the training YAML may get,
-on the clouds `sky check` enabled: per GPU-hour, the cheapest offering of each, spot and on-demand. Where the catalog
-cannot be read (offline, no cloud enabled) the job launches without prices: its metrics then hold GPU-hours only.
+on the clouds `sky check` enabled: per GPU-hour, spot and on-demand, for every region that offers each (SkyPilot's
+catalog lists an instance's price per region, the cheapest of its zones), and the cheapest anywhere under "*" for a
+region the table lacks. Where the catalog cannot be read (offline, no cloud enabled) the job launches without
+prices: its metrics then hold GPU-hours only.
 """
 
 from __future__ import annotations
@@ -14,32 +16,36 @@ from pathlib import Path
 
 import yaml
 
-from skytune.core.cloud_node import PRICES_ENV
+from skytune.core.cloud_node import ANYWHERE, PRICES_ENV
 from skytune.face.commands import run
 
-# Runs in SkyPilot's environment: argv[1] is {"L4": 1, ...}; prints {"L4": {"spot": ..., "on-demand": ...}, ...}.
+# Runs in SkyPilot's environment: argv[1] is {"L4": 1, ...}, argv[2] the clouds to read (null: the enabled ones),
+# argv[3] the key of the cheapest anywhere; prints {"L4": {"aws/us-east-1": {"spot": ..., "on-demand": ...}, ...,
+# "*": {...}}, ...}, prices per GPU-hour.
 _QUERY = """
 import json, sys
 from sky import catalog, check
 from sky.clouds import CloudCapability
-wanted = json.loads(sys.argv[1])
-enabled = [str(c).lower() for c in check.get_cached_enabled_clouds_or_refresh(
-    CloudCapability.COMPUTE, raise_if_no_cloud_access=False)]
+wanted, clouds, anywhere = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+if clouds is None:
+    clouds = [str(c).lower() for c in check.get_cached_enabled_clouds_or_refresh(
+        CloudCapability.COMPUTE, raise_if_no_cloud_access=False)]
 prices = {}
 for name, count in wanted.items():
-    for cloud in enabled:
+    for cloud in clouds:
         try:
             offers = catalog.list_accelerators(gpus_only=True, name_filter=name, quantity_filter=count,
-                                               clouds=cloud, case_sensitive=False)
+                                               clouds=cloud, case_sensitive=False, all_regions=True)
         except Exception as exc:
             print(f"{cloud} catalog: {exc}", file=sys.stderr)
             continue
         for info in offers.get(name, []):
             for market, price in (("on-demand", info.price), ("spot", info.spot_price)):
                 if price and price == price:  # NaN where a market is not offered
-                    per_gpu = price / info.accelerator_count
-                    best = prices.setdefault(name, {})
-                    best[market] = round(min(best.get(market, per_gpu), per_gpu), 4)
+                    per_gpu = round(price / info.accelerator_count, 4)
+                    for where in (f"{cloud}/{str(info.region).lower()}", anywhere):
+                        best = prices.setdefault(name, {}).setdefault(where, {})
+                        best[market] = min(best.get(market, per_gpu), per_gpu)
 print(json.dumps(prices))
 """
 
@@ -53,14 +59,16 @@ def accelerators(train_yaml: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in (wanted or {}).items()}
 
 
-def catalog_prices(train_yaml: Path, sky: Path) -> dict[str, dict[str, float]]:
-    """Per-GPU hourly prices from SkyPilot's catalog ({} where it cannot be read, said on stdout)."""
+def catalog_prices(train_yaml: Path, sky: Path, clouds: list[str] | None = None,
+                   environ: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-GPU hourly prices from SkyPilot's catalog, by accelerator and cloud/region ({} where it cannot be read,
+    said on stdout); `clouds` (default: the ones `sky check` enabled) and `environ` (default: this one) for tests."""
     python = sky.parent / "python"
     wanted = accelerators(train_yaml)
     if not wanted or not python.is_file():
         return {}
-    done = run([python, "-c", _QUERY, json.dumps(wanted)], timeout=300, error=None,
-               env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"})
+    done = run([python, "-c", _QUERY, json.dumps(wanted), json.dumps(clouds), ANYWHERE], timeout=300, error=None,
+               env={**(os.environ if environ is None else environ), "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"})
     try:
         prices = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 and done.stdout else {}
     except ValueError:

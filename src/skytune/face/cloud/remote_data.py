@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import yaml
 
 from skytune.core.errors import SkytuneError, reported
 from skytune.face import commands
-from skytune.face.cloud import buckets
+from skytune.face.cloud import buckets, dvc_internals
 from skytune.face.cloud import overrides as ov
 from skytune.stages import DATA_STAGES, DVC_FILE
 
@@ -99,32 +98,24 @@ def compute(tree: Path) -> tuple[list[str], float]:
     """Run (or restore from the local run-cache) the data stages in `tree`: (the stages that really ran, seconds)."""
     start = time.monotonic()
     log = _dvc(tree, "repro", DATA_STAGES[-1])
-    return re.findall(r"Running stage '(\w+)'", log), time.monotonic() - start
+    return dvc_internals.stages_run(log), time.monotonic() - start
 
 
 @contextlib.contextmanager
-def _run_cache(tree: Path) -> Iterator[tuple[Any, Any, dict[str, str]]]:
-    """DVC's repository in `tree`, the default remote's object store, and each data stage's run-cache directory
-    (`runs/<key[:2]>/<key>`, as DVC's stage cache names it)."""
-    from dvc.repo import Repo
-    from dvc.stage.cache import _get_stage_hash
-
-    with contextlib.chdir(tree), Repo(".") as repo:  # DVC resolves stage paths against the working directory
-        odb = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
-        runs = {}
-        for name in DATA_STAGES:
-            key = _get_stage_hash(repo.stage.collect(name)[0])
-            runs[name] = f"runs/{key[:2]}/{key}"
-        yield repo, odb, runs
+def _run_cache(tree: Path) -> Iterator[tuple[Any, tuple[Any, str], dict[str, str]]]:
+    """DVC's repository in `tree`, the default remote's run-cache (file system, root), and each data stage's
+    run-cache directory."""
+    with dvc_internals.opened(tree) as repo:
+        runs = {name: dvc_internals.run_dir(dvc_internals.stage_key(repo, name)) for name in DATA_STAGES}
+        yield repo, dvc_internals.remote_runs(repo), runs
 
 
 def missing(tree: Path) -> list[str]:
     """What the default DVC remote lacks for the data stages as computed in `tree`: a run-cache entry (what lets a node
     skip the stage) or an output's files (what it restores)."""
     try:
-        with _run_cache(tree) as (repo, odb, runs):
-            lacking = [f"{name}: run-cache entry" for name, run in runs.items()
-                       if not odb.fs.exists(odb.fs.join(odb.path, run))]
+        with _run_cache(tree) as (repo, (fs, root), runs):
+            lacking = [f"{name}: run-cache entry" for name, run in runs.items() if not fs.exists(fs.join(root, run))]
             status = repo.status(targets=[DATA_STAGES[-1]], with_deps=True, cloud=True)
     except Exception as exc:  # noqa: BLE001 - botocore and DVC raise many types (auth, DNS, missing bucket)
         raise RemoteDataError(f"the DVC remote cannot be read ({type(exc).__name__}: {exc}): `make preflight` "
@@ -137,11 +128,11 @@ def push(tree: Path) -> None:
     would send every entry of this machine's run-cache: other stages' too, such as an evaluate_base scored here on
     another engine than a GPU node's.)"""
     _dvc(tree, "push", "--with-deps", DATA_STAGES[-1])
-    with _run_cache(tree) as (repo, odb, runs):
-        local = repo.cache.legacy
+    with _run_cache(tree) as (repo, (fs, root), runs):
+        local_fs, local_root = dvc_internals.local_runs(repo)
         for run in runs.values():
-            for entry in local.fs.find(local.fs.join(local.path, run)):
-                odb.fs.put_file(entry, odb.fs.join(odb.path, run, local.fs.name(entry)))
+            for entry in local_fs.find(local_fs.join(local_root, run)):
+                fs.put_file(entry, fs.join(root, run, local_fs.name(entry)))
 
 
 def prepare(points: list[Pairs], *, dry_run: bool = False, repo: Path = Path(".")) -> list[str]:
