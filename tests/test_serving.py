@@ -29,6 +29,7 @@ from skytune.core.atomic import read_jsonl
 from skytune.core.chat import chat_template
 from skytune.core.data import identity
 from skytune.core.evaluation import generation, harness, scoring
+from skytune.core.models.base import BaseModel, adapter_base_location
 from skytune.core.models.loading import load_saved_tokenizer
 from skytune.core.params import load_params
 
@@ -163,7 +164,9 @@ def test_the_adapter_is_served_by_its_name_and_answers_as_the_merged_model(serve
                                                        max_new_tokens=max_new_tokens)
                for what, server in (("adapter", served.adapter), ("merged", served.merged))}
     config = json.loads((adapter / packaging.ADAPTER_CONFIG).read_text())
-    base = load_full_precision(config["base_model_name_or_path"], config.get("revision"), torch.float32)
+    assert config["base_model_name_or_path"] == PARAMS.model.base  # the GGUF as params.yaml names it
+    base_dir = adapter_base_location(config["base_model_name_or_path"], BaseModel.load(adapter))
+    base = load_full_precision(base_dir, config.get("revision"), torch.float32)
     peft = PeftModel.from_pretrained(base, str(adapter))
     checked = len(identity.PROBES) + 14
     reference = generation.generate_greedy(peft, tokenizer, prompts[:checked], stop_tokens=stops,

@@ -17,8 +17,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -76,6 +74,8 @@ def dumps_line(record: dict[str, Any]) -> bytes:
     call's arguments and a function schema's properties keep the order their author wrote, which is the order a
     model trained on them learns to write. Values JSON cannot hold (bytes, decimals from parquet) are written as
     strings."""
+    import orjson  # here, not at the top: vLLM's environment (make serve) imports this module without orjson
+
     return orjson.dumps(dict(sorted(record.items())), option=orjson.OPT_APPEND_NEWLINE, default=str)
 
 
@@ -91,6 +91,8 @@ def write_jsonl(target: Path | str, records: Iterable[dict[str, Any] | bytes]) -
 
 def iter_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
     """Stream a JSONL file written by this project (trusted: raw user files go through `sources`)."""
+    import orjson
+
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from skytune.core.atomic import file_sha256
 from skytune.core.errors import SkytuneError
 
 TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved hyperparameters it was trained with
@@ -14,8 +15,6 @@ TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved h
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """`{relative path: {"sha256", "bytes"}}` for every file under `directory`, sorted."""
-    from skytune.core.atomic import file_sha256  # here, not above: make serve imports this module in vLLM's env
-
     return {
         str(path.relative_to(directory)): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for path in sorted(directory.rglob("*")) if path.is_file()
@@ -24,8 +23,6 @@ def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 def data_hash(files: list[Path]) -> str:
     """One sha256 over the given data files, in order: names the exact training data of a model."""
-    from skytune.core.atomic import file_sha256
-
     digest = hashlib.sha256()
     for path in files:
         digest.update(file_sha256(path).encode())
@@ -124,6 +121,8 @@ def model_card(
         "## Provenance",
         f"- base model: `{base['name']}` ({base['kind']})",
         f"- base revision: `{revision}`",
+        *([f"- base model file: `{base['gguf']['file']}`, sha256 `{base['gguf']['sha256']}` (what "
+           "adapter_config.json's base_model_name_or_path names)"] if base.get("gguf") else []),
         f"- training data sha256: `{data_sha256}`",
         "",
         "## Training parameters",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from skytune.core import packaging, vllm_server
 from skytune.core.errors import SkytuneError, reported
+from skytune.core.models.base import MANIFEST, BaseModel, adapter_base_location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.params import Params, load_params
 from skytune.core.vllm_server import Vllm
@@ -47,7 +48,12 @@ def server_command(params: Params, what: str, model_dir: str | None) -> tuple[Vl
             raise SkytuneError(f"{config_file} not found: export the adapter first (export.formats: adapter; "
                                "dvc repro export), or give SERVE_MODEL=<an exported adapter directory>")
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        model, revision = config["base_model_name_or_path"], config.get("revision")
+        # The base manifest export wrote beside the adapter (else this project's): a GGUF base resolves through it.
+        manifest = next((d for d in (Path(adapter), Path(params.paths.base_model_dir)) if (d / MANIFEST).is_file()),
+                        None)
+        model = adapter_base_location(config["base_model_name_or_path"],
+                                      BaseModel.load(manifest) if manifest else None)
+        revision = config.get("revision")
         extra = vllm_server.adapter_flags(adapter, name=name, max_lora_rank=params.export.max_lora_rank)
         name = BASE_NAME
     flags = vllm_server.model_flags(name=name, dtype=dtype, max_model_len=vllm.context(model, revision),

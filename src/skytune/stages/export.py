@@ -37,7 +37,7 @@ from skytune.core.atomic import atomic_dir, read_jsonl, write_json
 from skytune.core.chat import chat_template
 from skytune.core.errors import SkytuneError
 from skytune.core.evaluation import generation, scoring
-from skytune.core.models.base import BaseModel, location
+from skytune.core.models.base import BaseModel, adapter_base, location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import Params
@@ -88,10 +88,12 @@ def _export_adapter(params: Params, base: BaseModel, out: Path) -> dict[str, Any
         raise packaging.AdapterError(f"{config_file}: vLLM would refuse this adapter (export.formats: adapter):\n"
                                      f"{lines}")
     out.mkdir()
-    # The hub id and commit, not the local path training saw; the module list in a stable order.
-    config["base_model_name_or_path"] = base.name if base.kind == "hub" else location(base)
+    # The base as a user can get it (the hub id and commit, or the GGUF as params.yaml names it), not the local
+    # path training saw; the module list in a stable order.
+    config["base_model_name_or_path"] = adapter_base(base)
     config["revision"] = base.revision
     write_json(out / packaging.ADAPTER_CONFIG, packaging.stable_adapter_config(config))
+    base.save(out)  # the base's manifest beside it: what make serve SERVE=adapter resolves a GGUF base by
     shutil.copy2(adapter_dir / packaging.ADAPTER_WEIGHTS, out / packaging.ADAPTER_WEIGHTS)
     for name in (*SERVING_FILES, packaging.TRAINING_PARAMS):
         source = merged_dir / name if name == "generation_config.json" else adapter_dir / name

@@ -7,7 +7,7 @@ once by the ingest stage into a `BaseModel` manifest that every later stage read
 - the built-in model is built deterministically from the seed into the manifest's own directory.
 
 `location(base)` is where `from_pretrained` finds a base on this machine; `load_tokenizer(base)` its tokenizer as
-every stage must see it.
+every stage must see it; `adapter_base(base)` how an exported adapter names it anywhere.
 """
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ def location(base: BaseModel) -> str:
         assert base.gguf is not None, "a GGUF manifest records its source"
         return str(gguf.materialize(base.gguf))
     return base.ref
+
+
+def adapter_base(base: BaseModel) -> str:
+    """How an exported adapter names its base so that a user elsewhere can get it: the hub id (its revision beside it
+    in adapter_config.json), a GGUF base as params.yaml names it (a `pip:` spec or a path; the model card gives its
+    sha256), a local base as given. Never this machine's cache."""
+    return base.name if base.kind == "hub" else base.ref
+
+
+def adapter_base_location(named: str, manifest: BaseModel | None) -> str:
+    """Where `from_pretrained` finds the base an exported adapter names (`adapter_base`), here: a GGUF base through
+    this project's base manifest (its converted checkpoint, converted on first use), anything else as named."""
+    if manifest is not None and manifest.kind == "gguf" and named == manifest.ref:
+        return location(manifest)
+    if gguf.is_gguf(named):
+        raise SkytuneError(f"the adapter's base is the GGUF {named}, which this project's base manifest does not "
+                           "describe: set model.base to it and run `dvc repro ingest` (it is converted once), or "
+                           "serve the merged model")
+    return named
 
 
 def load_tokenizer(base: BaseModel) -> Any:
