@@ -185,7 +185,11 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     sanity = json.loads((repo / PATHS.sanity_metrics).read_text())
     assert sanity["identity_exact_match_base"] == 0.0 and sanity["identity_exact_match_tuned"] >= 0.9, sanity
     assert sanity["ends_with_eot_tuned"] >= 0.95, sanity
-    assert sanity["retained"] >= 0.9 and sanity["retained_probes_base_correct"] >= 20, sanity
+    # Thresholds from the spread over seeds 42 (the default), 1, 2 and 3 on this 2-core machine: identity and
+    # ends_with_eot 1.0 on every seed; retained 0.94, 0.94, 0.88, 0.88 (31, 31, 29, 29 of 33 probes): the bound
+    # sits two probes below the worst; knowledge delta -0.029, 0.0, -0.014, -0.029 (one question is 0.029): the
+    # bound sits ~2.5 questions below the worst. (python bench/seed_spread.py reruns them.)
+    assert sanity["retained"] >= 0.8 and sanity["retained_probes_base_correct"] >= 20, sanity
     with open(repo / PATHS.sanity_results, encoding="utf-8") as fh:
         known = [r for r in csv.DictReader(fh) if r["kind"] == "retained" and r["base_match"] == "True"]
     assert sanity["retained_probes_base_correct"] == len(known)
@@ -197,7 +201,7 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     assert benchmarks["tasks"]["skytune_choice"]["acc"]["base"] >= 0.5, benchmarks  # a real model, above chance
     # The default run keeps its knowledge answers (measured: 0.63 -> 0.60); its choice scores and general-text
     # perplexity move past the default thresholds (0.74 -> 0.60, 1.99 -> 3.14), flagged as they should be.
-    assert benchmarks["tasks"]["skytune_knowledge"]["answer_match"]["forgot"] is False, benchmarks
+    assert benchmarks["tasks"]["skytune_knowledge"]["answer_match"]["delta"] >= -0.1, benchmarks
 
     # A deliberately destructive run: identity only, a learning rate 20x too high, one epoch. Only what
     # evaluate needs runs (the base is not scored again), and every score is flagged (measured: choice acc 0.74 -> 0.24,
