@@ -144,8 +144,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def check(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint, or None if it is."""
+def check(directory: Path, *, hashes: bool = True) -> str | None:
+    """Why `directory` is not a complete checkpoint, or None if it is (`hashes=False`: every listed file there with
+    its size, without reading it: what pruning needs at every save, which must not re-read whole checkpoints)."""
     marker = directory / MARKER
     if not marker.is_file():
         return "no completion marker (torn by a kill mid-write?)"
@@ -161,7 +162,7 @@ def check(directory: Path) -> str | None:
             return f"{name} {MISSING}"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
-        if file_sha256(path) != expected["sha256"]:
+        if hashes and file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its sha256"
     return None
 
@@ -212,7 +213,7 @@ def prune(run_dir: Path, keep: int) -> None:
     alone deletes, counts only the ones complete in every view. So while uploads are in flight (a checkpoint sealed
     on one node, its files not yet synced to another) the newest checkpoint complete everywhere is never removed,
     whatever rank 0's own view says."""
-    view = {step_of(d) for d in checkpoints(run_dir) if check(d) is None} if local_main() else None
+    view = {step_of(d) for d in checkpoints(run_dir) if check(d, hashes=False) is None} if local_main() else None
     views = [v for v in all_gather(view) if v is not None]
     if rank() != 0 or not views:
         return
