@@ -257,3 +257,22 @@ def test_two_nodes_with_a_skewed_clock_and_two_uploads_in_flight(tmp_path: Path)
     run_nodes("prune", views, step=2)
     assert sorted(p.name for p in views[0].iterdir()) == ["checkpoint-40", "checkpoint-60"]
     assert run_nodes("resume", views) == ['"checkpoint-60"', '"checkpoint-60"']
+
+
+def test_the_callback_lists_what_an_earlier_attempt_left_before_the_save(tmp_path: Path) -> None:
+    """Checkpointing.on_step_end lists a checkpoint directory of the coming step left by an earlier attempt, the
+    `before` that lets the marker prefer this save's copies (nothing when there is none)."""
+    from types import SimpleNamespace
+
+    from skytune.core.training.callbacks import Checkpointing
+
+    callback = Checkpointing(tmp_path / "dvclive", dict, keep=2)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=40)
+    callback.on_step_end(args, state, None)
+    assert callback.before == {}
+    stale = tmp_path / "checkpoint-40" / "adapter_model.safetensors"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier attempt")
+    callback.on_step_end(args, state, None)
+    assert callback.before == {"adapter_model.safetensors": {"size": 18, "sha256": hashlib.sha256(
+        b"an earlier attempt").hexdigest()}}
