@@ -30,6 +30,7 @@ experiment_name() {
 
 case "${1:-}" in
   setup)
+    date +%s > "$(git rev-parse --git-dir 2>/dev/null || echo /tmp)/skytune-node-started"  # this VM's start (the job ledger)
     make node-env VENV="$VENV"
     ;;
   setup-serve)
@@ -84,6 +85,16 @@ case "${1:-}" in
       dvc exp run --pull -n "$name-node$rank" "${sets[@]}" merge_data
       exec python -m skytune.core.processes skytune.stages.train
     fi
+    # The job ledger (skytune.core.job_ledger): this VM's attempt, when its setup and run started, a heartbeat, and
+    # when it finished, beside the checkpoints, so that the job's hours count every attempt and the work lost.
+    SKYTUNE_NODE_STARTED=$(cat "$(git rev-parse --git-dir)/skytune-node-started" 2>/dev/null || date +%s)
+    export SKYTUNE_NODE_STARTED SKYTUNE_RUN_STARTED=${SKYTUNE_RUN_STARTED:-$(date +%s)}
+    export SKYTUNE_ATTEMPT="attempt-$SKYTUNE_NODE_STARTED-$(hostname)"
+    python -m skytune.core.job_ledger begin
+    beat="$SKYTUNE_CHECKPOINT_DIR/job/$SKYTUNE_ATTEMPT.beat"
+    (while :; do date +%s.%N > "$beat.tmp" && mv -f "$beat.tmp" "$beat"; sleep "${SKYTUNE_HEARTBEAT_S:-30}"; done) &
+    heartbeat=$!
+    trap 'kill "$heartbeat" 2>/dev/null || true' EXIT  # (gone already after a SIGTERM to the group)
     if dvc exp list --name-only | grep -qx "$name"; then
       # Only where the workdir outlives a run (sky launch on a kept cluster); a managed job's recovery is a new VM.
       echo "experiment $name already ran here (a restart after it finished): pushing it"
@@ -93,7 +104,6 @@ case "${1:-}" in
       # --pull --allow-missing: a stage whose inputs match the remote's run-cache is restored, not run (make launch
       # pushed the data stages' outputs; a data stage that still runs warns in the log), and only the inputs the
       # stages that do run need are pulled.
-      export SKYTUNE_RUN_STARTED=${SKYTUNE_RUN_STARTED:-$(date +%s)}   # the train stage's wall and GPU hours
       python -m skytune.face.cli preemptible -- dvc exp run --pull --allow-missing -n "$name" "${sets[@]}" &
       child=$!
       trap 'kill -TERM "$child" 2>/dev/null; signalled=1' TERM
@@ -107,6 +117,7 @@ case "${1:-}" in
       [ "$status" = 0 ] || exit "$status"
     fi
     dvc exp push origin "$name"
+    python -m skytune.core.job_ledger finish
     echo "pushed experiment $name: dvc exp pull origin $name && dvc exp show"
     ;;
   *)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -38,6 +39,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # GGUF bases are converted once per machine into this cache (gguf); tests share one per machine, and the GGUF
 # tests make their own.
 os.environ.setdefault("SKYTUNE_CACHE", str(Path(tempfile.gettempdir()) / "skytune-test-cache"))
+# Under pytest-xdist, each worker and the stages it starts take their share of the cores (torch and OpenMP would
+# otherwise start as many threads as there are cores in every process, and the workers would slow each other down).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # vLLM's environment (make vllm-env; make test builds it), for the stages run in temporary workspaces.
 os.environ.setdefault(VLLM_ENV_VAR, str(REPO / PATHS.vllm_env))
 
@@ -52,10 +61,41 @@ ALLOWED_SKIPS_ENV = "SKYTUNE_ALLOWED_SKIPS"
 PIPELINE_RUNS = {"pipeline", "embedded_default", "family_run", "converted", "split_workspace"}
 
 
+# Under pytest-xdist (`make test` runs two workers, --dist loadgroup) a test goes to its group's worker: every test
+# that reads the real-model run is one group, so that run happens once per session rather than once per worker, and
+# every other test stays with its module, whose module-scoped fixtures then run once.
+SHARED_RUN_GROUP = "embedded_default"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if PIPELINE_RUNS & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if PIPELINE_RUNS & fixtures:
             item.add_marker(pytest.mark.slow)
+        group = SHARED_RUN_GROUP if SHARED_RUN_GROUP in fixtures else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Ports for the servers the tests start: each xdist worker scans a block of its own below the kernel's ephemeral
+# range (where bind(0) and outgoing connections take theirs), so no other test process can take a port between the
+# probe and the server's own bind.
+PORT_BLOCK_START, PORT_BLOCK_SIZE = 20000, 1000
+_next_ports = itertools.count()
+
+
+def free_port() -> int:
+    """A loopback port free now and picked by no other test process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    block = PORT_BLOCK_START + int(worker) * PORT_BLOCK_SIZE
+    for _ in range(PORT_BLOCK_SIZE):
+        port = block + next(_next_ports) % PORT_BLOCK_SIZE
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block}..{block + PORT_BLOCK_SIZE - 1}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -255,9 +295,7 @@ def s3_server(root: Path) -> Iterator[dict[str, str]]:
     `root`, in which each sub-directory is a bucket (BUCKETS are made). Yields the environment a client needs."""
     for bucket in BUCKETS:
         (root / bucket).mkdir(parents=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "rclone"), "serve", "s3", "--auth-key",
                                "AKSKYTUNE,sky-secret", "--addr", f"127.0.0.1:{port}", str(root)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 import skytune
 from skytune.core.models.base import BaseModel
@@ -163,12 +164,7 @@ RNG_1 = hashlib.sha256(bytes([1]) * 1000).hexdigest()
 def run_nodes(phase: str, views: dict[int, Path], step: int = 40) -> list[str]:
     """Both nodes at once, each on its own view of the checkpoint directory (MOUNT_CACHED gives every node its own
     cache of the bucket)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": "0"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0"}
     nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(rank), phase, str(view), str(step)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank, view in views.items()]

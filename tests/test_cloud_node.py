@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from skytune.core import cloud_node
+from skytune.core import cloud_node, job_ledger
 
 NODE = {"SKYPILOT_TASK_ID": "sky-managed-1", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NUM_NODES": "2",
         "SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "AWS", "region": "us-east-1",
@@ -30,9 +30,11 @@ def test_a_node_records_its_hardware_market_hours_and_cost(monkeypatch: pytest.M
     monkeypatch.setattr(cloud_node.torch.cuda, "get_device_name", lambda _=0: "NVIDIA A10G")
     block = cloud_node.describe(5400.0, NODE)  # 1.5 h of wall time
     assert block == {"accelerator": "NVIDIA A10G", "gpus_per_node": 8, "nodes": 2, "cloud": "AWS",
-                     "region": "us-east-1", "zone": "us-east-1a", "market": "spot", "wall_hours": 1.5,
-                     "gpu_hours": 24.0, "price_per_gpu_hour": 0.4, "price_basis": "region",
-                     "cost": 9.6}  # A10G's price in us-east-1: not A10's, not us-west-2's cheaper one
+                     "region": "us-east-1", "zone": "us-east-1a", "market": "spot", "attempts": None,
+                     "hours_cover": "the run through training, each attempt up to its last checkpoint (no job ledger)",
+                     "wall_hours": 1.5, "gpu_hours": 24.0, "lost_wall_hours": 0.0, "lost_gpu_hours": 0.0,
+                     "price_per_gpu_hour": 0.4, "price_basis": "region", "cost": 9.6,
+                     "lost_cost": 0.0}  # A10G's price in us-east-1: not A10's, not us-west-2's cheaper one
     on_demand = cloud_node.describe(3600.0, {**NODE, cloud_node.MARKET_ENV: "on-demand"})
     assert on_demand["cost"] == 16.0
     elsewhere = json.dumps({"cloud": "AWS", "region": "eu-north-1", "zone": "eu-north-1a"})
@@ -41,6 +43,38 @@ def test_a_node_records_its_hardware_market_hours_and_cost(monkeypatch: pytest.M
     unpriced = cloud_node.describe(3600.0, {**NODE, cloud_node.PRICES_ENV: ""})
     assert "cost" not in unpriced and unpriced["gpu_hours"] == 16.0
     assert cloud_node.describe(3600.0, {}) is None  # not on a SkyPilot node: no cloud block
+
+
+def test_the_job_ledger_counts_every_attempt_from_its_setup_and_the_work_preemption_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two VMs: the first set up at t=0, ran from t=600, completed a checkpoint at t=4200, was last seen at t=5400
+    and vanished; the second, set up at t=6000, is training at t=9000. Wall: 5400 + 3000 s; lost: 5400 - 4200 s."""
+    monkeypatch.setattr(cloud_node.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cloud_node.torch.cuda, "get_device_name", lambda _=0: "NVIDIA A10G")
+    ledger = tmp_path / "ckpt" / job_ledger.LEDGER
+    ledger.mkdir(parents=True)
+    (ledger / "attempt-0-vm1.json").write_text(json.dumps({"started": 0, "run_started": 600, "checkpoint_at": 4200}))
+    (ledger / "attempt-0-vm1.beat").write_text("5400\n")
+    second = {**NODE, job_ledger.ATTEMPT_ENV: "attempt-6000-vm2", job_ledger.CHECKPOINT_DIR_ENV: str(tmp_path / "ckpt"),
+              job_ledger.NODE_STARTED_ENV: "6000", job_ledger.RUN_STARTED_ENV: "6300"}
+    job_ledger.begin(second)
+    monkeypatch.setattr(job_ledger.time, "time", lambda: 9000.0)
+    block = cloud_node.describe(1.0, second)  # the run's own seconds are not what counts with a ledger
+    wall, lost = (5400 + 3000) / 3600, 1200 / 3600
+    assert block["attempts"] == 2 and block["hours_cover"] == "setup and every attempt, through training"
+    assert block["wall_hours"] == round(wall, 4) and block["gpu_hours"] == round(wall * 16, 4)
+    assert block["lost_wall_hours"] == round(lost, 4) and block["lost_gpu_hours"] == round(lost * 16, 4)
+    assert block["cost"] == round(0.4 * round(wall * 16, 4), 4)
+
+    # The second VM finishes at t=9600 (the experiment pushed): the whole job, as make sweep-pull reads it.
+    monkeypatch.setattr(job_ledger.time, "time", lambda: 9600.0)
+    job_ledger.mark("finished", environ=second)
+    assert job_ledger.account(job_ledger.read(ledger)) == {"attempts": 2, "wall_seconds": 5400 + 3600,
+                                                            "lost_seconds": 1200}
+    # A VM that vanished before any checkpoint lost everything it ran; one never seen after its start, nothing.
+    assert job_ledger.account([{"attempt": "a", "started": 0, "run_started": 100, "last_seen": 700}]) == {
+        "attempts": 1, "wall_seconds": 700, "lost_seconds": 600}
+    assert job_ledger.account([{"attempt": "a", "started": 0, "run_started": 100}])["lost_seconds"] == 0
 
 
 def test_the_market_comes_from_the_instance_metadata(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import typing
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, PipelineRun, write_params
+from conftest import REPO, PipelineRun, free_port, write_params
 from safetensors.torch import load_file
 from test_resume import workspace
 
@@ -62,12 +61,6 @@ def test_every_distributed_mode_has_an_accelerate_config_that_loads(name: str) -
     directory = REPO / load_params(REPO / "params.yaml").paths.accelerate_dir
     config = load_config_from_file(str(directory / f"{name}.yaml"))
     assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp_qlora": "FSDP"}[name]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_run_through_the_launcher_trains_what_one_process_trains(pipeline: PipelineRun,

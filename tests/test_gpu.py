@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PATHS, PipelineRun, run_stages
+from conftest import PATHS, PipelineRun, free_port, run_stages
 from test_resume import workspace
 
 from skytune.core.models.base import describe_base
@@ -162,7 +162,7 @@ def test_the_exported_adapter_serves_on_vllm_and_answers_as_peft_does(llama_1b: 
                                            batch_size=1)
     del peft
     generation.release_memory()
-    port = vllm_server.free_port()
+    port = free_port()
     server = make_serve(port, "SERVE=adapter", f"SERVE_MODEL={adapter}")
     try:
         wait_until_up({"adapter": (server, port)})

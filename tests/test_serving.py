@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PATHS, REPO, EmbeddedDefault, s3_server
+from conftest import PATHS, REPO, EmbeddedDefault, free_port, s3_server
 
 from skytune.core import packaging, vllm_server
 from skytune.core.atomic import read_jsonl
@@ -82,10 +81,7 @@ def served(embedded_default: EmbeddedDefault, tmp_path_factory: pytest.TempPathF
                         str(model_dir), "--s3-provider", "Other", "--s3-endpoint", aws["AWS_ENDPOINT_URL"],
                         "--s3-access-key-id", aws["AWS_ACCESS_KEY_ID"], "--s3-secret-access-key",
                         aws["AWS_SECRET_ACCESS_KEY"]], check=True, capture_output=True, timeout=300)
-    with socket.socket() as one, socket.socket() as two:  # two ports, free at once
-        one.bind(("127.0.0.1", 0))
-        two.bind(("127.0.0.1", 0))
-        ports = {"merged": one.getsockname()[1], "adapter": two.getsockname()[1]}
+    ports = {"merged": free_port(), "adapter": free_port()}
     adapter_dir = snapshot / PATHS.export_dir / packaging.EXPORTED_ADAPTER
     processes = {"merged": make_serve(ports["merged"], f"SERVE_MODEL={model_dir}"),
                  "adapter": make_serve(ports["adapter"], "SERVE=adapter", f"SERVE_MODEL={adapter_dir}")}

@@ -8,9 +8,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +20,10 @@ from urllib.parse import urlparse
 import git_http
 import pytest
 import yaml
-from conftest import BUCKETS, REPO
+from conftest import BUCKETS, REPO, free_port
 from test_pipeline_e2e import PATHS, clone_project, sh, stages_ran
 
+from skytune.core import job_ledger
 from skytune.core.errors import SkytuneError
 from skytune.core.training.checkpoints import PREEMPTED_EXIT_CODE
 
@@ -109,15 +110,18 @@ def test_skyignore_keeps_environments_and_outputs_off_the_upload() -> None:
     assert {".venv/", ".venv-*/", "models/checkpoints/", ".dvc/cache/"} <= set(ignored)
 
 
-@pytest.fixture(autouse=True)
-def _keep_the_editable_install() -> Iterator[None]:
-    """A simulated node's `setup` (make install into this environment) points the editable install at the node's
-    clone, which is then deleted: put it back, so later tests import this repository's code."""
-    pth = list(Path(sys.executable).parents[1].glob("lib/python3*/site-packages/__editable__*skytune*.pth"))
-    saved = {path: path.read_text() for path in pth}
-    yield
-    for path, text in saved.items():
-        path.write_text(text)
+def layered_venv(dest: Path) -> Path:
+    """A node's own virtualenv on top of the tests' one: its site-packages reads the tests' environment after its
+    own, so a node's `setup` (make install) finds the pinned packages installed and installs into `dest` only, the
+    editable install of the node's clone included. The tests' environment, which other tests (and other xdist
+    workers) import from meanwhile, is never written."""
+    subprocess.run([sys.executable, "-m", "venv", str(dest)], check=True, timeout=120)
+    ours = sysconfig.get_path("purelib")
+    theirs = Path(sysconfig.get_path("purelib", vars={"base": str(dest), "platbase": str(dest)}))
+    # A .pth line that imports runs at startup: addsitedir also reads the tests' .pth files (their editable install
+    # sorts after the node's own `__editable__` file, so the node's clone comes first on sys.path).
+    (theirs / "zz_tests_venv.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    return dest
 
 
 @dataclass(frozen=True)
@@ -147,16 +151,23 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
         yield Origin(url, commit, "ghp-test-token", pushes, project)
 
 
+TASK = "sky-managed-2026-11-24_skytune-train_7"  # a managed job's task id, the same across its recoveries
+
+
 def node_env(tmp_path: Path, s3: dict[str, str], origin: Origin) -> dict[str, str]:
     """What SkyPilot gives sky/train.yaml's commands on a one-node, CPU-only job: its envs (GIT_REMOTE and GIT_REF as
-    `make launch` passes them, GIT_URL as SkyPilot derives it from the git workdir) and secrets."""
-    return {**os.environ, **s3, "VENV": str(Path(sys.executable).parents[1]),
-            "SKYPILOT_TASK_ID": "sky-managed-2026-11-24_skytune-train_7", "SKYPILOT_NODE_RANK": "0",
+    `make launch` passes them, GIT_URL as SkyPilot derives it from the git workdir) and secrets. The nodes of a test
+    share one environment (`layered_venv`), as a managed job's recoveries share the image."""
+    venv = tmp_path / "node-venv"
+    return {**os.environ, **s3, "VENV": str(venv if venv.is_dir() else layered_venv(venv)),
+            "SKYPILOT_TASK_ID": TASK, "SKYPILOT_NODE_RANK": "0",
             "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_GPUS_PER_NODE": "0",
             "OVERRIDES": "train.lora_r=4 train.epochs=3 train.save_steps=20",
             "SKYTUNE_MARKET": "spot", "SKYPILOT_CLUSTER_INFO": '{"cloud": "local", "region": "loopback"}',
             "GIT_REMOTE": origin.url, "GIT_REF": origin.commit, "GIT_URL": origin.url, "GIT_TOKEN": origin.token,
-            "SKYTUNE_CHECKPOINT_DIR": str(tmp_path / "bucket-mount"), "GIT_AUTHOR_NAME": "node",
+            # The checkpoint bucket's mount: a directory the S3 server serves as s3://my-checkpoints/<experiment>.
+            "SKYTUNE_CHECKPOINT_DIR": str(Path(s3["S3_ROOT"], "my-checkpoints", TASK)),
+            "SKYTUNE_HEARTBEAT_S": "0.2", "GIT_AUTHOR_NAME": "node",
             "GIT_AUTHOR_EMAIL": "node@localhost", "GIT_COMMITTER_NAME": "node", "GIT_COMMITTER_EMAIL": "node@localhost"}
 
 
@@ -201,7 +212,7 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     config = yaml.safe_load((origin.project / "sky" / "train.yaml").read_text())
     assert config["workdir"] == {"url": "${GIT_REMOTE}", "ref": "${GIT_REF}"}  # what new_node simulates
     env = node_env(tmp_path, s3, origin)
-    name = "sky-managed-2026-11-24_skytune-train_7"
+    name = TASK  # the experiment: node.sh names it after the task id
 
     # VM 1: setup, then run until the first checkpoint is complete in the bucket, then the VM disappears.
     first = new_node(tmp_path, "vm1", origin)
@@ -214,6 +225,11 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     while not any(Path(env["SKYTUNE_CHECKPOINT_DIR"]).rglob("COMPLETE.json")):
         assert run.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.2)
+    ledger_dir = Path(env["SKYTUNE_CHECKPOINT_DIR"]) / job_ledger.LEDGER
+    # Training goes on past the checkpoint until a heartbeat follows it: work the next VM does again.
+    while not [a for a in job_ledger.read(ledger_dir) if a.get("last_seen", 0) > a.get("checkpoint_at", float("inf"))]:
+        assert run.poll() is None and time.monotonic() < deadline, "the checkpoint never reached the job ledger"
+        time.sleep(0.05)
     kill_tree(run.pid)  # the VM disappears without notice: the worst case
     run.wait()
     first_seconds = json.loads(next(Path(env["SKYTUNE_CHECKPOINT_DIR"]).rglob("skytune_state.json")).read_text())[
@@ -235,6 +251,16 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
     assert {k: cloud[k] for k in ("accelerator", "gpus_per_node", "nodes", "market")} == {
         "accelerator": "cpu", "gpus_per_node": 0, "nodes": 1, "market": "spot"}
     assert cloud["wall_hours"] * 3600 > first_seconds + train["train_seconds"] and cloud["gpu_hours"] == 0
+    # ... from the job ledger: both VMs from their setup (the first up to its last heartbeat), and the first VM's
+    # seconds after its checkpoint apart, as lost.
+    ledger = job_ledger.read(ledger_dir)
+    first_vm, second_vm = ledger
+    assert cloud["attempts"] == 2 and cloud["hours_cover"] == "setup and every attempt, through training"
+    assert first_vm["last_seen"] > first_vm["run_started"] > first_vm["started"] and "finished" not in first_vm
+    assert second_vm["finished"] > second_vm["checkpoint_at"] > second_vm["run_started"] > second_vm["started"]
+    lost = max(0.0, first_vm["last_seen"] - first_vm["checkpoint_at"])  # a checkpoint may have completed meanwhile
+    assert cloud["lost_wall_hours"] * 3600 == pytest.approx(lost, abs=0.2)
+    assert cloud["wall_hours"] * 3600 >= first_vm["last_seen"] - first_vm["started"] + train["train_seconds"]
     assert list((Path(s3["S3_ROOT"]) / urlparse(DVC_REMOTE_URL).netloc).rglob("*"))  # the DVC cache is in S3
 
     # A recovery after the experiment was pushed (a fresh VM) has nothing to do: no training, no push.
@@ -268,8 +294,15 @@ def test_training_job_survives_preemption_and_its_experiment_is_pulled_elsewhere
 
     # The sweep's comparison command on what was pushed (a sweep's experiments share a name prefix).
     table = subprocess.run([sys.executable, "-m", "skytune.face.cloud.sweep", "pull", "sky-managed"], check=True,
-                           env=client, capture_output=True, text=True, **sh_env).stdout
-    assert f"| {name} | 4 |" in table and "| gpu_hours | cost |" in table and "| cpu | spot |" in table
+                           env={**client, "CHECKPOINT_BUCKET": "my-checkpoints"}, capture_output=True, text=True,
+                           **sh_env).stdout
+    header, _, row = (line.strip("|").split(" | ") for line in table.strip().splitlines()[-3:])
+    job = dict(zip([h.strip() for h in header], [v.strip() for v in row], strict=True))
+    # The whole job, read from the ledger in the checkpoint bucket: every stage and the push of the second VM too.
+    whole = job_ledger.account(ledger)
+    assert job["experiment"] == name and job["lora_r"] == "4" and job["accelerator"] == "cpu"
+    assert job["hours"] == "whole job" and job["attempts"] == "2" and job["market"] == "spot"
+    assert float(job["wall_hours"]) == round(whole["wall_seconds"] / 3600, 4) > cloud["wall_hours"]
     # Launching that name again at the same commit is refused on the laptop (the node would skip it as done).
     again = subprocess.run([sys.executable, "-m", "skytune.face.cloud.jobs", "launch", "--name", name, "--dry-run"],
                            env={**client, "CHECKPOINT_BUCKET": "my-checkpoints"}, capture_output=True, text=True,
@@ -546,9 +579,7 @@ def test_multinode_job_runs_on_two_simulated_nodes(tmp_path: Path, s3: dict[str,
     """sky/train-multinode.yaml's setup and run on two "nodes" on localhost (two clones, SKYPILOT_NODE_RANK 0 and 1,
     one CPU process each): the train stage runs as one 2-process gloo job across them; the head node pushes."""
     config = yaml.safe_load((origin.project / "sky" / "train-multinode.yaml").read_text())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     base = {**node_env(tmp_path, s3, origin), "SKYPILOT_NUM_NODES": "2",
             "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1", "SKYTUNE_MASTER_PORT": str(port),
             "OVERRIDES": "train.epochs=1 train.batch_size=4",

@@ -116,6 +116,51 @@ def test_a_server_that_dies_before_it_answers_is_one_message_with_its_log(tmp_pa
         pytest.fail("it never answered")
 
 
+FAKE_SERVER = """\
+import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"data": []}')
+http.server.HTTPServer(("127.0.0.1", port), Models).serve_forever()  # OSError: [Errno 98] Address already in use
+"""
+
+
+def test_a_port_taken_before_the_server_binds_it_is_tried_again_elsewhere(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port `running` chose is taken by another process before the server binds it: the server exits with
+    "Address already in use", and `running` starts it again on another port rather than failing the stage."""
+    import socket
+    import sys
+
+    script = tmp_path / "server.py"
+    script.write_text(FAKE_SERVER)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    python.chmod(0o755)
+    vllm = fake_env(tmp_path, str(python))
+    flags = vllm_server.model_flags(name="m", dtype="float32", max_model_len=64, gpu_memory_utilization=0.5)
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        ports = [taken.getsockname()[1], free.getsockname()[1]]
+        chosen = iter(ports)
+        monkeypatch.setattr(vllm_server, "free_port", lambda: next(chosen))
+        free.close()
+        with vllm_server.running(vllm, tmp_path, flags, what="the test") as server:
+            assert server.url == f"http://127.0.0.1:{ports[1]}"
+    with socket.socket() as taken:  # a server that keeps failing to bind fails the stage after PORT_ATTEMPTS
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(vllm_server, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(SkytuneError, match=r"(?s)exited \(code 1\) before it answered.*Address already in use"), \
+                vllm_server.running(vllm, tmp_path, flags, what="the test"):
+            pytest.fail("it never answered")
+
+
 def test_a_server_goes_when_the_process_that_started_it_dies(tmp_path: Path) -> None:
     """A stage killed by a signal runs no `finally`: its server, in a session of its own, is stopped by the kernel
     (PR_SET_PDEATHSIG), not left holding the GPU. Here a server that never answers, its starter SIGKILLed."""

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from skytune.core import job_ledger
+
 log = logging.getLogger(__name__)
 
 # Per GPU-hour, from the launcher: {"L4": {"aws/us-east-1": {"spot": 0.25, "on-demand": 0.8}, ..., "*": {...}}, ...},
@@ -75,8 +77,10 @@ def hourly_price(prices: Mapping[str, Mapping[str, Mapping[str, float]]], accele
 
 
 def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
-    """The cloud block of the train metrics for a run that took `seconds` of wall time on the node (all attempts of
-    a preempted run together), or None off a SkyPilot node."""
+    """The cloud block of the train metrics, or None off a SkyPilot node. Its hours are the job's so far, from the
+    attempts' ledger (`job_ledger`): every attempt from its VM's setup, this one up to the end of training, and the
+    work lost to preemption apart (`lost_*_hours`). Without a ledger, `seconds` (the run's wall time on the node,
+    all attempts together up to their last checkpoint) stands in, a lower bound."""
     env = os.environ if environ is None else environ
     if not env.get("SKYPILOT_TASK_ID"):
         return None
@@ -85,14 +89,24 @@ def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[s
     gpus = int(env.get("SKYPILOT_NUM_GPUS_PER_NODE") or 0)
     nodes = int(env.get("SKYPILOT_NUM_NODES") or 1)
     market = env.get(MARKET_ENV) or market_from_metadata(info.get("cloud"))
-    hours = seconds / 3600
+    ledger = job_ledger.directory(env)
+    attempts = job_ledger.read(ledger) if ledger is not None else []
+    if attempts:
+        job = job_ledger.account(attempts, current=env[job_ledger.ATTEMPT_ENV])
+        hours, lost = job["wall_seconds"] / 3600, job["lost_seconds"] / 3600
+        covers = "setup and every attempt, through training"
+    else:
+        hours, lost = seconds / 3600, 0.0
+        covers = "the run through training, each attempt up to its last checkpoint (no job ledger)"
     block: dict[str, Any] = {"accelerator": accelerator, "gpus_per_node": gpus, "nodes": nodes,
                              "cloud": info.get("cloud"), "region": info.get("region"), "zone": info.get("zone"),
-                             "market": market, "wall_hours": round(hours, 4),
-                             "gpu_hours": round(hours * gpus * nodes, 4)}
+                             "market": market, "attempts": len(attempts) or None, "hours_cover": covers,
+                             "wall_hours": round(hours, 4), "gpu_hours": round(hours * gpus * nodes, 4),
+                             "lost_wall_hours": round(lost, 4), "lost_gpu_hours": round(lost * gpus * nodes, 4)}
     prices = json.loads(env.get(PRICES_ENV) or "{}")
     price, basis = (hourly_price(prices, accelerator, market, info.get("cloud"), info.get("region"))
                     if market != "unknown" else (None, None))
     if price is not None:
-        block |= {"price_per_gpu_hour": price, "price_basis": basis, "cost": round(price * block["gpu_hours"], 4)}
+        block |= {"price_per_gpu_hour": price, "price_basis": basis, "cost": round(price * block["gpu_hours"], 4),
+                  "lost_cost": round(price * block["lost_gpu_hours"], 4)}
     return block

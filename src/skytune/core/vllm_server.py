@@ -48,6 +48,10 @@ SERVED_NAME = "model"  # the name the stages' private servers give the model
 STARTUP_TIMEOUT_S = 1800
 REQUEST_TIMEOUT_S = 3600  # one request holds every prompt of a stage: minutes on a CPU
 LOG_TAIL_LINES = 40
+# A free port is chosen, then bound by the server: another process can take it in between (an outgoing connection
+# on the same machine, say). The server then exits with this in its log, and is started again on another port.
+ADDRESS_IN_USE = "address already in use"  # lower case
+PORT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -167,19 +171,29 @@ def running(vllm: Vllm, model: str | Path, flags: list[str], *, what: str = "vLL
     ok, why = vllm.available()
     if not ok:
         raise SkytuneError(f"{what} needs vLLM, and {why}")
-    port = free_port()
-    argv = [*vllm.command(model, flags), "--host", HOST, "--port", str(port)]
     name = flags[flags.index("--served-model-name") + 1]
-    log.info("starting vLLM: %s", " ".join(argv))
     with tempfile.TemporaryDirectory(prefix="skytune-vllm-") as tmp:
         log_file = Path(tmp) / "server.log"
-        with log_file.open("wb") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=vllm.environ(),
-                                       start_new_session=True,  # its own group: stopped with its engine processes
-                                       preexec_fn=_die_with_parent)
-        try:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = free_port()
+            argv = [*vllm.command(model, flags), "--host", HOST, "--port", str(port)]
+            log.info("starting vLLM: %s", " ".join(argv))
+            with log_file.open("wb") as out:
+                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=vllm.environ(),
+                                           start_new_session=True,  # its own group: stopped with its engine processes
+                                           preexec_fn=_die_with_parent)
             start = time.monotonic()
-            _wait_ready(f"http://{HOST}:{port}", process, log_file, what)
+            try:
+                _wait_ready(f"http://{HOST}:{port}", process, log_file, what)
+            except BaseException as error:
+                stop(process)
+                if not (isinstance(error, SkytuneError) and attempt < PORT_ATTEMPTS
+                        and ADDRESS_IN_USE in log_file.read_text(errors="replace").lower()):
+                    raise
+                log.warning("port %d was taken between choosing it and vLLM's bind; trying another", port)
+            else:
+                break
+        try:
             log.info("vLLM answers on port %d after %.0f s", port, time.monotonic() - start)
             yield Server(f"http://{HOST}:{port}", name)
         finally:

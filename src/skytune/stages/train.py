@@ -49,7 +49,7 @@ from skytune.core.training import checkpoints
 from skytune.core.training.callbacks import STATE_FILE, Checkpointing, StopOnPreemption
 from skytune.core.training.live import LiveLog, perplexity, restore_live
 from skytune.core.training.mfu import mfu
-from skytune.core.training.sft import build_trainer
+from skytune.core.training.sft import build_trainer, final_eval_loss
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
             # leaves it out of DistributedDataParallel: each process would train alone, never averaging gradients.
             trainer.model._is_accelerate_prepared = False
     start_step, seconds = _run(trainer, resume, stop)
-    after = trainer.evaluate()["eval_loss"]
+    after = final_eval_loss(trainer.state.log_history, trainer.state.global_step)
+    after = trainer.evaluate()["eval_loss"] if after is None else after
     log.info("val loss after training: %.4f (before %.4f)", after, state["val_loss_before"])
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under FSDP
     if live is None:

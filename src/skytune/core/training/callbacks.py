@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from skytune.core import job_ledger
 from skytune.core.training import checkpoints
 from skytune.core.training.distributed import any_process, barrier, local_main
 from skytune.core.training.live import LIVE_SNAPSHOT
@@ -47,6 +48,7 @@ class Checkpointing(TrainerCallback):
         checkpoints.prune(run_dir, self.keep)  # every node's view; rank 0 deletes
         if state.is_world_process_zero:
             log.info("checkpoint %s complete", directory)
+            job_ledger.mark("checkpoint_at")  # on a cloud node: the work before this survives a preemption
         barrier()
 
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from skytune.core import job_ledger
 from skytune.core.errors import SkytuneError, reported
 from skytune.core.params import PARAMS_FILE, ParamsError
 from skytune.face.cloud import buckets, jobs, overrides, prices, remote_data
@@ -76,10 +77,13 @@ def launch(name: str, axes: list[str], *, dry_run: bool, sky: Path, remote: str,
     return 0
 
 
-def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+def rows(shown: list[dict[str, Any]], prefix: str,
+         jobs_done: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per experiment of the sweep from `dvc exp show --json`: its overridden train params, key metrics,
-    the accelerator and market it ran on, GPU-hours (the node's wall hours x GPUs, all attempts of a preempted run
-    together; else train_seconds x processes on a GPU) and the cost where the launch had catalog prices."""
+    the accelerator and market it ran on, and its GPU-hours and cost. With the experiment's job ledger
+    (`jobs_done`: job_ledger.account of its attempts) these are the whole job's: every attempt from its setup to its
+    end, every stage; else the train metrics' (through training; train_seconds x processes off a cloud node). Lost
+    GPU-hours are the work preemption made the job do twice; cost is at the catalog price of where it ran."""
     out = []
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
@@ -93,11 +97,43 @@ def rows(shown: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
             cloud = metrics.get("cloud") or {}  # skytune.core.cloud_node, on a SkyPilot node
             gpu = metrics.get("device", "cpu") != "cpu"
             hours = metrics.get("train_seconds", 0) * metrics.get("world_size", 1) / 3600 if gpu else 0.0
+            gpu_hours, lost, cost = cloud.get("gpu_hours", hours), cloud.get("lost_gpu_hours"), cloud.get("cost")
+            job = (jobs_done or {}).get(exp["name"])
+            if job and cloud:
+                gpus = cloud.get("gpus_per_node", 0) * cloud.get("nodes", 1)
+                gpu_hours, lost = job["wall_seconds"] / 3600 * gpus, job["lost_seconds"] / 3600 * gpus
+                price = cloud.get("price_per_gpu_hour")
+                cost = round(price * gpu_hours, 4) if price is not None else None
             out.append({"experiment": exp["name"], "lora_r": train["lora_r"], "learning_rate": train["learning_rate"],
                         "epochs": train["epochs"], **{c: metrics.get(c) for c in COLUMNS},
                         "accelerator": cloud.get("accelerator"), "market": cloud.get("market"),
-                        "gpu_hours": round(cloud.get("gpu_hours", hours), 3), "cost": cloud.get("cost")})
+                        "hours": "whole job" if job and cloud else "through training",
+                        "attempts": job["attempts"] if job else cloud.get("attempts"),
+                        "wall_hours": round(job["wall_seconds"] / 3600, 4) if job else cloud.get("wall_hours"),
+                        "gpu_hours": round(gpu_hours, 3), "lost_gpu_hours": lost, "cost": cost})
     return sorted(out, key=lambda r: r["experiment"])
+
+
+def job_ledgers(names: list[str]) -> dict[str, dict[str, Any]]:
+    """job_ledger.account of each experiment's attempts, read from the checkpoint bucket ($CHECKPOINT_BUCKET, where
+    sky/train.yaml mounts the checkpoints: <bucket>/<experiment>/job/); {} without the bucket."""
+    try:
+        bucket = buckets.checkpoint_bucket()
+    except buckets.BucketNotSet:
+        print(f"({buckets.CHECKPOINT_BUCKET} is not set: hours and cost through training only)")
+        return {}
+    fs = buckets.filesystem()
+    found = {}
+    for name in names:
+        try:
+            paths = fs.ls(f"{bucket}/{name}/{job_ledger.LEDGER}")
+        except FileNotFoundError:
+            continue
+        attempts = job_ledger.parse({path.rsplit("/", 1)[-1]: fs.cat(path).decode() for path in paths
+                                     if path.endswith((job_ledger.RECORD, job_ledger.BEAT))})
+        if attempts:
+            found[name] = job_ledger.account(attempts)
+    return found
 
 
 def pull(name: str) -> int:
@@ -107,7 +143,7 @@ def pull(name: str) -> int:
     if not names:
         raise SystemExit(f"no experiment named {prefix}* on origin yet (sky jobs queue shows the running jobs)")
     dvc("exp", "pull", "origin", *names)
-    table = rows(json.loads(dvc("exp", "show", "--all-commits", "--json")), prefix)
+    table = rows(json.loads(dvc("exp", "show", "--all-commits", "--json")), prefix, job_ledgers(names))
     if not table:
         raise SystemExit(f"pulled {names}, but dvc exp show --all-commits lists none of them")
     header = list(table[0])
