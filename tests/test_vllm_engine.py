@@ -142,9 +142,8 @@ def test_a_port_taken_before_the_server_binds_it_is_tried_again_elsewhere(tmp_pa
     python.chmod(0o755)
     vllm = fake_env(tmp_path, str(python))
     flags = vllm_server.model_flags(name="m", dtype="float32", max_model_len=64, gpu_memory_utilization=0.5)
-    with socket.socket() as taken, socket.socket() as free:
+    with socket.socket() as taken, socket.socket() as free:  # bound, not listening: connections are refused at once
         taken.bind(("127.0.0.1", 0))
-        taken.listen()
         free.bind(("127.0.0.1", 0))
         ports = [taken.getsockname()[1], free.getsockname()[1]]
         chosen = iter(ports)
@@ -154,7 +153,6 @@ def test_a_port_taken_before_the_server_binds_it_is_tried_again_elsewhere(tmp_pa
             assert server.url == f"http://127.0.0.1:{ports[1]}"
     with socket.socket() as taken:  # a server that keeps failing to bind fails the stage after PORT_ATTEMPTS
         taken.bind(("127.0.0.1", 0))
-        taken.listen()
         monkeypatch.setattr(vllm_server, "free_port", lambda: taken.getsockname()[1])
         with pytest.raises(SkytuneError, match=r"(?s)exited \(code 1\) before it answered.*Address already in use"), \
                 vllm_server.running(vllm, tmp_path, flags, what="the test"):
