@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 PRICES_ENV = "SKYTUNE_PRICES"
 ANYWHERE = "*"
 MARKET_ENV = "SKYTUNE_MARKET"  # spot | on-demand, when the instance metadata cannot tell
-STARTED_ENV = "SKYTUNE_RUN_STARTED"  # epoch seconds at which sky/node.sh started the run
 # The instance metadata that says whether a VM is spot, per cloud (SKYPILOT_CLUSTER_INFO's "cloud"): the URL, its
 # headers and the answer that means spot.
 _METADATA = {

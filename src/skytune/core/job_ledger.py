@@ -21,12 +21,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from skytune.core.atomic import write_json
+
 LEDGER = "job"  # under the checkpoint directory
 RECORD, BEAT = ".json", ".beat"  # an attempt's record, and its heartbeat (written by sky/node.sh)
 ATTEMPT_ENV = "SKYTUNE_ATTEMPT"  # this VM's attempt: attempt-<setup start>-<host>, set by sky/node.sh
 NODE_STARTED_ENV = "SKYTUNE_NODE_STARTED"  # epoch seconds at which this VM's setup started (sky/node.sh)
 RUN_STARTED_ENV = "SKYTUNE_RUN_STARTED"  # epoch seconds at which this VM's run started (sky/node.sh)
-CHECKPOINT_DIR_ENV = "SKYTUNE_CHECKPOINT_DIR"
+CHECKPOINT_DIR_ENV = "SKYTUNE_CHECKPOINT_DIR"  # the checkpoint root (training.checkpoints), a bucket mount on a VM
 
 
 def directory(environ: Mapping[str, str] | None = None) -> Path | None:
@@ -37,13 +39,6 @@ def directory(environ: Mapping[str, str] | None = None) -> Path | None:
     return Path(env[CHECKPOINT_DIR_ENV]) / LEDGER
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def mark(key: str, at: float | None = None, environ: Mapping[str, str] | None = None) -> None:
     """Record `key` (checkpoint_at, finished) = `at` (default: now) on this VM's attempt; nothing off a cloud node."""
     env = os.environ if environ is None else environ
@@ -52,7 +47,7 @@ def mark(key: str, at: float | None = None, environ: Mapping[str, str] | None = 
         return
     path = ledger / f"{env[ATTEMPT_ENV]}{RECORD}"
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    _write(path, record | {key: time.time() if at is None else at})
+    write_json(path, record | {key: time.time() if at is None else at})
 
 
 def begin(environ: Mapping[str, str] | None = None) -> None:
@@ -63,8 +58,8 @@ def begin(environ: Mapping[str, str] | None = None) -> None:
         return
     now = time.time()
     started = float(env.get(NODE_STARTED_ENV) or now)
-    _write(ledger / f"{env[ATTEMPT_ENV]}{RECORD}", {"started": started, "run_started": float(env.get(RUN_STARTED_ENV)
-                                                                                          or now)})
+    run_started = float(env.get(RUN_STARTED_ENV) or now)
+    write_json(ledger / f"{env[ATTEMPT_ENV]}{RECORD}", {"started": started, "run_started": run_started})
 
 
 def parse(files: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from skytune.core import cloud_node, packaging
+from skytune.core import cloud_node, job_ledger, packaging
 from skytune.core.atomic import (
     atomic_dir,
     atomic_file,
@@ -114,7 +114,7 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     resume = checkpoints.newest_complete(run_dir)
     state: dict[str, Any] = json.loads((resume / STATE_FILE).read_text()) if resume else {}
     # Wall time on cloud nodes, all attempts of a preempted run together (each up to its last checkpoint).
-    started, earlier = float(os.environ.get(cloud_node.STARTED_ENV) or time.time()), state.get("node_seconds", 0.0)
+    started, earlier = float(os.environ.get(job_ledger.RUN_STARTED_ENV) or time.time()), state.get("node_seconds", 0.0)
     if notice.received:
         checkpoints.exit_preempted()
     dtype = compute_dtype(p.compute_dtype)

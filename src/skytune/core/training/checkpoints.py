@@ -34,13 +34,14 @@ from typing import Any, NoReturn
 
 import skytune
 from skytune.core.atomic import file_sha256
+from skytune.core.job_ledger import CHECKPOINT_DIR_ENV
 from skytune.core.training.distributed import all_gather, broadcast, local_main, rank
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 MISSING = "is missing"  # check()'s word for a listed file not there: on several nodes, possibly still syncing
-ENV_DIR = "SKYTUNE_CHECKPOINT_DIR"
+ENV_DIR = CHECKPOINT_DIR_ENV
 # Exit code of a training run stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL ("try again"). SkyPilot's
 # `job_recovery.recover_on_exit_codes: [75]` relaunches on it; the relaunch resumes from that checkpoint.
 PREEMPTED_EXIT_CODE = 75
