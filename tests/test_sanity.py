@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,14 @@ def test_perplexity_is_over_the_labelled_tokens_only(tiny_model: Path) -> None:
     together = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=4)
     separately = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=1)
     assert together[1] == alone[1] + n_answer and together[0] == pytest.approx(separately[0], rel=1e-5)
+    # Independently: the full logits of each record alone, cross-entropy over its labelled next tokens.
+    nll, n = 0.0, 0
+    for r in both:
+        logits = model(input_ids=torch.tensor([r.input_ids])).logits[0, :-1].float()
+        targets = torch.tensor(r.labels[1:])
+        nll += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        n += int((targets != -100).sum())
+    assert together == (pytest.approx(math.exp(nll / n), rel=1e-5), n)
 
 
 def test_retained_is_the_fraction_of_what_the_base_knew_that_the_tuned_model_still_knows() -> None:

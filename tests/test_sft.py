@@ -9,8 +9,8 @@ import torch
 
 from skytune.core.chat.tokenization import IGNORE
 from skytune.core.training import head_loss
-from skytune.core.training.head_loss import HEAD_IS_LAST
-from skytune.core.training.sft import final_eval_loss, trained_positions_loss
+from skytune.core.training.head_loss import HEAD_IS_LAST, trained_positions_loss
+from skytune.core.training.sft import final_eval_loss
 
 
 def _batch(tokenizer: object) -> dict[str, torch.Tensor]:

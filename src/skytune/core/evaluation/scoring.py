@@ -12,12 +12,15 @@ import torch
 
 from skytune.core.chat.tokenization import IGNORE, Encoded
 from skytune.core.evaluation.generation import Generation
+from skytune.core.training.head_loss import trained_positions_loss
 
 
 @torch.no_grad()
 def perplexity(model: Any, records: Sequence[Encoded], *, pad_id: int, batch_size: int) -> tuple[float, int]:
     """exp(mean negative log-likelihood) over every labelled token of `records` (token-weighted, the labels the
-    trainer used), and the number of such tokens. (nan, 0) for no labelled tokens."""
+    trainer used), and the number of such tokens. (nan, 0) for no labelled tokens. The loss of the trainer
+    (`trained_positions_loss`): the output head runs on the labelled positions only, so a batch's logits are one
+    chunk of those, never every position's."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     order = sorted(range(len(records)), key=lambda i: len(records[i].input_ids))
@@ -32,12 +35,11 @@ def perplexity(model: Any, records: Sequence[Encoded], *, pad_id: int, batch_siz
             ids[row, :n] = torch.tensor(r.input_ids)
             labels[row, :n] = torch.tensor(r.labels)
             mask[row, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        targets = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE,
-                                                reduction="sum")
-        total += nll.item()
-        count += int((targets != IGNORE).sum().item())
+        labelled = int((labels[:, 1:] != IGNORE).sum())
+        if labelled:
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+            total += trained_positions_loss(model, inputs, num_items_in_batch=1).item()  # the sum
+            count += labelled
     return (math.exp(total / count) if count else math.nan), count
 
 

@@ -9,7 +9,8 @@ Kernel's fused linear cross-entropy does the same on Triton devices, and TRL's c
 
 `hidden_states` runs a model with its output head replaced by the identity, for the positions `logits_to_keep`
 names; `head_is_last` tells whether the model's logits are its head's output as they are (no soft-capping or scaling
-after the head, as Gemma 2 and Cohere apply), which the fused loss needs.
+after the head, as Gemma 2 and Cohere apply), which the fused loss needs. `trained_positions_loss` puts them
+together: the loss of the trainer, and of every perplexity the evaluations report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from skytune.core.chat.tokenization import IGNORE
+from skytune.core.models.devices import fsdp_enabled
 
 CHUNK_BYTES = 64 * 2**20  # the float32 logits of one chunk: ~341 positions of a 49k vocabulary
 HEAD_IS_LAST = "_skytune_head_is_last"  # set on an output head once `head_is_last` has measured it
@@ -73,8 +75,19 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        targets: torch.Tensor) -> torch.Tensor:
     """sum over positions of cross_entropy(hidden @ weight.T + bias, targets), positions whose target is IGNORE
-    left out; `hidden` is (positions, hidden size), `targets` (positions,)."""
-    return _HeadCrossEntropy.apply(hidden, weight, bias, targets)
+    left out; `hidden` is (positions, hidden size), `targets` (positions,). Without gradients to compute (an
+    evaluation), only the loss, chunk by chunk."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        return _HeadCrossEntropy.apply(hidden, weight, bias, targets)
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        logits = torch.nn.functional.linear(hidden[start:start + rows].float(), weight.float(),
+                                            None if bias is None else bias.float())
+        total += torch.nn.functional.cross_entropy(logits, targets[start:start + rows], ignore_index=IGNORE,
+                                                   reduction="sum")
+    return total
 
 
 def output_head(model: torch.nn.Module) -> Head | None:
@@ -133,3 +146,28 @@ def fusable_head(model: torch.nn.Module, input_ids: torch.Tensor) -> Head | None
     if not hasattr(found[2], HEAD_IS_LAST):
         setattr(found[2], HEAD_IS_LAST, head_is_last(model, found, input_ids))
     return found if getattr(found[2], HEAD_IS_LAST) else None
+
+
+def trained_positions_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    """The next-token cross-entropy over the trained tokens, with the output head applied only where the next label
+    is trained (`logits_to_keep`): the head of a 49k-150k vocabulary is a large share of a small model's compute, and
+    assistant tokens are often a quarter of a sequence. The head and the loss are fused chunk by chunk, so the logits of the batch are never held at once, unless the model changes its logits after the
+    head (soft-capping, scaling). Summed, then divided by `num_items_in_batch` (the trained tokens of the whole
+    optimizer step, as transformers counts them) or this batch's trained tokens. `inputs` holds the model's inputs
+    (a padded batch's attention_mask, or padding-free position_ids) and `labels`."""
+    targets = inputs["labels"][:, 1:]
+    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()  # positions whose next token is trained, in any row
+    kept = targets[:, keep]
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    # (Under FSDP the head's weight is a shard outside the model's forward: the plain loss.)
+    found = None if fsdp_enabled() else fusable_head(model, inputs["input_ids"])
+    if found is not None:
+        hidden = hidden_states(model, found, features, keep)
+        head = found[2]
+        loss = head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, kept.reshape(-1))
+    else:
+        logits = model(**features, logits_to_keep=keep, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (kept != IGNORE).sum().clamp(min=1)
+    return loss / count

@@ -17,7 +17,7 @@ from skytune.core.errors import SkytuneError
 from skytune.core.models import attention
 from skytune.core.models.devices import fsdp_enabled
 from skytune.core.params import TrainParams
-from skytune.core.training import head_loss
+from skytune.core.training.head_loss import trained_positions_loss
 
 log = logging.getLogger(__name__)
 
@@ -100,32 +100,6 @@ def dataset(records: list[Encoded]) -> Any:
     from datasets import Dataset
 
     return Dataset.from_dict({"input_ids": [r.input_ids for r in records], "labels": [r.labels for r in records]})
-
-
-def trained_positions_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-    """The next-token cross-entropy over the trained tokens, with the output head applied only where the next label
-    is trained (`logits_to_keep`): the head of a 49k-150k vocabulary is a large share of a small model's compute, and
-    assistant tokens are often a quarter of a sequence. The head and the loss are fused chunk by chunk
-    (`head_loss`), so the logits of the batch are never held at once, unless the model changes its logits after the
-    head (soft-capping, scaling). Summed, then divided by `num_items_in_batch` (the trained tokens of the whole
-    optimizer step, as transformers counts them) or this batch's trained tokens."""
-    targets = inputs["labels"][:, 1:]
-    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()  # positions whose next token is trained, in any row
-    kept = targets[:, keep]
-    features = {k: v for k, v in inputs.items() if k != "labels"}
-    # (Under FSDP the head's weight is a shard outside the model's forward: the plain loss.)
-    found = None if fsdp_enabled() else head_loss.fusable_head(model, inputs["input_ids"])
-    if found is not None:
-        hidden = head_loss.hidden_states(model, found, features, keep)
-        head = found[2]
-        loss = head_loss.head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
-                                            kept.reshape(-1))
-    else:
-        logits = model(**features, logits_to_keep=keep, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (kept != IGNORE).sum().clamp(min=1)
-    return loss / count
 
 
 def final_eval_loss(log_history: list[dict[str, Any]], step: int) -> float | None:
