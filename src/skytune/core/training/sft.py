@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from skytune.core.chat.tokenization import IGNORE, Encoded
+from skytune.core.chat.tokenization import Encoded
 from skytune.core.errors import SkytuneError
 from skytune.core.models import attention
 from skytune.core.models.devices import fsdp_enabled
