@@ -1,5 +1,5 @@
 """ARCHITECTURE.md's floors, read from the sources: no import circle, each floor imports only the ones below it,
-and a stage's `main` reads as the stage's outline (at most 40 lines)."""
+and a stage's `main` reads as the stage's outline (at most 40 lines); the launcher's commands start without torch."""
 
 from __future__ import annotations
 
@@ -81,3 +81,17 @@ def test_a_stage_main_is_its_outline(stage: str) -> None:
     assert main.end_lineno is not None
     lines = main.end_lineno - main.lineno + 1
     assert lines <= MAIN_MAX_LINES, f"stages/{stage}.py main is {lines} lines (at most {MAIN_MAX_LINES})"
+
+
+def test_the_launchers_commands_start_without_torch() -> None:
+    """`make launch`, `make sweep`, `make preflight` and `make sweep-pull` answer in a fraction of a second: the
+    modules they run import no torch (~1.5 s of every start, and of every refusal)."""
+    import subprocess
+    import sys
+
+    modules = ("skytune.face.cloud.jobs", "skytune.face.cloud.sweep", "skytune.face.cloud.preflight",
+               "skytune.face.cloud.buckets", "skytune.face.cloud.remote_data")
+    probe = f"import sys; import {', '.join(modules)}; print(sorted(m for m in ('torch', 'transformers') " \
+            "if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from skytune.core import cloud_node, job_ledger
@@ -26,8 +27,8 @@ NODE = {"SKYPILOT_TASK_ID": "sky-managed-1", "SKYPILOT_NUM_GPUS_PER_NODE": "8", 
 
 
 def test_a_node_records_its_hardware_market_hours_and_cost(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cloud_node.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cloud_node.torch.cuda, "get_device_name", lambda _=0: "NVIDIA A10G")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _=0: "NVIDIA A10G")
     block = cloud_node.describe(5400.0, NODE)  # 1.5 h of wall time
     assert block == {"accelerator": "NVIDIA A10G", "gpus_per_node": 8, "nodes": 2, "cloud": "AWS",
                      "region": "us-east-1", "zone": "us-east-1a", "market": "spot", "attempts": None,
@@ -49,8 +50,8 @@ def test_the_job_ledger_counts_every_attempt_from_its_setup_and_the_work_preempt
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two VMs: the first set up at t=0, ran from t=600, completed a checkpoint at t=4200, was last seen at t=5400
     and vanished; the second, set up at t=6000, is training at t=9000. Wall: 5400 + 3000 s; lost: 5400 - 4200 s."""
-    monkeypatch.setattr(cloud_node.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cloud_node.torch.cuda, "get_device_name", lambda _=0: "NVIDIA A10G")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _=0: "NVIDIA A10G")
     ledger = tmp_path / "ckpt" / job_ledger.LEDGER
     ledger.mkdir(parents=True)
     (ledger / "attempt-0-vm1.json").write_text(json.dumps({"started": 0, "run_started": 600, "checkpoint_at": 4200}))

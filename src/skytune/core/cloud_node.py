@@ -18,8 +18,6 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from skytune.core import job_ledger
 
 log = logging.getLogger(__name__)
@@ -83,6 +81,8 @@ def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[s
     env = os.environ if environ is None else environ
     if not env.get("SKYPILOT_TASK_ID"):
         return None
+    import torch  # here: the launcher's commands import this module for its names, and need no torch
+
     info = json.loads(env.get("SKYPILOT_CLUSTER_INFO") or "{}")
     accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     gpus = int(env.get("SKYPILOT_NUM_GPUS_PER_NODE") or 0)

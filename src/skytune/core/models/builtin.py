@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
 from skytune.core.chat import chat_template
 
 BUILTIN_PREFIX = "builtin:"
@@ -29,6 +27,7 @@ def build_builtin(
 ) -> None:
     """Build the built-in model into `out_dir`: a random Llama with a byte-level BPE tokenizer trained on
     `corpus` and a ChatML template with generation markers. Same inputs and seed, same files. No network."""
+    import torch  # here: the launcher's preflight imports this module for BUILTIN_PREFIX, and needs no torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
