@@ -114,14 +114,50 @@ def test_perplexity_is_over_the_labelled_tokens_only(tiny_model: Path) -> None:
     together = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=4)
     separately = scoring.perplexity(model, both, pad_id=tokenizer.pad_token_id, batch_size=1)
     assert together[1] == alone[1] + n_answer and together[0] == pytest.approx(separately[0], rel=1e-5)
-    # Independently: the full logits of each record alone, cross-entropy over its labelled next tokens.
+
+
+def _records(count: int, vocab: int) -> list[tokenization.Encoded]:
+    """Sequences of several lengths, a labelled tail each (one with no label at all)."""
+    out = []
+    for i in range(count):
+        ids = [(31 * i + 7 * j) % (vocab - 10) + 5 for j in range(4 + 3 * i)]
+        labels = [tokenization.IGNORE] * (len(ids) // 2) + ids[len(ids) // 2:] if i != 1 else [tokenization.IGNORE] * len(ids)
+        out.append(tokenization.Encoded(id=str(i), source="s", text="", input_ids=ids, labels=labels, offsets=[]))
+    return out
+
+
+def _gemma2() -> torch.nn.Module:
+    """A tiny Gemma 2: it soft-caps its logits after the head, so the head and loss are not fused for it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          final_logit_softcapping=1.0, attn_logit_softcapping=None, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-chunks-of-3-and-small-batches", "gemma2-soft-capped"])
+def test_perplexity_is_the_cross_entropy_of_the_full_logits(tiny_model: Path, kind: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against an independent computation: each record alone, its full logits, the cross-entropy over its labelled
+    next tokens; summed over records, divided by their labelled tokens."""
+    from skytune.core.training import head_loss
+
+    model = _gemma2() if kind.startswith("gemma2") else load_full_precision(tiny_model, None, torch.float32)
+    if "chunks" in kind:  # the head over several chunks of positions, the records over several batches
+        monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 3)
+        monkeypatch.setattr(scoring, "PERPLEXITY_TOKENS", 40)
+    records = _records(7, model.config.vocab_size)
     nll, n = 0.0, 0
-    for r in both:
-        logits = model(input_ids=torch.tensor([r.input_ids])).logits[0, :-1].float()
-        targets = torch.tensor(r.labels[1:])
-        nll += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
-        n += int((targets != -100).sum())
-    assert together == (pytest.approx(math.exp(nll / n), rel=1e-5), n)
+    with torch.no_grad():
+        for r in records:
+            logits = model(input_ids=torch.tensor([r.input_ids])).logits[0, :-1].float()
+            targets = torch.tensor(r.labels[1:])
+            nll += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+            n += int((targets != -100).sum())
+    assert scoring.perplexity(model, records, pad_id=0, batch_size=4) == (pytest.approx(math.exp(nll / n),
+                                                                                         rel=1e-5), n)
 
 
 def test_retained_is_the_fraction_of_what_the_base_knew_that_the_tuned_model_still_knows() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,18 +14,21 @@ from skytune.core.chat.tokenization import IGNORE, Encoded
 from skytune.core.evaluation.generation import Generation
 from skytune.core.training.head_loss import trained_positions_loss
 
+PERPLEXITY_TOKENS = 4096  # padded tokens per forward at most (8 rows of 512): bounds the logits a soft-capping model holds
+
 
 @torch.no_grad()
 def perplexity(model: Any, records: Sequence[Encoded], *, pad_id: int, batch_size: int) -> tuple[float, int]:
     """exp(mean negative log-likelihood) over every labelled token of `records` (token-weighted, the labels the
-    trainer used), and the number of such tokens. (nan, 0) for no labelled tokens. The loss of the trainer
-    (`trained_positions_loss`): the output head runs on the labelled positions only, so a batch's logits are one
-    chunk of those, never every position's."""
+    trainer used), and the number of such tokens. (nan, 0) for no labelled tokens. The output head runs on the
+    labelled positions only (`trained_positions_loss`), one chunk of them at a time where the head is the model's
+    last step. A model that soft-caps its logits gets them whole for the labelled positions of a batch, so a batch
+    holds at most PERPLEXITY_TOKENS (rows x longest): what the logits of a batch can cost stays bounded."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    order = sorted(range(len(records)), key=lambda i: len(records[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = [records[i] for i in order[start:start + batch_size]]
+    lengths = [len(r.input_ids) for r in records]
+    for chunk in _batches(sorted(range(len(records)), key=lengths.__getitem__), lengths, batch_size):
+        batch = [records[i] for i in chunk]
         width = max(len(r.input_ids) for r in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -41,6 +44,19 @@ def perplexity(model: Any, records: Sequence[Encoded], *, pad_id: int, batch_siz
             total += trained_positions_loss(model, inputs, num_items_in_batch=1).item()  # the sum
             count += labelled
     return (math.exp(total / count) if count else math.nan), count
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """`order` (ascending lengths) in batches of at most `batch_size` rows and PERPLEXITY_TOKENS padded tokens (a
+    longer record alone)."""
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * lengths[i] > PERPLEXITY_TOKENS):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def contains_answer(text: str, accepted: Sequence[str]) -> bool:

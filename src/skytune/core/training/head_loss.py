@@ -10,7 +10,7 @@ Kernel's fused linear cross-entropy does the same on Triton devices, and TRL's c
 `hidden_states` runs a model with its output head replaced by the identity, for the positions `logits_to_keep`
 names; `head_is_last` tells whether the model's logits are its head's output as they are (no soft-capping or scaling
 after the head, as Gemma 2 and Cohere apply), which the fused loss needs. `trained_positions_loss` puts them
-together: the loss of the trainer, and of every perplexity the evaluations report.
+together: the trainer's loss off CUDA (TRL's own fused head on CUDA), and every perplexity the evaluations report.
 """
 
 from __future__ import annotations
@@ -76,15 +76,14 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
                        targets: torch.Tensor) -> torch.Tensor:
     """sum over positions of cross_entropy(hidden @ weight.T + bias, targets), positions whose target is IGNORE
     left out; `hidden` is (positions, hidden size), `targets` (positions,). Without gradients to compute (an
-    evaluation), only the loss, chunk by chunk."""
+    evaluation), only the loss, chunk by chunk, with the head in the model's dtype as its own forward computes it."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         return _HeadCrossEntropy.apply(hidden, weight, bias, targets)
     rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
-        logits = torch.nn.functional.linear(hidden[start:start + rows].float(), weight.float(),
-                                            None if bias is None else bias.float())
+        logits = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
         total += torch.nn.functional.cross_entropy(logits, targets[start:start + rows], ignore_index=IGNORE,
                                                    reduction="sum")
     return total
@@ -151,8 +150,9 @@ def fusable_head(model: torch.nn.Module, input_ids: torch.Tensor) -> Head | None
 def trained_positions_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
     """The next-token cross-entropy over the trained tokens, with the output head applied only where the next label
     is trained (`logits_to_keep`): the head of a 49k-150k vocabulary is a large share of a small model's compute, and
-    assistant tokens are often a quarter of a sequence. The head and the loss are fused chunk by chunk, so the logits of the batch are never held at once, unless the model changes its logits after the
-    head (soft-capping, scaling). Summed, then divided by `num_items_in_batch` (the trained tokens of the whole
+    assistant tokens are often a quarter of a sequence. The head and the loss are fused chunk by chunk, so the
+    logits of the batch are never held at once, unless the model changes its logits after the head (soft-capping,
+    scaling). Summed, then divided by `num_items_in_batch` (the trained tokens of the whole
     optimizer step, as transformers counts them) or this batch's trained tokens. `inputs` holds the model's inputs
     (a padded batch's attention_mask, or padding-free position_ids) and `labels`."""
     targets = inputs["labels"][:, 1:]
