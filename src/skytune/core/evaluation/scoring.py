@@ -14,7 +14,8 @@ from skytune.core.chat.tokenization import IGNORE, Encoded
 from skytune.core.evaluation.generation import Generation
 from skytune.core.training.head_loss import trained_positions_loss
 
-PERPLEXITY_TOKENS = 4096  # padded tokens per forward at most (8 rows of 512): bounds the logits a soft-capping model holds
+# Padded tokens per forward at most (8 rows of 512): bounds the logits a soft-capping model holds at once.
+PERPLEXITY_TOKENS = 4096
 
 
 @torch.no_grad()
