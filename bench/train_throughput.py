@@ -188,8 +188,12 @@ def main() -> None:
     for config, r in results.items():
         print(f"{config:<18}{r['steps']:>6}{r['seconds']:>9.1f}{r['tokens_per_second']:>10.1f}"
               f"{r['efficiency']:>10.0%}{r['peak_rss_gb']:>8.2f}GB{r['val_loss']:>10.4f}"
-              f"{r['tokens_per_second'] / padded if padded else math.nan:>10.2f}x"
-              f"{r['tokens_per_second'] / trl if trl else math.nan:>12.2f}x")
+              f"{ratio(r['tokens_per_second'], padded):>11}{ratio(r['tokens_per_second'], trl):>13}")
+
+
+def ratio(value: float, baseline: float | None) -> str:
+    """`value / baseline` as "1.93x", or "-" where the baseline configuration did not run (--configs)."""
+    return f"{value / baseline:.2f}x" if baseline else "-"
 
 
 if __name__ == "__main__":
