@@ -31,16 +31,27 @@ def run(argv: Sequence[str | Path], *, cwd: Path | None = None, env: Mapping[str
         timeout: float | None = None, capture: bool = True,
         error: type[SkytuneError] | None = SkytuneError) -> subprocess.CompletedProcess[str]:
     """Run `argv` to its end. A non-zero exit raises `error` naming the command, `cwd` and the tail of its output;
-    `error=None` leaves the exit status to the caller. `capture=False` lets the output through to the terminal (a
-    launch the user watches)."""
+    `error=None` leaves the exit status to the caller. A command still running after `timeout` seconds is killed and
+    raises `error` (SkytuneError with `error=None`) the same way. `capture=False` lets the output through to the
+    terminal (a launch the user watches)."""
     words = [str(a) for a in argv]
-    done = subprocess.run(words, cwd=cwd, capture_output=capture, text=True, timeout=timeout, check=False,
-                          env={**(os.environ if env is None else env), "DVC_NO_ANALYTICS": "1"})
+    where = f" in {cwd}" if cwd else ""
+    try:
+        done = subprocess.run(words, cwd=cwd, capture_output=capture, text=True, timeout=timeout, check=False,
+                              env={**(os.environ if env is None else env), "DVC_NO_ANALYTICS": "1"})
+    except subprocess.TimeoutExpired as late:
+        raise (error or SkytuneError)(f"`{shown(words)}` did not finish within {timeout:g} s{where}, and was stopped"
+                                      + _tail(late.stdout, late.stderr)) from None
     if error is not None and done.returncode != 0:
-        output = ((done.stdout or "") + (done.stderr or "")).strip()[-TAIL_CHARS:]
-        where = f" in {cwd}" if cwd else ""
-        raise error(f"`{shown(words)}` failed{where} (exit {done.returncode})" + (f":\n{output}" if output else ""))
+        raise error(f"`{shown(words)}` failed{where} (exit {done.returncode})" + _tail(done.stdout, done.stderr))
     return done
+
+
+def _tail(stdout: str | bytes | None, stderr: str | bytes | None) -> str:
+    """The last TAIL_CHARS of a command's output, after a colon and a new line; nothing for none."""
+    text = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o for o in (stdout, stderr) if o)
+    output = text.strip()[-TAIL_CHARS:]
+    return f":\n{output}" if output else ""
 
 
 def dvc(*args: str, cwd: Path | None = None, error: type[SkytuneError] = SkytuneError) -> str:
