@@ -118,7 +118,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # Its engines are transformers' wherever the tests run (auto picks vLLM on a GPU node, and the tiny model's 16-wide
 # attention heads are not ones vLLM serves); tests/test_vllm_engine.py and tests/test_serving.py run vLLM for real.
 TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
-                "train": {"epochs": 10, "learning_rate": 0.002, "lora_alpha": 32, "max_length": 256},
+                "train": {"epochs": 10, "learning_rate": 0.003, "batch_size": 16, "total_batch_size": 16,
+                          "lora_alpha": 32, "max_length": 256},
                 "sanity_check": {"engine": "transformers"},
                 "evaluate": {"limit": 8, "engine": "transformers",
                              "general_text": {"prompts": 4, "max_new_tokens": 32}},

@@ -22,6 +22,8 @@ NODE = {"SKYPILOT_TASK_ID": "sky-managed-1", "SKYPILOT_NUM_GPUS_PER_NODE": "8", 
         cloud_node.MARKET_ENV: "spot",
         cloud_node.PRICES_ENV: json.dumps({"A10": {"aws/us-east-1": {"spot": 0.5}, "*": {"spot": 0.5}},
                                            "A10G": {"aws/us-east-1": {"spot": 0.4, "on-demand": 1.0},
+                                                    "aws/us-east-1/us-east-1a": {"spot": 0.45, "on-demand": 1.0},
+                                                    "aws/us-east-1/us-east-1b": {"spot": 0.4, "on-demand": 1.0},
                                                     "aws/us-west-2": {"spot": 0.3, "on-demand": 0.9},
                                                     "*": {"spot": 0.3, "on-demand": 0.9}}})}
 
@@ -34,10 +36,13 @@ def test_a_node_records_its_hardware_market_hours_and_cost(monkeypatch: pytest.M
                      "region": "us-east-1", "zone": "us-east-1a", "market": "spot", "attempts": None,
                      "hours_cover": "the run through training, each attempt up to its last checkpoint (no job ledger)",
                      "wall_hours": 1.5, "gpu_hours": 24.0, "lost_wall_hours": 0.0, "lost_gpu_hours": 0.0,
-                     "price_per_gpu_hour": 0.4, "price_basis": "region", "cost": 9.6,
-                     "lost_cost": 0.0}  # A10G's price in us-east-1: not A10's, not us-west-2's cheaper one
+                     "price_per_gpu_hour": 0.45, "price_basis": "zone", "cost": 10.8,
+                     "lost_cost": 0.0}  # A10G's in us-east-1a: not A10's, not us-east-1b's or us-west-2's cheaper one
     on_demand = cloud_node.describe(3600.0, {**NODE, cloud_node.MARKET_ENV: "on-demand"})
     assert on_demand["cost"] == 16.0
+    unlisted_zone = json.dumps({"cloud": "AWS", "region": "us-east-1", "zone": "us-east-1f"})
+    in_region = cloud_node.describe(3600.0, {**NODE, "SKYPILOT_CLUSTER_INFO": unlisted_zone})
+    assert (in_region["price_per_gpu_hour"], in_region["price_basis"]) == (0.4, "region")  # its cheapest zone
     elsewhere = json.dumps({"cloud": "AWS", "region": "eu-north-1", "zone": "eu-north-1a"})
     unlisted = cloud_node.describe(3600.0, {**NODE, "SKYPILOT_CLUSTER_INFO": elsewhere})
     assert unlisted["price_per_gpu_hour"] == 0.3 and unlisted["price_basis"] == "cheapest in the catalog"
@@ -65,7 +70,7 @@ def test_the_job_ledger_counts_every_attempt_from_its_setup_and_the_work_preempt
     assert block["attempts"] == 2 and block["hours_cover"] == "setup and every attempt, through training"
     assert block["wall_hours"] == round(wall, 4) and block["gpu_hours"] == round(wall * 16, 4)
     assert block["lost_wall_hours"] == round(lost, 4) and block["lost_gpu_hours"] == round(lost * 16, 4)
-    assert block["cost"] == round(0.4 * round(wall * 16, 4), 4)
+    assert block["cost"] == round(0.45 * round(wall * 16, 4), 4)  # us-east-1a's spot price
 
     # The second VM finishes at t=9600 (the experiment pushed): the whole job, as make sweep-pull reads it.
     monkeypatch.setattr(job_ledger.time, "time", lambda: 9600.0)
@@ -121,31 +126,47 @@ CATALOG = "\n".join([
     f"gpu_1x_a100,A100,1.0,30.0,200.0,1.29,,us-east-1,{gpu_info('A100', 1, 40960)}",
     f"gpu_1x_a100,A100,1.0,30.0,200.0,1.49,,us-west-1,{gpu_info('A100', 1, 40960)}",
     "cpu_4x,,,4.0,16.0,0.1,,us-east-1,", ""])
+# AWS's format: a row per zone; spot prices differ between zones, on-demand ones do not. Two instance types carry one
+# A10G: each place is priced at the cheaper.
+AWS_CATALOG = "\n".join([
+    "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,AvailabilityZone",
+    f"g5.xlarge,A10G,1.0,4.0,16.0,{gpu_info('A10G', 1, 24576)},1.006,0.45,us-east-1,us-east-1a",
+    f"g5.xlarge,A10G,1.0,4.0,16.0,{gpu_info('A10G', 1, 24576)},1.006,0.39,us-east-1,us-east-1b",
+    f"g5.2xlarge,A10G,1.0,8.0,32.0,{gpu_info('A10G', 1, 24576)},1.212,0.5,us-east-1,us-east-1a",
+    f"g5.xlarge,A10G,1.0,4.0,16.0,{gpu_info('A10G', 1, 24576)},1.006,0.52,us-west-2,us-west-2a", ""])
 
 
 @pytest.mark.skipif(not (REPO / ".venv-sky" / "bin" / "python").is_file(), reason="make launcher builds SkyPilot")
-def test_the_catalog_query_reads_skypilots_own_catalog_per_region(tmp_path: Path) -> None:
-    """The launcher's query, run in SkyPilot's environment by SkyPilot's own catalog code, on a catalog file written
-    here (Lambda's format) in place of the one SkyPilot downloads."""
+def test_the_catalog_query_reads_skypilots_own_catalog_per_region_and_zone(tmp_path: Path) -> None:
+    """The launcher's query, run in SkyPilot's environment by SkyPilot's own catalog code, on catalog files written
+    here (Lambda's format, regions only; AWS's, a row per zone) in place of the ones SkyPilot downloads."""
     from skytune.face.cloud import prices
 
     sky = REPO / ".venv-sky" / "bin" / "sky"
     env = {**os.environ, "HOME": str(tmp_path)}
-    where = subprocess.run([str(sky.parent / "python"), "-c", "from sky.catalog import common; "
-                            "print(common.get_catalog_path('lambda/vms.csv'))"], env=env, capture_output=True,
-                           text=True, check=True).stdout.strip()
-    assert where.startswith(str(tmp_path))
-    Path(where).parent.mkdir(parents=True)
-    Path(where).write_text(CATALOG)
-    (tmp_path / "train.yaml").write_text("resources:\n  accelerators: {A10: 1, A100: 1, H100: 1}\n")
-    table = prices.catalog_prices(tmp_path / "train.yaml", sky, clouds=["lambda"], environ=env)
-    assert table == {  # per GPU-hour: the 8-GPU A100 machine is not a 1-GPU offer; H100 is not in this catalog
+    for cloud, catalog in (("lambda", CATALOG), ("aws", AWS_CATALOG)):
+        where = subprocess.run([str(sky.parent / "python"), "-c", "from sky.catalog import common; "
+                                f"print(common.get_catalog_path('{cloud}/vms.csv'))"], env=env, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        assert where.startswith(str(tmp_path))
+        Path(where).parent.mkdir(parents=True)
+        Path(where).write_text(catalog)
+    (tmp_path / "train.yaml").write_text("resources:\n  accelerators: {A10: 1, A10G: 1, A100: 1, H100: 1}\n")
+    table = prices.catalog_prices(tmp_path / "train.yaml", sky, clouds=["lambda", "aws"], environ=env)
+    assert table == {  # per GPU-hour: the 8-GPU A100 machine is not a 1-GPU offer; H100 is not in these catalogs
         "A10": {"lambda/us-east-1": {"on-demand": 0.75}, "lambda/europe-central-1": {"on-demand": 0.86},
                 "*": {"on-demand": 0.75}},
+        "A10G": {"aws/us-east-1": {"on-demand": 1.006, "spot": 0.39},
+                 "aws/us-east-1/us-east-1a": {"on-demand": 1.006, "spot": 0.45},
+                 "aws/us-east-1/us-east-1b": {"on-demand": 1.006, "spot": 0.39},
+                 "aws/us-west-2": {"on-demand": 1.006, "spot": 0.52},
+                 "aws/us-west-2/us-west-2a": {"on-demand": 1.006, "spot": 0.52},
+                 "*": {"on-demand": 1.006, "spot": 0.39}},
         "A100": {"lambda/us-east-1": {"on-demand": 1.29}, "lambda/us-west-1": {"on-demand": 1.49},
                  "*": {"on-demand": 1.29}}}
     price = cloud_node.hourly_price(table, "NVIDIA A100-SXM4-40GB", "on-demand", "Lambda", "us-west-1")
     assert price == (1.49, "region")
+    assert cloud_node.hourly_price(table, "NVIDIA A10G", "spot", "AWS", "us-east-1", "us-east-1a") == (0.45, "zone")
 
 
 def test_launch_prices_come_from_the_yamls_accelerators(tmp_path) -> None:

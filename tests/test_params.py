@@ -102,9 +102,9 @@ def test_a_plain_exponent_float_is_a_float(tmp_path: Path) -> None:
     """YAML 1.1 reads a plain 1e-4 as a string, and `dvc exp run -S train.learning_rate=1e-4` writes it so."""
     path = write_params(tmp_path)
     text = path.read_text()
-    path.write_text(text.replace("learning_rate: 0.002", "learning_rate: 2e-4"))
+    path.write_text(text.replace("learning_rate: 0.003", "learning_rate: 2e-4"))
     assert load_params(path).train.learning_rate == 2e-4
-    path.write_text(text.replace("learning_rate: 0.002", "learning_rate: '2e-4'"))
+    path.write_text(text.replace("learning_rate: 0.003", "learning_rate: '2e-4'"))
     with pytest.raises(ParamsError, match="expected float, got str"):
         load_params(path)
 

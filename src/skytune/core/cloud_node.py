@@ -22,8 +22,9 @@ from skytune.core import job_ledger
 
 log = logging.getLogger(__name__)
 
-# Per GPU-hour, from the launcher: {"L4": {"aws/us-east-1": {"spot": 0.25, "on-demand": 0.8}, ..., "*": {...}}, ...},
-# by cloud/region, "*" the cheapest anywhere (skytune.face.cloud.prices).
+# Per GPU-hour, from the launcher: {"L4": {"aws/us-east-1": {"spot": 0.25, "on-demand": 0.8},
+# "aws/us-east-1/us-east-1a": {...}, ..., "*": {...}}, ...}: by cloud/region and cloud/region/zone, "*" the cheapest
+# anywhere (skytune.face.cloud.prices).
 PRICES_ENV = "SKYTUNE_PRICES"
 ANYWHERE = "*"
 MARKET_ENV = "SKYTUNE_MARKET"  # spot | on-demand, when the instance metadata cannot tell
@@ -58,19 +59,22 @@ def market_from_metadata(cloud: str | None, timeout: float = 1.0) -> str:
 
 
 def hourly_price(prices: Mapping[str, Mapping[str, Mapping[str, float]]], accelerator: str, market: str,
-                 cloud: str | None, region: str | None) -> tuple[float | None, str | None]:
+                 cloud: str | None, region: str | None, zone: str | None = None) -> tuple[float | None, str | None]:
     """The price per GPU-hour of `accelerator` (a CUDA device name such as "NVIDIA A100-SXM4-80GB": the catalog name it
-    contains, the longest, so A10G is not taken for A10) on `market` in `cloud`'s `region`, and where that price
-    is from: "region", or "cheapest in the catalog" when the table has no price for the region (a lower bound)."""
+    contains, the longest, so A10G is not taken for A10) on `market` in `cloud`'s `region` and `zone`, and where that
+    price is from: "zone"; "region" where the table has the region but not the zone (its cheapest zone: a lower
+    bound where zones differ); "cheapest in the catalog" where it has neither (a lower bound)."""
     names = sorted((n for n in prices if n.lower() in accelerator.lower()), key=len, reverse=True)
     if not names:
         return None, None
     table = prices[names[0]]
-    here = table.get(f"{(cloud or '').lower()}/{(region or '').lower()}", {}).get(market)
-    if here is not None:
-        return here, "region"
-    anywhere = table.get(ANYWHERE, {}).get(market)
-    return (anywhere, "cheapest in the catalog") if anywhere is not None else (None, None)
+    place = f"{(cloud or '').lower()}/{(region or '').lower()}"
+    for key, basis in ((f"{place}/{zone.lower()}" if zone else None, "zone"), (place, "region"),
+                       (ANYWHERE, "cheapest in the catalog")):
+        price = table.get(key, {}).get(market) if key else None
+        if price is not None:
+            return price, basis
+    return None, None
 
 
 def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
@@ -103,8 +107,8 @@ def describe(seconds: float, environ: Mapping[str, str] | None = None) -> dict[s
                              "wall_hours": round(hours, 4), "gpu_hours": round(hours * gpus * nodes, 4),
                              "lost_wall_hours": round(lost, 4), "lost_gpu_hours": round(lost * gpus * nodes, 4)}
     prices = json.loads(env.get(PRICES_ENV) or "{}")
-    price, basis = (hourly_price(prices, accelerator, market, info.get("cloud"), info.get("region"))
-                    if market != "unknown" else (None, None))
+    where = (info.get("cloud"), info.get("region"), info.get("zone"))
+    price, basis = hourly_price(prices, accelerator, market, *where) if market != "unknown" else (None, None)
     if price is not None:
         block |= {"price_per_gpu_hour": price, "price_basis": basis, "cost": round(price * block["gpu_hours"], 4),
                   "lost_cost": round(price * block["lost_gpu_hours"], 4)}

@@ -2,9 +2,10 @@
 of the experiment at the price of the cloud, region and market it got (skytune.core.cloud_node).
 
 The catalog is read in SkyPilot's own environment (make launcher), for the accelerators the training YAML may get,
-on the clouds `sky check` enabled: per GPU-hour, spot and on-demand, for every region that offers each (SkyPilot's
-catalog lists an instance's price per region, the cheapest of its zones), and the cheapest anywhere under "*" for a
-region the table lacks. Where the catalog cannot be read (offline, no cloud enabled) the job launches without
+on the clouds `sky check` enabled: per GPU-hour, spot and on-demand, for every zone and every region that offers each
+(a region's price is its cheapest zone's; zones are where the catalog lists them, as AWS's and GCP's do, and spot
+prices differ between them), and the cheapest anywhere under "*" for a place the table lacks. Where several instance
+types carry the accelerator, each place gets the cheapest (the node does not know which one SkyPilot picked). Where the catalog cannot be read (offline, no cloud enabled) the job launches without
 prices: its metrics then hold GPU-hours only.
 """
 
@@ -20,8 +21,8 @@ from skytune.core.cloud_node import ANYWHERE, PRICES_ENV
 from skytune.face.commands import run
 
 # Runs in SkyPilot's environment: argv[1] is {"L4": 1, ...}, argv[2] the clouds to read (null: the enabled ones),
-# argv[3] the key of the cheapest anywhere; prints {"L4": {"aws/us-east-1": {"spot": ..., "on-demand": ...}, ...,
-# "*": {...}}, ...}, prices per GPU-hour.
+# argv[3] the key of the cheapest anywhere; prints {"L4": {"aws/us-east-1": {"spot": ..., "on-demand": ...},
+# "aws/us-east-1/us-east-1a": {...}, ..., "*": {...}}, ...}, prices per GPU-hour. Only sky.catalog's public functions.
 _QUERY = """
 import json, sys
 from sky import catalog, check
@@ -40,12 +41,23 @@ for name, count in wanted.items():
             print(f"{cloud} catalog: {exc}", file=sys.stderr)
             continue
         for info in offers.get(name, []):
+            region = str(info.region).lower()
             for market, price in (("on-demand", info.price), ("spot", info.spot_price)):
-                if price and price == price:  # NaN where a market is not offered
-                    per_gpu = round(price / info.accelerator_count, 4)
-                    for where in (f"{cloud}/{str(info.region).lower()}", anywhere):
-                        best = prices.setdefault(name, {}).setdefault(where, {})
-                        best[market] = min(best.get(market, per_gpu), per_gpu)
+                if not (price and price == price):  # NaN where a market is not offered
+                    continue
+                places = [(f"{cloud}/{region}", price), (anywhere, price)]
+                try:
+                    zones = [z.name for r in catalog.get_region_zones_for_instance_type(
+                                 info.instance_type, market == "spot", clouds=cloud)
+                             if str(r.name).lower() == region for z in (r.zones or [])]
+                    places += [(f"{cloud}/{region}/{str(z).lower()}", catalog.get_hourly_cost(
+                                   info.instance_type, market == "spot", info.region, z, clouds=cloud)) for z in zones]
+                except Exception as exc:  # zones are a refinement: the region's price stands without them
+                    print(f"{cloud} zones of {info.instance_type}: {exc}", file=sys.stderr)
+                for where, cost in places:
+                    per_gpu = round(cost / info.accelerator_count, 4)
+                    best = prices.setdefault(name, {}).setdefault(where, {})
+                    best[market] = min(best.get(market, per_gpu), per_gpu)
 print(json.dumps(prices))
 """
 
