@@ -145,9 +145,9 @@ def test_the_catalog_query_reads_skypilots_own_catalog_per_region_and_zone(tmp_p
     sky = REPO / ".venv-sky" / "bin" / "sky"
     env = {**os.environ, "HOME": str(tmp_path)}
     for cloud, catalog in (("lambda", CATALOG), ("aws", AWS_CATALOG)):
-        where = subprocess.run([str(sky.parent / "python"), "-c", "from sky.catalog import common; "
-                                f"print(common.get_catalog_path('{cloud}/vms.csv'))"], env=env, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        query = f"from sky.catalog import common; print(common.get_catalog_path('{cloud}/vms.csv'))"
+        where = subprocess.run([str(sky.parent / "python"), "-c", query], env=env, capture_output=True, text=True,
+                               check=True).stdout.strip()
         assert where.startswith(str(tmp_path))
         Path(where).parent.mkdir(parents=True)
         Path(where).write_text(catalog)
