@@ -15,7 +15,8 @@ to every configuration), same seed, one epoch each:
   other configurations' tokens per step;
 - `padded`: TRL's `SFTTrainer` with padded batches (its default; the pipeline's ancestor did the same).
 
-Each configuration runs in its own process (so peak RSS is its own). Printed: steps, seconds, non-pad tokens per
+Each configuration runs in its own process (so peak RSS is its own; `--live-memory` makes it follow live memory
+rather than what glibc keeps of freed memory: see LIVE_MEMORY_ENV). Printed: steps, seconds, non-pad tokens per
 second, peak RSS, val loss after training (the token-weighted NLL of the held-out conversations, computed the same
 way for all), and each configuration's speed against `padded` and against the faster TRL configuration. Absolute
 speed drifts ~12% between runs on shared machines: read the ratios.
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -50,6 +52,11 @@ from skytune.core.training.sft import build_trainer, lora_config
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "llama-factory" / "alpaca_en_demo.json"
 CONFIGS = ("skytune", "trl_padding_free", "trl_packing", "padded")
+# --live-memory: glibc's mmap threshold fixed at its default. Otherwise it rises to the size of each large block freed,
+# later tensors of that size come from the heap, and much of what was freed stays resident: peak RSS is then mostly
+# the allocator's (it moved by ~1 GB between runs of one configuration). Fixed, every large tensor is mapped and
+# unmapped, so peak RSS follows the peak of live memory; every configuration runs ~40% slower (page faults).
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 class CountingCollator:
@@ -157,6 +164,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", default="qlora", choices=["qlora", "lora"])
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--live-memory", action="store_true",
+                        help="peak RSS that follows live memory, not glibc's retention (slower: LIVE_MEMORY_ENV)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,7 +184,8 @@ def main() -> None:
         results = {}
         for config in args.configs.split(","):
             child = [sys.executable, __file__, "--child", config, "--workdir", str(workdir)] + sys.argv[1:]
-            done = subprocess.run(child, capture_output=True, text=True, check=False)
+            env = {**os.environ, **(LIVE_MEMORY_ENV if args.live_memory else {})}
+            done = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
             line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{config} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -17,6 +17,7 @@ from skytune.core.errors import SkytuneError
 from skytune.core.models import attention
 from skytune.core.models.devices import fsdp_enabled
 from skytune.core.params import TrainParams
+from skytune.core.training import lora_dropout
 from skytune.core.training.head_loss import trained_positions_loss
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[En
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
+        if moved := lora_dropout.install(trainer.model):
+            log.info("LoRA dropout on %d layers keeps a 1-byte mask for backward, not a copy of the input", moved)
     if trainer.model.generation_config is not None:
         trainer.model.generation_config.pad_token_id = tokenizer.pad_token_id
     return trainer

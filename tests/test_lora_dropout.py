@@ -1,0 +1,95 @@
+"""LoRA dropout moved into lora_A: PEFT's outputs and gradients, with a 1-byte mask kept for backward instead of the
+dropped input and the dropout's float noise."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from skytune.core.training import lora_dropout
+
+P = 0.2
+
+
+def _pair(tiny_model: Path, four_bit: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """PEFT's LoRA model on the tiny Llama (its base in 4-bit NF4 or fp32), and a copy with the dropout moved."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.float32)} if four_bit else {}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **quantized)
+    torch.manual_seed(0)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=P, target_modules="all-linear",
+                                           init_lora_weights=False))  # B != 0: every gradient is non-zero
+    ours = copy.deepcopy(peft)
+    assert lora_dropout.install(ours) == 2 * 7  # two layers, q k v o gate up down
+    return peft.train(), ours.train()
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    logits = model(input_ids=ids, use_cache=False).logits
+    logits.float().logsumexp(-1).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["lora", "qlora"])
+def test_moved_dropout_gives_peft_outputs_and_gradients(tiny_model: Path, four_bit: bool) -> None:
+    peft, ours = _pair(tiny_model, four_bit)
+    ids = torch.arange(40).reshape(2, 20) % 300 + 5
+    for seed in (1, 2):  # the same generator calls draw the same masks: the forward is PEFT's to the bit
+        expected, expected_grads = _step(peft, ids, seed)
+        logits, grads = _step(ours, ids, seed)
+        assert torch.equal(logits, expected)
+        assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 2 * 7
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # A different seed draws different masks (the dropout is live), and evaluation drops nothing, as PEFT's.
+    assert not torch.equal(_step(ours, ids, 3)[0], expected)
+    peft.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, peft(input_ids=ids).logits)
+
+
+def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward after one forward: each storage once, as memory holds it."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, use_cache=False).logits.sum().backward()
+    model.zero_grad()
+    return sum(storages.values())
+
+
+def test_backward_keeps_what_no_dropout_keeps_and_a_byte_per_dropped_element(tiny_model: Path) -> None:
+    """Independent count: with no dropout at all (PEFT's dropout 0: lora_A keeps its input, which is the layer's),
+    autograd keeps some bytes; the moved dropout keeps those and a boolean mask per adapted layer's input, and PEFT's
+    dropout keeps more (on the CPU, its float noise and the dropped input: up to 8 bytes an element)."""
+    from peft.tuners.lora import LoraLayer
+
+    peft, ours = _pair(tiny_model, four_bit=True)
+    ids = torch.arange(64).reshape(2, 32) % 300 + 5
+    elements: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: elements.append(args[0].numel()))
+             for m in ours.modules() if isinstance(m, LoraLayer)]
+    moved = _saved_bytes(ours, ids)
+    for hook in hooks:
+        hook.remove()
+    with_peft = _saved_bytes(peft, ids)
+    for module in peft.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_dropout["default"] = torch.nn.Identity()
+    assert len(elements) == 14 and moved == _saved_bytes(peft, ids) + sum(elements)
+    assert with_peft - moved > 4 * sum(elements)  # measured: 4.2 bytes an element less
