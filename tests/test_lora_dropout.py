@@ -27,6 +27,7 @@ def _pair(tiny_model: Path, four_bit: bool) -> tuple[torch.nn.Module, torch.nn.M
                                            init_lora_weights=False))  # B != 0: every gradient is non-zero
     ours = copy.deepcopy(peft)
     assert lora_dropout.install(ours) == 2 * 7  # two layers, q k v o gate up down
+    assert ours.state_dict().keys() == peft.state_dict().keys()  # the adapter saves as PEFT's does
     return peft.train(), ours.train()
 
 
@@ -93,3 +94,21 @@ def test_backward_keeps_what_no_dropout_keeps_and_a_byte_per_dropped_element(tin
             module.lora_dropout["default"] = torch.nn.Identity()
     assert len(elements) == 14 and moved == _saved_bytes(peft, ids) + sum(elements)
     assert with_peft - moved > 4 * sum(elements)  # measured: 4.2 bytes an element less
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (2, 12, 16)], ids=["2d", "3d"])
+def test_under_bf16_autocast_the_gradients_are_dropouts(shape: tuple[int, ...]) -> None:
+    """The function alone, under CPU bf16 autocast (what a bf16 run's linear layers compute in), against autograd
+    through `F.linear(F.dropout(x), W)`: the same forward, the same gradients (the scale is x's, not bf16's)."""
+    x0, w0 = torch.randn(*shape), torch.randn(4, 16)
+    results = []
+    for moved in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = (lora_dropout._DroppedLinear.apply(x, w, 0.05) if moved
+                   else torch.nn.functional.linear(torch.nn.functional.dropout(x, 0.05), w))
+        out.float().square().sum().backward()
+        results.append((out, x.grad, w.grad))
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)

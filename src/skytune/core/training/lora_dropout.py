@@ -12,8 +12,11 @@ Bernoulli mask PyTorch's dropout draws (the same generator calls, so the same ma
 bits as PEFT's), multiplies, and keeps `x` (shared with its neighbours) and the mask as booleans. Backward rebuilds the
 dropped input from the two. The gradients are PEFT's (the same products, in another order).
 
-Applied to plain LoRA layers with dropout (`Linear` or bitsandbytes' 4-bit and 8-bit ones); DoRA and other variants,
-FSDP (whose flat parameters are the wrapper's to handle) and a dropout of 0 keep PEFT's forward.
+Applied to plain LoRA layers with dropout (`Linear` or bitsandbytes' 4-bit and 8-bit ones) when training computes in
+fp32 (the CPU default), where it was measured. In bf16/fp16 (GPUs) autocast keeps a half-precision copy of the input
+per layer either way, so the gain is unmeasured there, and on CUDA PyTorch's dropout draws its masks another way:
+those keep PEFT's forward, as do DoRA and other variants, FSDP (whose flat parameters are the wrapper's to handle) and a
+dropout of 0.
 """
 
 from __future__ import annotations
@@ -36,19 +39,19 @@ class _DroppedLinear(torch.autograd.Function):
         # Only what backward needs, as autograd's own linear: x for the weight's gradient, the weight for x's.
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, keep,
                               weight if ctx.needs_input_grad[0] else None)
-        ctx.p, ctx.weight_dtype = p, weight.dtype
+        ctx.p, ctx.weight_dtype, ctx.x_dtype = p, weight.dtype, x.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, keep, weight = ctx.saved_tensors
-        dtype = grad.dtype  # under autocast (bf16 on a GPU) the forward's product was in it
-        scale = keep.to(dtype).div_(1 - ctx.p)
+        dtype = grad.dtype  # under autocast (bf16) the forward's product was in it
+        scale = keep.to(ctx.x_dtype).div_(1 - ctx.p)  # as the forward scaled: in x's dtype, then autocast's cast
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad @ weight.to(dtype)) * scale).to(x.dtype)
+            grad_x = (grad @ weight.to(dtype)).to(ctx.x_dtype) * scale
         if ctx.needs_input_grad[1]:
-            dropped = (x.to(dtype) * scale).reshape(-1, x.shape[-1])
+            dropped = (x * scale).to(dtype).reshape(-1, x.shape[-1])
             grad_weight = (grad.reshape(-1, grad.shape[-1]).t() @ dropped).to(ctx.weight_dtype)
         return grad_x, grad_weight, None
 

@@ -156,7 +156,7 @@ def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[En
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-        if moved := lora_dropout.install(trainer.model):
+        if dtype == torch.float32 and (moved := lora_dropout.install(trainer.model)):
             log.info("LoRA dropout on %d layers keeps a 1-byte mask for backward, not a copy of the input", moved)
     if trainer.model.generation_config is not None:
         trainer.model.generation_config.pad_token_id = tokenizer.pad_token_id
