@@ -112,3 +112,25 @@ def test_under_bf16_autocast_the_gradients_are_dropouts(shape: tuple[int, ...]) 
         results.append((out, x.grad, w.grad))
     for ours, theirs in zip(results[1], results[0], strict=True):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_trainer_moves_the_dropout_when_it_trains_in_fp32_only(tiny_model: Path, tmp_path: Path,
+                                                                    dtype: torch.dtype) -> None:
+    """The train stage's trainer (build_trainer) installs it where it was measured, fp32, and leaves bf16 to PEFT."""
+    import dataclasses
+
+    from conftest import REPO
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skytune.core.chat.tokenization import Encoded
+    from skytune.core.params import load_params
+    from skytune.core.training.sft import build_trainer
+
+    p = dataclasses.replace(load_params(REPO / "params.yaml").train, method="lora", lora_dropout=0.05)
+    records = [Encoded(str(i), "t", "", list(range(5, 25)), [-100] * 10 + list(range(15, 25)), []) for i in range(4)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    trainer = build_trainer(model, AutoTokenizer.from_pretrained(tiny_model), records, records, p,
+                            output_dir=tmp_path, seed=0, dtype=dtype, save=False)
+    moved = sum(isinstance(m, lora_dropout.DeferredDropout) for m in trainer.model.modules())
+    assert moved == (2 * 7 if dtype == torch.float32 else 0)
