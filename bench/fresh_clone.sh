@@ -5,7 +5,8 @@
 # Prints: `make run` including the virtualenv and installs; the pipeline alone (a forced re-run of the whole DAG
 # with `dvc exp run -f` in the same clone); a second experiment (`dvc exp run -S train.lora_r=16`) and how much it
 # adds to the DVC cache and to a DVC remote (a local directory) against its adapter and metrics; the workspace's
-# disk use and how many copies of the merged model it holds; then `make test`. SKIP_TESTS=1 leaves out make test.
+# disk use and how many copies of the merged model it holds; the README's base-vs-tuned tables of the first run
+# (bench/readme_tables.py); then `make test`. SKIP_TESTS=1 leaves out make test.
 # Figures vary up to ~4x on shared machines.
 set -euo pipefail
 repo=$(cd "${1:-$(dirname "$0")/..}" && pwd)
@@ -26,6 +27,7 @@ evaluate=$(python -c 'import json; from skytune.core.params import load_params
 m = json.load(open(load_params().paths.eval_metrics))
 print("base %s s (once per base), tuned %s s (every experiment); flagged as forgetting: %d"
       % (m["seconds_base"], m["seconds_tuned"], m["regressions"]))')
+tables=$(python bench/readme_tables.py .)  # the README's base-vs-tuned tables, from this run
 pipeline=$(seconds dvc exp run -f)
 
 dvc remote add -q --local -d bench "$work/remote"
@@ -40,6 +42,7 @@ copies=$(find . -path ./.venv -prune -o -path './.venv-*' -prune -o -type f -siz
 
 printf 'make run (fresh clone, installs included): %4d s   (target 600)\n' "$run"
 printf 'the evaluate stages in make run: %s\n' "$evaluate"
+printf '%s\n' "$tables"
 printf 'pipeline alone (dvc exp run -f):           %4d s\n' "$pipeline"
 printf 'a second experiment (-S train.lora_r=16):  %4d s\n' "$experiment"
 printf 'per extra experiment: cache +%s, remote +%s; its adapter + metrics %s (target <= 1.2x)\n' \

@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import REPO, PipelineRun, run_stages, write_params
 
+from skytune.core.chat import tokenization
 from skytune.core.errors import SkytuneError
-from skytune.core.evaluation import forgetting, general_text, harness
+from skytune.core.evaluation import forgetting, general_text, harness, scoring
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import load_params
 from skytune.core.params.schema import EvaluateParams
@@ -110,10 +111,10 @@ def test_ifeval_scores_come_from_lm_evals_scorer(answer: str, expected: float, t
     assert [a["max_gen_toks"] for a in model.asked] == [64]  # IFEval's own 1280, capped by evaluate.max_gen_toks
 
 
-def choice_scores(model: Any, tokenizer: Any, docs: list[dict[str, Any]]) -> dict[str, float]:
-    """skytune_choice's acc and acc_norm computed here, by a plain forward pass: each choice's log-likelihood after
-    "Question: ...\nAnswer:" (the choice after one space, no special tokens), the pick its argmax, or the argmax per
-    character of the choice for acc_norm."""
+def choice_scores(model: Any, tokenizer: Any, docs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """skytune_choice's acc and acc_norm per question, computed here by a plain forward pass: each choice's
+    log-likelihood after "Question: ...\nAnswer:" (the choice after one space, no special tokens), the pick its argmax,
+    or the argmax per character of the choice for acc_norm."""
     acc, acc_norm = [], []
     for doc in docs:
         context = f"Question: {doc['question']}\nAnswer:"
@@ -127,7 +128,7 @@ def choice_scores(model: Any, tokenizer: Any, docs: list[dict[str, Any]]) -> dic
         acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["answer"]))
         normed = [ll / len(choice) for ll, choice in zip(lls, doc["choices"], strict=True)]
         acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == doc["answer"]))
-    return {"acc": sum(acc) / len(acc), "acc_norm": sum(acc_norm) / len(acc_norm)}
+    return {"acc": acc, "acc_norm": acc_norm}
 
 
 def test_the_repositorys_tasks_score_a_model_offline(tiny_model: Path) -> None:
@@ -144,9 +145,16 @@ def test_the_repositorys_tasks_score_a_model_offline(tiny_model: Path) -> None:
     docs = [json.loads(line) for line in
             (REPO / "evaluate/tasks/skytune_choice/choice.jsonl").read_text(encoding="utf-8").splitlines()[:limit]]
     expected = choice_scores(model, tokenizer, docs)
-    assert scores.tasks["skytune_choice"] == pytest.approx(expected, abs=1e-9)
+    assert scores.tasks["skytune_choice"] == pytest.approx({m: sum(v) / limit for m, v in expected.items()}, abs=1e-9)
     assert scores.tasks["skytune_knowledge"].keys() == {"answer_match"}
     assert 0.0 <= scores.tasks["skytune_knowledge"]["answer_match"] <= 1.0
+    # The per-question scores the paired tests compare, in question order, from lm-eval's logged samples.
+    items = scores.items["skytune_choice"]
+    assert items["ids"] == [f"skytune_choice/{i}" for i in range(limit)]
+    assert items["metrics"] == {m: [[v, 1.0] for v in values] for m, values in expected.items()}
+    knowledge = scores.items["skytune_knowledge"]["metrics"]["answer_match"]
+    assert len(knowledge) == limit and {count for _, count in knowledge} == {1.0}
+    assert sum(v for v, _ in knowledge) / limit == pytest.approx(scores.tasks["skytune_knowledge"]["answer_match"])
 
 
 def test_an_unknown_task_is_refused_with_the_closest_names() -> None:
@@ -194,14 +202,17 @@ def test_a_regression_past_the_threshold_is_flagged(base: float, tuned: float, h
                                 max_increase=0.25) is forgot
 
 
-def _with_base_scores(pipeline: PipelineRun, tmp_path: Path, edit: Any) -> Path:
-    """A copy of the pipeline's workspace whose cached base scores `edit` changed."""
+def _with_base_scores(pipeline: PipelineRun, tmp_path: Path, edit: Any,
+                      files: tuple[str, ...] = (harness.SCORES_FILE,)) -> Path:
+    """A copy of the pipeline's workspace whose cached base scores (and control scores, with CONTROL_FILE in
+    `files`) `edit` changed."""
     root = shutil.copytree(pipeline.root, tmp_path / "run")
     paths = load_params(root / "params.yaml").paths
-    scores = root / paths.base_scores_dir / harness.SCORES_FILE
-    data = json.loads(scores.read_text())
-    edit(data)
-    scores.write_text(json.dumps(data))
+    for name in files:
+        scores = root / paths.base_scores_dir / name
+        data = json.loads(scores.read_text())
+        edit(data)
+        scores.write_text(json.dumps(data))
     return root
 
 
@@ -211,11 +222,20 @@ def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(p
     fail_on_regression the stage fails after writing its metrics."""
     paths = load_params(pipeline.root / "params.yaml").paths
     metrics = json.loads((pipeline.root / paths.eval_metrics).read_text())
-    base = json.loads((pipeline.root / paths.base_scores_dir / harness.SCORES_FILE).read_text())
+    base, control = (json.loads((pipeline.root / paths.base_scores_dir / name).read_text())
+                     for name in (harness.SCORES_FILE, harness.CONTROL_FILE))
+    assert control["model"] == metrics["control"] == "dequantized nf4"  # the tiny profile trains QLoRA
     for task, scores in base["tasks"].items():
         for metric, value in scores.items():
             entry = metrics["tasks"][task][metric]
             assert entry["base"] == round(value, 4) and entry["delta"] == round(entry["tuned"] - value, 4)
+            assert entry["control"] == round(control["tasks"][task][metric], 4)
+            assert entry["quantization"] == round(entry["control"] - entry["base"], 4)
+            assert entry["training"] == round(entry["tuned"] - entry["control"], 4)
+    # The control's general text is the base's own texts, scored on the quantized base: close to, not the base's.
+    ppl = metrics["general_text"]["perplexity"]
+    assert ppl["base"] == round(base["general_text"]["perplexity"], 4) != ppl["control"]
+    assert ppl["control"] == pytest.approx(ppl["base"], rel=0.2)
     # The delta's standard error: lm-eval's closed form for a mean of 0/1 scores over n examples is
     # sqrt(p (1 - p) / (n - 1)) for each model.
     n = metrics["examples"]["skytune_choice"]
@@ -226,12 +246,27 @@ def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(p
 
     def perfect(data: dict[str, Any]) -> None:
         data["tasks"]["skytune_choice"]["acc"] = 1.0
+        items = data["items"]["skytune_choice"]["metrics"]
+        items["acc"] = [[1.0, 1.0]] * len(items["acc"])
         data["general_text"]["perplexity"] = 1e9  # so only the choice task can be flagged
+        data["general_text"]["losses"] = [[loss * 100, tokens] for loss, tokens in data["general_text"]["losses"]]
 
-    root = _with_base_scores(pipeline, tmp_path, perfect)
-    write_params(root, lambda p: p["evaluate"].update({"fail_on_regression": True}))
+    # Every question the tuned model gets wrong (5 of 8) is one the base got right: the exact McNemar p-value is
+    # 2 / 2**5 = 0.0625 (computed here), a drop of 0.625 past max_regression but not significant at alpha 0.05.
+    tuned_acc = metrics["tasks"]["skytune_choice"]["acc"]["tuned"]
+    wrong = round((1 - tuned_acc) * n)
+    assert wrong == 5, tuned_acc
+    root = _with_base_scores(pipeline, tmp_path, perfect, (harness.SCORES_FILE, harness.CONTROL_FILE))
     from skytune.stages import evaluate
 
+    run_stages(root, evaluate)
+    unflagged = json.loads((root / paths.eval_metrics).read_text())
+    entry = unflagged["tasks"]["skytune_choice"]["acc"]
+    assert entry["p_value"] == 2 / 2**wrong and entry["test"] == "mcnemar_exact" and entry["forgot"] is False
+    assert entry["ci_low"] <= entry["training"] <= entry["ci_high"] < 0
+    assert unflagged["forgetting"] is False and unflagged["regressions"] == 0
+
+    write_params(root, lambda p: p["evaluate"].update({"fail_on_regression": True, "alpha": 0.1}))
     with pytest.raises(SkytuneError, match=r"forgetting: skytune_choice\.acc regressed .*fail_on_regression is true"):
         run_stages(root, evaluate)
     flagged = json.loads((root / paths.eval_metrics).read_text())
@@ -239,8 +274,8 @@ def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(p
     assert flagged["tasks"]["skytune_choice"]["acc"]["forgot"] is True
     assert flagged["general_text"]["perplexity"]["forgot"] is False
     plot = (root / paths.eval_plot).read_text().splitlines()
-    assert plot[:2] == ["score,value", "skytune_choice acc (base),1.0"]
-    assert plot[2] == f"skytune_choice acc (tuned),{flagged['tasks']['skytune_choice']['acc']['tuned']}"
+    assert plot[:3] == ["score,value", "skytune_choice acc (base),1.0", "skytune_choice acc (control),1.0"]
+    assert plot[3] == f"skytune_choice acc (tuned),{flagged['tasks']['skytune_choice']['acc']['tuned']}"
 
 
 def test_base_scores_from_another_engine_are_refused(pipeline: PipelineRun, tmp_path: Path) -> None:
@@ -271,10 +306,23 @@ def test_general_text_scores_the_answer_and_an_end_of_turn_only_where_the_base_s
     model, tokenizer = load_full_precision(tiny_model, None, torch.float32), load_saved_tokenizer(tiny_model)
     answer = "hello 3 plus 4 is 7."
     answer_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    counts = {stopped: general_text.perplexity(model, tokenizer, [{"prompt": "what is 3 plus 4?", "text": answer,
-                                                                  "stopped": stopped}], batch_size=2)[1]
+    counts = {stopped: general_text.losses(model, tokenizer, [{"prompt": "what is 3 plus 4?", "text": answer,
+                                                              "stopped": stopped}])[0][1]
               for stopped in (True, False)}
     assert counts == {True: answer_tokens + 1, False: answer_tokens}
+    # Text by text, the summed log-likelihoods make the perplexity of the texts scored together in one batch.
+    texts = [{"prompt": p, "text": a, "stopped": s} for p, a, s in
+             [("what is 3 plus 4?", answer, True), ("name a colour", "blue, or red", False), ("hi", "hello", True)]]
+    records = tokenization.Encoder(tokenizer, "assistant_only").encode(
+        [{"id": str(i), "messages": [{"role": "user", "content": t["prompt"]},
+                                     {"role": "assistant", "content": t["text"]}]} for i, t in enumerate(texts)])
+    for record, text in zip(records, texts, strict=True):
+        if not text["stopped"]:
+            record.labels[max(i for i, x in enumerate(record.labels) if x != tokenization.IGNORE)] = \
+                tokenization.IGNORE
+    together = scoring.perplexity(model, records, pad_id=tokenizer.pad_token_id, batch_size=3)
+    assert scoring.perplexity_of(general_text.losses(model, tokenizer, texts)) == (
+        pytest.approx(together[0], rel=1e-5), together[1])
 
 
 STOP = {"what", "is", "the", "of", "a", "in", "which", "do", "how", "many", "are", "there", "does", "to", "you", "who"}
@@ -290,3 +338,53 @@ def test_no_task_question_is_asked_in_the_sample_training_data() -> None:
             words = re.findall(r"[a-z0-9]+", question)
             runs = [" ".join(words[i:i + 3]) for i in range(len(words) - 2) if not set(words[i:i + 3]) <= STOP]
             assert question not in raw and sum(run in raw for run in runs) < 2, (data.name, question)
+
+
+def test_the_readmes_tables_are_written_from_a_runs_metrics(pipeline: PipelineRun) -> None:
+    """bench/readme_tables.py: one row per score, its numbers those of the run's metrics files."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "readme_tables.py"), str(pipeline.root)], check=True,
+                         capture_output=True, text=True).stdout
+    paths = load_params(pipeline.root / "params.yaml").paths
+    evaluated = json.loads((pipeline.root / paths.eval_metrics).read_text())
+    sanity = json.loads((pipeline.root / paths.sanity_metrics).read_text())
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip("|").split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and " | " in line}
+    identity = rows["identity exact match (answers as `identity.name` by `identity.creator`)"]
+    assert [float(v) for v in identity[1:3]] == [sanity["identity_exact_match_base"],
+                                                 sanity["identity_exact_match_tuned"]]
+    n = evaluated["examples"]["skytune_choice"]
+    entry = evaluated["tasks"]["skytune_choice"]["acc"]
+    choice = rows[f"skytune_choice acc ({n} items)"]
+    assert [float(v) for v in choice[1:4]] == pytest.approx([entry["base"], entry["control"], entry["tuned"]],
+                                                            abs=1e-3)
+    assert choice[5].endswith(f", {entry['p_value']:.2g} (mcnemar exact)")
+    ppl = next(v for k, v in rows.items() if k.startswith("perplexity on text the base wrote"))
+    assert (ppl[-1].strip() == "FORGOT") is evaluated["general_text"]["perplexity"]["forgot"]
+
+
+def test_the_control_is_the_base_quantized_as_training_quantizes_it_then_dequantized(
+        pipeline: PipelineRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_dequantized (evaluate_base's control, merge_adapters' base after QLoRA) against transformers' own NF4
+    quantization and dequantization of the same checkpoint: the same weights; and not the original weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from skytune.core.models.base import BaseModel, location
+    from skytune.core.models.loading import load_dequantized
+
+    monkeypatch.chdir(pipeline.root)
+    params = load_params("params.yaml")
+    base = BaseModel.load(params.paths.base_model_dir)
+    control, what = load_dequantized(base, quant_type="nf4", double_quant=params.train.double_quant,
+                                     dtype=torch.float32)
+    assert what == "dequantized nf4"
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_use_double_quant=params.train.double_quant,
+                                bnb_4bit_quant_storage=torch.float32)
+    expected = AutoModelForCausalLM.from_pretrained(location(base), quantization_config=config).dequantize()
+    original = load_full_precision(location(base), None, torch.float32).state_dict()
+    mine, theirs = control.state_dict(), expected.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(mine[name], tensor), name
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(mine[name], original[name])

@@ -120,10 +120,15 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
                 entry = found[name][1][PATHS.eval_metrics]["data"]["tasks"][task][metric]
                 assert entry["base"] == round(value, 4) and entry["delta"] == round(entry["tuned"] - entry["base"], 4)
                 assert 0.0 <= entry["tuned"] <= 1.0 and isinstance(entry["forgot"], bool)
+                # The paired test of the same questions: 0/1 scores, so McNemar's; its p-value and interval columns.
+                assert entry["test"] == "mcnemar_exact" and 0.0 < entry["p_value"] <= 1.0, entry
+                assert entry["ci_low"] <= entry["delta"] <= entry["ci_high"], entry
 
     summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)  # what `make run` ends with
     assert "rank16" in summary and "identity_exact_match   0.0 -> 1.0" in summary
     assert "benchmarks (lm-eval" in summary and "skytune_choice acc " in summary
+    assert re.search(r"skytune_choice acc +[\d.]+( -> [\d.]+ \(control\))? -> [\d.]+ \(training [+-][\d.]+, "
+                     r"p=[\d.]+\)", summary), summary
     assert PATHS.sanity_report in summary
 
 
@@ -156,6 +161,8 @@ def test_the_report_page_opens_with_the_summary_then_the_answers(report_page: Pa
     bars = figures.split("<figcaption>Benchmark scores, base vs tuned")[0].rsplit("<svg", 1)[1]
     assert "skytune_choice acc (base)" in bars and "skytune_choice acc (tuned)" in bars
     assert "<tr><td>benchmark: skytune_choice acc</td>" in head
+    choice_row = head.split("<tr><td>benchmark: skytune_choice acc</td>")[1].split("</tr>")[0]
+    assert choice_row.count(" <small>p=") == 2  # each experiment's paired test beside its score
     assert "<tr><td>sanity.identity_exact_match_tuned</td><td class='num'>1</td><td class='num'>1</td></tr>" in page
     assert "cdn" not in page.lower() and "<script" not in page  # opens anywhere, offline
 

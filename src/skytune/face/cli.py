@@ -42,12 +42,16 @@ def summary() -> int:
     evaluated = Path(params.paths.eval_metrics)
     if evaluated.is_file():
         values = json.loads(evaluated.read_text(encoding="utf-8"))
-        print(f"\nbenchmarks (lm-eval {values['lm_eval']}, {values['engine']}; base -> fine-tuned):")
+        print(f"\nbenchmarks (lm-eval {values['lm_eval']}, {values['engine']}; base -> control ({values['control']}) "
+              "-> fine-tuned):")
         rows = [(f"{task} {metric}", e) for task, metrics in values["tasks"].items() for metric, e in metrics.items()]
         if "general_text" in values:
             rows.append(("general text perplexity", values["general_text"]["perplexity"]))
         for name, e in rows:
-            print(f"  {name:34s} {e['base']} -> {e['tuned']} ({e['delta']:+.4f}){'  FORGOT' if e['forgot'] else ''}")
+            tested = f", p={e['p_value']}" if "p_value" in e else ", untested"
+            control = f" -> {e['control']} (control)" if e["quantization"] else ""
+            print(f"  {name:34s} {e['base']}{control} -> {e['tuned']} (training {e['training']:+.4f}{tested})"
+                  f"{'  FORGOT' if e['forgot'] else ''}")
         print(f"  forgetting: {'yes, ' + str(values['regressions']) + ' flagged' if values['forgetting'] else 'no'}")
     print(f"\nside-by-side answers: {params.paths.sanity_report}   (all of it in a browser: make report)")
     print(f"model to serve:       {params.paths.export_dir} (model card: {params.paths.export_dir}/README.md)")

@@ -156,7 +156,8 @@ def _value(v: Any) -> str:
 
 def _headline(names: list[str], metrics: dict[str, dict[str, Any]]) -> list[str]:
     """Base vs tuned: the fixed rows of HEADLINE, then one row per benchmark task and metric (a tuned score flagged
-    as forgetting in red)."""
+    as forgetting in red; beside a tested one, its paired test's p-value against the control, the base as the tuned
+    model is merged onto it, shown beside the base where it differs)."""
     first = metrics[names[0]]
     out = ["<table class='headline'>", "<tr><th>base vs tuned</th><th>base</th>"
            + "".join(f"<th>tuned: {html.escape(n)}</th>" for n in names) + "</tr>"]
@@ -167,9 +168,14 @@ def _headline(names: list[str], metrics: dict[str, dict[str, Any]]) -> list[str]
         if not any(tuned_key in metrics[n] for n in names):
             continue
         base = _value(first.get(base_key, "")) if base_key else "-"
-        forgot = tuned_key.removesuffix(".tuned") + ".forgot"
+        control = base_key.removesuffix(".base") + ".control" if base_key else ""
+        if first.get(control, first.get(base_key)) != first.get(base_key):  # after QLoRA: the dequantized base
+            base += f" <small>control {_value(first[control])}</small>"
+        forgot, p_value = (tuned_key.removesuffix(".tuned") + suffix for suffix in (".forgot", ".p_value"))
         cells = "".join(f"<td class='num{' nostop' if metrics[n].get(forgot) is True else ''}'>"
-                        f"{_value(metrics[n].get(tuned_key, ''))}</td>" for n in names)
+                        f"{_value(metrics[n].get(tuned_key, ''))}"
+                        + (f" <small>p={_value(metrics[n][p_value])}</small>" if p_value in metrics[n] else "")
+                        + "</td>" for n in names)
         out.append(f"<tr><td>{html.escape(words)}</td><td class='num'>{base}</td>{cells}</tr>")
     return [*out, "</table>"]
 

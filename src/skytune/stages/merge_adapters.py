@@ -34,6 +34,7 @@ from skytune.core.models.base import BaseModel, location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import (
     fit_embeddings,
+    load_dequantized,
     load_for_training,
     load_full_precision,
     load_saved_tokenizer,
@@ -64,12 +65,8 @@ def _load_four_bit(base: BaseModel, trained: dict[str, Any], dtype: torch.dtype)
 
 def _load_base(base: BaseModel, onto: str, trained: dict[str, Any], dtype: torch.dtype) -> tuple[Any, str]:
     if onto == "dequantized":
-        model, ran = _load_four_bit(base, trained, dtype)
-        if ran in ("nf4", "fp4"):
-            model = model.dequantize()
-            model.eval()
-            return model, f"dequantized {ran}"
-        log.warning("4-bit does not run here: merging onto the original weights")
+        return load_dequantized(base, quant_type=trained["quantization"], double_quant=trained["train"]["double_quant"],
+                                dtype=dtype)
     return load_full_precision(location(base), base.revision, dtype), "original"
 
 

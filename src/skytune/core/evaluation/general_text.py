@@ -40,10 +40,11 @@ def write(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int
     return [{"prompt": p, "text": a.text, "stopped": a.stopped} for p, a in zip(prompts, answers, strict=True)]
 
 
-def perplexity(model: Any, tokenizer: Any, texts: list[dict[str, Any]], *, batch_size: int) -> tuple[float, int]:
-    """The model's perplexity on the answers of `texts` given their prompts (each rendered by `tokenizer`'s chat
-    template; the answer's tokens scored, and its end-of-turn token where the base stopped by itself: an answer cut
-    at max_new_tokens has none), and the number of tokens scored."""
+def losses(model: Any, tokenizer: Any, texts: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """The model's summed negative log-likelihood of each answer of `texts` given its prompt (rendered by
+    `tokenizer`'s chat template; the answer's tokens scored, and its end-of-turn token where the base stopped by
+    itself: an answer cut at max_new_tokens has none), and the tokens scored: per text, so that two models' can be
+    compared text by text (`scoring.perplexity_of` gives the perplexity)."""
     records = [{"id": f"general-{i}", "messages": [{"role": "user", "content": t["prompt"]},
                                                    {"role": "assistant", "content": t["text"]}]}
                for i, t in enumerate(texts, 1)]
@@ -52,4 +53,4 @@ def perplexity(model: Any, tokenizer: Any, texts: list[dict[str, Any]], *, batch
         if not text["stopped"]:
             last = max(i for i, label in enumerate(record.labels) if label != tokenization.IGNORE)
             record.labels[last] = tokenization.IGNORE  # the end-of-turn token the template closes the turn with
-    return scoring.perplexity(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    return scoring.record_nll(model, encoded, pad_id=tokenizer.pad_token_id)

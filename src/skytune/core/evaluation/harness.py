@@ -18,7 +18,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,16 @@ log = logging.getLogger(__name__)
 PACKAGE = "lm_eval"
 BOOTSTRAP_ITERS = 1000  # lm-eval's standard errors: closed form for means, this many resamples for the rest
 SCORES_FILE = "scores.json"  # a model's Scores, in paths.base_scores_dir for the base
+CONTROL_FILE = "control.json"  # ... and for the control (the base as the tuned model is merged onto it)
+BASE_IS_CONTROL = "base"  # control.json's `model` where the control is the base itself
 
 
 @dataclass(frozen=True)
 class Scores:
     """What lm-eval measured on one model: {task: {metric: value}} (a metric with a filter other than lm-eval's
     `none` is named `<metric>_<filter>`), the standard errors lm-eval gives, each metric's direction, the examples
-    scored per task, and how."""
+    scored per task, and how; and `items`, the per-item scores behind each metric that is a mean of them, for paired
+    tests: {task: {"ids": [item id], "metrics": {metric: [[numerator, count] per item]}}}."""
 
     tasks: dict[str, dict[str, float]]
     stderr: dict[str, dict[str, float]]
@@ -47,10 +50,11 @@ class Scores:
     examples: dict[str, int]
     engine: str
     lm_eval: str
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Scores:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,7 +204,7 @@ def evaluate(lm: Any, *, ev: EvaluateParams, tasks_dir: Path, pin_file: Path, se
     log.info("lm-eval %s, %s engine, chat template %s: %s", version, engine, "on" if chat else "off",
              ", ".join(recorded))
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=ev.num_fewshot, limit=ev.limit,
-                          apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=False,
+                          apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=True,
                           bootstrap_iters=BOOTSTRAP_ITERS,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed)
@@ -231,4 +235,46 @@ def _scores(out: dict[str, Any], recorded: list[str], engine: str, version: str)
         examples[name] = int(counts["effective"]) if counts else int(entry.get("sample_len", 0))
         if name not in values:
             raise SkytuneError(f"evaluate.tasks: {name}: lm-eval gave no score (results: {entry})")
-    return Scores(values, stderr, directions, examples, engine, version)
+    items = {name: _items(out, name, values[name]) for name in recorded}
+    return Scores(values, stderr, directions, examples, engine, version, items)
+
+
+def _leaves(out: dict[str, Any], name: str) -> list[str]:
+    """The tasks whose samples make up `name`'s score: itself, or a group's subtasks, recursively."""
+    if name in out.get("samples", {}):
+        return [name]
+    return [leaf for sub in out.get("group_subtasks", {}).get(name, []) for leaf in _leaves(out, sub)]
+
+
+def _item_value(value: Any) -> list[float] | None:
+    """A sample's metric value as (numerator, count): a score, or a list of scores (one per instruction); None for
+    what is not a mean of per-item numbers (a corpus-level metric's tuple, say)."""
+    if isinstance(value, bool | int | float):
+        return [float(value), 1.0]
+    if isinstance(value, list) and value and all(isinstance(v, bool | int | float) for v in value):
+        return [float(sum(value)), float(len(value))]
+    return None
+
+
+def _items(out: dict[str, Any], name: str, scores: dict[str, float]) -> dict[str, Any]:
+    """`name`'s per-item scores from lm-eval's logged samples, in item order, for each metric whose lm-eval score
+    they reproduce (sum of numerators / sum of counts within 1e-6): a metric lm-eval aggregates otherwise has none,
+    and is compared without a paired test."""
+    ids: list[str] = []
+    per_metric: dict[str, list[list[float] | None]] = {}
+    for leaf in _leaves(out, name):
+        samples = sorted(out["samples"][leaf], key=lambda s: (s["filter"], s["doc_id"]))
+        for sample in samples:
+            if sample["filter"] == samples[0]["filter"]:
+                ids.append(f"{leaf}/{sample['doc_id']}")
+            for metric in sample["metrics"]:
+                label = metric if sample["filter"] == "none" else f"{metric}_{sample['filter']}"
+                per_metric.setdefault(label, []).append(_item_value(sample[metric]))
+    kept = {}
+    for label, pairs in per_metric.items():
+        if label not in scores or len(pairs) != len(ids) or any(p is None for p in pairs):
+            continue
+        numerator, count = (sum(p[i] for p in pairs if p is not None) for i in (0, 1))
+        if count and abs(numerator / count - scores[label]) <= 1e-6:
+            kept[label] = pairs
+    return {"ids": ids, "metrics": kept}

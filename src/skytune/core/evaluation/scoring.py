@@ -25,26 +25,44 @@ def perplexity(model: Any, records: Sequence[Encoded], *, pad_id: int, batch_siz
     labelled positions only (`trained_positions_loss`), one chunk of them at a time where the head is the model's
     last step. A model that soft-caps its logits gets them whole for the labelled positions of a batch, so a batch
     holds at most PERPLEXITY_TOKENS (rows x longest): what the logits of a batch can cost stays bounded."""
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     lengths = [len(r.input_ids) for r in records]
     for chunk in _batches(sorted(range(len(records)), key=lengths.__getitem__), lengths, batch_size):
-        batch = [records[i] for i in chunk]
-        width = max(len(r.input_ids) for r in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, r in enumerate(batch):
-            n = len(r.input_ids)
-            ids[row, :n] = torch.tensor(r.input_ids)
-            labels[row, :n] = torch.tensor(r.labels)
-            mask[row, :n] = 1
-        labelled = int((labels[:, 1:] != IGNORE).sum())
-        if labelled:
-            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-            total += trained_positions_loss(model, inputs, num_items_in_batch=1).item()  # the sum
-            count += labelled
+        nll, labelled = _summed_nll(model, [records[i] for i in chunk], pad_id)
+        total, count = total + nll, count + labelled
     return (math.exp(total / count) if count else math.nan), count
+
+
+@torch.no_grad()
+def record_nll(model: Any, records: Sequence[Encoded], *, pad_id: int) -> list[tuple[float, int]]:
+    """Each record's summed negative log-likelihood over its labelled tokens, and their number: one forward per
+    record, for a paired comparison of two models over the same records."""
+    return [_summed_nll(model, [record], pad_id) for record in records]
+
+
+def perplexity_of(losses: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """The perplexity of `record_nll`'s (summed NLL, tokens) pairs taken together, and the tokens."""
+    total, count = sum(loss for loss, _ in losses), int(sum(tokens for _, tokens in losses))
+    return (math.exp(total / count) if count else math.nan), count
+
+
+def _summed_nll(model: Any, batch: Sequence[Encoded], pad_id: int) -> tuple[float, int]:
+    """The summed cross-entropy of a right-padded batch over its labelled next tokens, and their number."""
+    width = max(len(r.input_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        n = len(r.input_ids)
+        ids[row, :n] = torch.tensor(r.input_ids)
+        labels[row, :n] = torch.tensor(r.labels)
+        mask[row, :n] = 1
+    labelled = int((labels[:, 1:] != IGNORE).sum())
+    if not labelled:
+        return 0.0, 0
+    device = next(model.parameters()).device
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    return trained_positions_loss(model, inputs, num_items_in_batch=1).item(), labelled
 
 
 def _batches(order: list[int], lengths: list[int], batch_size: int) -> Iterator[list[int]]:

@@ -85,6 +85,19 @@ def load_for_training(
     return model, ran
 
 
+def load_dequantized(base: BaseModel, *, quant_type: str, double_quant: bool, dtype: torch.dtype) -> tuple[Any, str]:
+    """The base as 4-bit training saw it, in full precision: quantized as `load_for_training` quantizes it, then
+    dequantized to `dtype` (what merge_adapters merges a QLoRA adapter onto, peft#2105). Returns the model and what
+    it is: "dequantized nf4" (or fp4), or "original" where 4-bit does not run here (the base's own weights)."""
+    model, ran = load_for_training(base, four_bit=True, quant_type=quant_type, double_quant=double_quant, dtype=dtype)
+    if ran not in ("nf4", "fp4"):
+        log.warning("4-bit does not run here: the original weights stand for the quantized base")
+        return load_full_precision(location(base), base.revision, dtype), "original"
+    model = model.dequantize()
+    model.eval()
+    return model, f"dequantized {ran}"
+
+
 def check_quantized(model: Any, base: BaseModel) -> None:
     """QLoRA needs the base's linear layers in 4 bits. transformers' bitsandbytes integration quietly leaves an
     architecture whose layers are its own Linear subclass (Falcon's FalconLinear) unquantized, and training on

@@ -290,6 +290,7 @@ class EvaluateParams:
     engine: Engine
     max_regression: float = _range(ge=0.0)
     max_perplexity_increase: float = _range(ge=0.0)
+    alpha: float = _range(gt=0.0, lt=1.0)
     fail_on_regression: bool
     general_text: GeneralTextParams
 
