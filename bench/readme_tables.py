@@ -33,7 +33,7 @@ def sanity_table(sanity: dict[str, Any], train: dict[str, Any]) -> list[str]:
              sanity["ends_with_eot_tuned"])]
     if "retained" in sanity:
         known = sanity["retained_probes_base_correct"]
-        rows.append((f"retained (of the {known} retained probes the base answers right, still right)", "-",
+        rows.append((f"retained (of the {known} held-out retained probes the base answers right, still right)", "-",
                      f"{sanity['retained']:.2f} ({round(sanity['retained'] * known)} of {known})"))
     rows += [("val perplexity", sanity["val_perplexity_base"], sanity["val_perplexity_tuned"]),
              ("val loss (train stage)", train["val_loss_before"], train["val_loss_after"])]

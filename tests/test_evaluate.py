@@ -4,8 +4,10 @@ directories, the forgetting flag, and clear refusals (unknown task, registry dat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -131,6 +133,30 @@ def choice_scores(model: Any, tokenizer: Any, docs: list[dict[str, Any]]) -> dic
     return {"acc": acc, "acc_norm": acc_norm}
 
 
+def task_file(task: str) -> list[dict[str, Any]]:
+    data = next((REPO / "evaluate" / "tasks" / task).glob("*.jsonl"))
+    return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+
+
+def independent_half(text: str) -> str:
+    """The half of core.evaluation.holdout, computed here: SHA-256 of the salted text, its first byte's parity."""
+    return "dev" if hashlib.sha256(f"skytune-holdout-1\n{text.strip()}".encode()).digest()[0] % 2 == 0 else "heldout"
+
+
+@pytest.mark.parametrize("task", ["skytune_knowledge", "skytune_choice"])
+def test_the_reported_task_is_the_held_out_half_and_the_dev_half_never_mixes_with_it(task: str) -> None:
+    """What lm-eval loads for each task: the held-out half for the reported name, the dev half for `<name>_dev`,
+    together every item once, both halves large enough to score."""
+    manager = harness.task_manager((task, f"{task}_dev"), REPO / "evaluate" / "tasks")
+    loaded, _ = harness.load_tasks(manager, (task, f"{task}_dev"), REPO / "evaluate" / "tasks", None)
+    reported, dev = ([d["question"] for d in t.eval_docs] for t in loaded)
+    questions = [d["question"] for d in task_file(task)]
+    assert reported == [q for q in questions if independent_half(q) == "heldout"]
+    assert dev == [q for q in questions if independent_half(q) == "dev"]
+    assert not set(reported) & set(dev) and len(reported) + len(dev) == len(questions)
+    assert min(len(reported), len(dev)) >= 0.3 * len(questions)
+
+
 def test_the_repositorys_tasks_score_a_model_offline(tiny_model: Path) -> None:
     """lm-eval's scores on the repository's tasks are the ones a plain forward pass gives (the tiny model's guesses
     differ per choice, so a wrong context, continuation or normalisation changes them)."""
@@ -142,8 +168,7 @@ def test_the_repositorys_tasks_score_a_model_offline(tiny_model: Path) -> None:
                               ev=settings(limit=limit, engine="transformers", apply_chat_template=False))
     assert scores.tasks.keys() == set(EVALUATE.tasks)
     assert scores.examples == dict.fromkeys(EVALUATE.tasks, limit)
-    docs = [json.loads(line) for line in
-            (REPO / "evaluate/tasks/skytune_choice/choice.jsonl").read_text(encoding="utf-8").splitlines()[:limit]]
+    docs = [d for d in task_file("skytune_choice") if independent_half(d["question"]) == "heldout"][:limit]
     expected = choice_scores(model, tokenizer, docs)
     assert scores.tasks["skytune_choice"] == pytest.approx({m: sum(v) / limit for m, v in expected.items()}, abs=1e-9)
     assert scores.tasks["skytune_knowledge"].keys() == {"answer_match"}
@@ -251,22 +276,25 @@ def test_the_evaluate_stage_compares_with_the_cached_base_and_flags_forgetting(p
         data["general_text"]["perplexity"] = 1e9  # so only the choice task can be flagged
         data["general_text"]["losses"] = [[loss * 100, tokens] for loss, tokens in data["general_text"]["losses"]]
 
-    # Every question the tuned model gets wrong (5 of 8) is one the base got right: the exact McNemar p-value is
-    # 2 / 2**5 = 0.0625 (computed here), a drop of 0.625 past max_regression but not significant at alpha 0.05.
+    # Every question the tuned model gets wrong is one the base (and the control) got right: the exact McNemar
+    # p-value is 2 / 2**wrong (computed here). At alpha = p the drop, past max_regression, is not significant (p is
+    # not below alpha); at alpha = 2p it is, and it is flagged.
     tuned_acc = metrics["tasks"]["skytune_choice"]["acc"]["tuned"]
     wrong = round((1 - tuned_acc) * n)
-    assert wrong == 5, tuned_acc
+    assert wrong >= 2, tuned_acc  # the tiny model misses several of its 8 questions
+    expected_p = 2 / 2**wrong
     root = _with_base_scores(pipeline, tmp_path, perfect, (harness.SCORES_FILE, harness.CONTROL_FILE))
     from skytune.stages import evaluate
 
+    write_params(root, lambda p: p["evaluate"].update({"alpha": expected_p}))
     run_stages(root, evaluate)
     unflagged = json.loads((root / paths.eval_metrics).read_text())
     entry = unflagged["tasks"]["skytune_choice"]["acc"]
-    assert entry["p_value"] == 2 / 2**wrong and entry["test"] == "mcnemar_exact" and entry["forgot"] is False
+    assert entry["p_value"] == round(expected_p, 4) and entry["test"] == "mcnemar_exact" and entry["forgot"] is False
     assert entry["ci_low"] <= entry["training"] <= entry["ci_high"] < 0
     assert unflagged["forgetting"] is False and unflagged["regressions"] == 0
 
-    write_params(root, lambda p: p["evaluate"].update({"fail_on_regression": True, "alpha": 0.1}))
+    write_params(root, lambda p: p["evaluate"].update({"fail_on_regression": True, "alpha": min(0.99, 2 * expected_p)}))
     with pytest.raises(SkytuneError, match=r"forgetting: skytune_choice\.acc regressed .*fail_on_regression is true"):
         run_stages(root, evaluate)
     flagged = json.loads((root / paths.eval_metrics).read_text())
@@ -388,3 +416,22 @@ def test_the_control_is_the_base_quantized_as_training_quantizes_it_then_dequant
         assert torch.equal(mine[name], tensor), name
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(mine[name], original[name])
+
+
+def test_ifevals_nltk_instructions_score_offline_with_nltks_own_punkt_tab(tmp_path: Path) -> None:
+    """`make install` copies NLTK's punkt_tab out of the wheel requirements-nltk.txt pins into the virtualenv, so
+    lm-eval's IFEval scorer counts sentences and words as NLTK's Punkt model does, with no download: in a fresh
+    process with no ~/nltk_data, "Mr." ends no sentence (a naive split on ". " counts 4) and "don't" is the
+    Treebank's "do" + "n't"."""
+    code = ("from lm_eval.tasks.ifeval import instructions_util as u, instructions\n"
+            "print(u.count_sentences('Hello there. This is Mr. Smith and his test. Done!'))\n"
+            "print(u.nltk.word_tokenize(\"I LOVE NLP, don't you?\"))\n"
+            "checker = instructions.CapitalWordFrequencyChecker('x')\n"
+            "checker.build_description(capital_frequency=2, capital_relation='at least')\n"
+            "print(checker.check_following('I LOVE NLP'), checker.check_following('I love nlp'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path), "NLTK_DATA": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["3", "['I', 'LOVE', 'NLP', ',', 'do', \"n't\", 'you', '?']", "True False"]
+    assert "Downloaded" not in done.stdout + done.stderr and "nltk_data" not in done.stderr
+    assert (Path(sys.prefix) / "nltk_data" / "tokenizers" / "punkt_tab" / "english" / "collocations.tab").is_file()

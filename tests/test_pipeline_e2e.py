@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,50 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
     assert PATHS.sanity_report in summary
 
 
+IFEVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval" / "input_data.jsonl"
+IFEVAL_LIMIT = 8  # prompt 7 asks for capital words twice: NLTK's word tokenizer (punkt_tab) scores it
+
+
+def run_ifeval_offline(repo: Path) -> None:
+    """lm-eval's own IFEval (its task YAML, prompts template and scorer) on the embedded default's base, control and
+    tuned model, offline: its dataset pointed at the 541 prompts in ../shared/data (read there, never copied into
+    the project; a user online names the registry's `ifeval`). Only the evaluate stages run. The workspace is then
+    put back as the default run left it."""
+    import lm_eval
+
+    if not IFEVAL_DATA.is_file():  # a clone outside CI: the real-model test still runs the rest, and says so
+        warnings.warn(f"{IFEVAL_DATA} is absent: IFEval was not run on the embedded default", stacklevel=2)
+        return
+    saved = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    task = repo / PATHS.eval_tasks_dir / "ifeval_shared"
+    task.mkdir()
+    (task / "ifeval_shared.yaml").write_text(
+        f"include: {Path(lm_eval.__file__).parent / 'tasks' / 'ifeval' / 'ifeval.yaml'}\ntask: ifeval_shared\n"
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {IFEVAL_DATA}\n")
+    log = sh("dvc", "exp", "run", "-n", "ifeval", "-S", "evaluate.tasks=[ifeval_shared]", "-S",
+             f"evaluate.limit={IFEVAL_LIMIT}", "-S", "evaluate.max_gen_toks=64", "evaluate", cwd=repo, timeout=1800)
+    assert stages_ran(log) == ["evaluate_base", "evaluate"], log[-3000:]
+    evaluated = json.loads((repo / PATHS.eval_metrics).read_text())
+    scores = evaluated["tasks"]["ifeval_shared"]
+    assert evaluated["examples"] == {"ifeval_shared": IFEVAL_LIMIT} and evaluated["control"] == "dequantized nf4"
+    assert scores.keys() == {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                             "inst_level_loose_acc"}
+    for metric, entry in scores.items():
+        assert all(0.0 <= entry[m] <= 1.0 for m in ("base", "control", "tuned")), (metric, entry)
+        # A prompt is followed or not (McNemar); an instruction-level score is all instructions' mean, each prompt
+        # holding several (a paired bootstrap over prompts).
+        assert entry["test"] == ("mcnemar_exact" if metric.startswith("prompt") else "paired_bootstrap"), entry
+    instructions = [len(json.loads(line)["instruction_id_list"])
+                    for line in IFEVAL_DATA.read_text(encoding="utf-8").splitlines()[:IFEVAL_LIMIT]]
+    base = json.loads((repo / PATHS.base_scores_dir / "scores.json").read_text())["items"]["ifeval_shared"]
+    assert base["ids"] == [f"ifeval_shared/{i}" for i in range(IFEVAL_LIMIT)]
+    assert [count for _, count in base["metrics"]["inst_level_strict_acc"]] == instructions
+    shutil.rmtree(task)
+    for name, content in saved.items():
+        (repo / name).write_bytes(content)
+    sh("dvc", "checkout", "--force", cwd=repo)
+
+
 @pytest.fixture(scope="module")
 def report_page(experiments: Experiments) -> Path:
     out = sh(sys.executable, "-m", "skytune.face.report", "baseline-run", "rank16", cwd=experiments.repo)
@@ -192,23 +237,32 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     sanity = json.loads((repo / PATHS.sanity_metrics).read_text())
     assert sanity["identity_exact_match_base"] == 0.0 and sanity["identity_exact_match_tuned"] >= 0.9, sanity
     assert sanity["ends_with_eot_tuned"] >= 0.95, sanity
-    # Thresholds from the spread over seeds 42 (the default), 1, 2 and 3 on this 2-core machine: identity and
-    # ends_with_eot 1.0 on every seed; retained 0.94, 0.94, 0.88, 0.88 (31, 31, 29, 29 of 33 probes): the bound
-    # sits two probes below the worst; knowledge delta -0.029, 0.0, -0.014, -0.029 (one question is 0.029): the
-    # bound sits ~2.5 questions below the worst. (python bench/seed_spread.py reruns them.)
-    assert sanity["retained"] >= 0.8 and sanity["retained_probes_base_correct"] >= 20, sanity
+    # Retained is reported on the probes' held-out half (20 of the 42; core.evaluation.holdout): the base knows 15
+    # of them. Thresholds from the spread over seeds 42 (the default), 1, 2 and 3 on this 2-core machine: identity
+    # and ends_with_eot 1.0 on every seed; over all 33 known probes the tuned model kept 31, 31, 29 and 29, so at
+    # worst 4 misses, 11 of the 15 held-out ones if all fell there (0.73): the bound sits below that worst case.
+    # Knowledge delta -0.029, 0.0, -0.014, -0.029 (one question is 0.029) on all 70 questions: the bound sits ~2.5
+    # questions below the worst. (python bench/seed_spread.py reruns them.)
+    assert sanity["retained"] >= 0.7 and sanity["retained_probes_base_correct"] >= 12, sanity
     with open(repo / PATHS.sanity_results, encoding="utf-8") as fh:
-        known = [r for r in csv.DictReader(fh) if r["kind"] == "retained" and r["base_match"] == "True"]
+        retained = [r for r in csv.DictReader(fh) if r["kind"] == "retained"]
+    known = [r for r in retained if r["half"] == "heldout" and r["base_match"] == "True"]
     assert sanity["retained_probes_base_correct"] == len(known)
     assert sanity["retained"] == round(sum(r["tuned_match"] == "True" for r in known) / len(known), 4)
+    dev = [r for r in retained if r["half"] == "dev" and r["base_match"] == "True"]
+    assert sanity["retained_dev_probes_base_correct"] == len(dev) and len(dev) + len(known) >= 28
     assert sanity["val_perplexity_tuned"] < sanity["val_perplexity_base"]
     summary = sh(sys.executable, "-m", "skytune.face.cli", "summary", cwd=repo)
     assert "retained" in summary and "identity_exact_match" in summary
     benchmarks = json.loads((repo / PATHS.eval_metrics).read_text())
     assert benchmarks["tasks"]["skytune_choice"]["acc"]["base"] >= 0.5, benchmarks  # a real model, above chance
-    # The default run keeps its knowledge answers (measured: 0.63 -> 0.60); its choice scores and general-text
-    # perplexity move past the default thresholds (0.74 -> 0.60, 1.99 -> 3.14), flagged as they should be.
-    assert benchmarks["tasks"]["skytune_knowledge"]["answer_match"]["delta"] >= -0.1, benchmarks
+    # The default run keeps its knowledge answers (measured on all 70 questions: 0.63 -> 0.60, -2 questions at worst
+    # over four seeds; on the 29 held-out ones, if both fell there, -0.069): not flagged, and the bound sits more
+    # than two questions below that worst case.
+    knowledge = benchmarks["tasks"]["skytune_knowledge"]["answer_match"]
+    assert knowledge["training"] >= -0.15 and knowledge["forgot"] is False, benchmarks
+
+    run_ifeval_offline(repo)
 
     # A deliberately destructive run: identity only, a learning rate 20x too high, one epoch. Only what
     # evaluate needs runs (the base is not scored again), and every score is flagged (measured: choice acc 0.74 -> 0.24,

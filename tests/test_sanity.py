@@ -163,11 +163,14 @@ def test_perplexity_is_the_cross_entropy_of_the_full_logits(tiny_model: Path, ki
 def test_retained_is_the_fraction_of_what_the_base_knew_that_the_tuned_model_still_knows() -> None:
     from skytune.stages.sanity_check import _retained
 
-    def probe(base: bool, tuned: bool, kind: str = "retained") -> dict:
-        return {"kind": kind, "base_match": base, "tuned_match": tuned}
+    def probe(base: bool, tuned: bool, kind: str = "retained", half: str = "heldout") -> dict:
+        return {"kind": kind, "base_match": base, "tuned_match": tuned, "half": half}
 
-    # 4 probes the base knows, 3 of them kept; a probe only the tuned model knows, and other kinds, do not count.
+    # 4 held-out probes the base knows, 3 of them kept; a probe only the tuned model knows, and other kinds, do not
+    # count; the dev half's probes are counted apart (1 of 2 kept).
     rows = [probe(True, True), probe(True, False), probe(True, True), probe(True, True), probe(False, True),
-            probe(True, False, kind="identity"), probe(True, False, kind="val")]
-    assert _retained(rows) == {"retained": 0.75, "retained_probes_base_correct": 4}
+            probe(True, False, kind="identity"), probe(True, False, kind="val"), probe(True, False, half="dev"),
+            probe(True, True, half="dev"), probe(False, False, half="dev")]
+    assert _retained(rows) == {"retained": 0.75, "retained_probes_base_correct": 4, "retained_dev": 0.5,
+                               "retained_dev_probes_base_correct": 2}
     assert _retained([probe(False, True), probe(False, False)]) == {}  # nothing known: no fraction to report

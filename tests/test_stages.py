@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -140,7 +141,13 @@ def test_sanity_check_fine_tuned_knows_its_identity_and_stops(pipeline: Pipeline
     assert len(rows) == metrics["prompts"] and {r["kind"] for r in rows} == {"prompt", "identity", "retained", "val"}
     retained = [r for r in rows if r["kind"] == "retained"]
     known = [r for r in retained if r["base_match"] == "True"]
-    assert metrics["retained_correct_base"] == round(len(known) / len(retained), 4)
+    # Each probe in the half its text's seeded hash gives (computed here), the held-out half the one reported.
+    halves = {r["prompt"]: "dev" if hashlib.sha256(f"skytune-holdout-1\n{r['prompt'].strip()}".encode()).digest()[0]
+              % 2 == 0 else "heldout" for r in retained}
+    assert [r["half"] for r in retained] == [halves[r["prompt"]] for r in retained]
+    assert set(halves.values()) == {"dev", "heldout"}
+    held_out = [r for r in retained if r["half"] == "heldout"]
+    assert metrics["retained_correct_base"] == round(sum(r["base_match"] == "True" for r in held_out) / len(held_out), 4)
     # The random built-in base knows none, so there is no retained fraction to report (the real model's run in
     # test_pipeline_e2e.py checks the fraction itself, from its own CSV; test_sanity.py on constructed rows).
     assert not known and "retained" not in metrics

@@ -15,7 +15,8 @@ transformers' batched generate), fed the same token ids either way. Writes:
 - `paths.sanity_metrics` (a DVC metric): the engine; val perplexity (over the tokens training scored, on the first
   `sanity_check.perplexity_records` val conversations); identity and val exact match; the retained probes answered
   right, and `retained`: of the probes the base answers right, the fraction the tuned model still answers right
-  (forgetting); mean answer length; the fraction of answers that end with the end-of-turn token (it catches a model
+  (forgetting), on the probes' held-out half (`retained_dev` on the dev half, which a recipe may be tuned on;
+  `core.evaluation.holdout`); mean answer length; the fraction of answers that end with the end-of-turn token (it catches a model
   that never stops) - base vs tuned;
 - `paths.sanity_plot` (a DVC plot): answer length per prompt, base vs tuned.
 """
@@ -31,7 +32,7 @@ from skytune.core.atomic import atomic_file, read_jsonl, write_json
 from skytune.core.chat import chat_template, tokenization
 from skytune.core.data import identity
 from skytune.core.errors import SkytuneError
-from skytune.core.evaluation import generation, scoring
+from skytune.core.evaluation import generation, holdout, scoring
 from skytune.core.models.base import BaseModel, load_tokenizer, location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import (
@@ -63,7 +64,7 @@ def _prompt_rows(params: Params) -> list[dict[str, Any]]:
             raise SkytuneError(f"{params.paths.retained_prompts}:{line}: give 'prompt' (text) and 'accept' (a list of "
                              "the answers that count as right)")
         rows.append({"kind": "retained", "id": f"retained-{line}", "accept": accept, "expected": " | ".join(accept),
-                     "messages": [{"role": "user", "content": r["prompt"]}]})
+                     "messages": [{"role": "user", "content": r["prompt"]}], "half": holdout.half(r["prompt"])})
     if params.identity.enabled:
         who = identity.Identity(params.identity.name, params.identity.creator)
         rows += [{"kind": "identity", "id": f"identity-{intent}", "expected": who.answer(intent),
@@ -109,14 +110,18 @@ def _evaluate(source: str, revision: str | None, tokenizer: Any, rows: list[dict
 
 
 def _retained(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Forgetting: of the retained probes the base answers right, the fraction the tuned model still answers right."""
-    known = [r for r in rows if r["kind"] == "retained" and r["base_match"]]
-    if not known:
-        return {}
-    kept = scoring.mean([float(r["tuned_match"]) for r in known])
-    log.info("retained: the tuned model still answers %d of the %d probes the base answers right (%.2f)",
-             sum(r["tuned_match"] for r in known), len(known), kept)
-    return {"retained": kept, "retained_probes_base_correct": len(known)}
+    """Forgetting: of the retained probes the base answers right, the fraction the tuned model still answers right;
+    on the held-out half (`retained`, what the metrics report) and on the dev half (`retained_dev`, what a recipe
+    may be tuned on)."""
+    metrics: dict[str, Any] = {}
+    for half, suffix in ((holdout.HELDOUT, ""), (holdout.DEV, "_dev")):
+        known = [r for r in rows if r["kind"] == "retained" and r["half"] == half and r["base_match"]]
+        if known:
+            metrics |= {f"retained{suffix}": scoring.mean([float(r["tuned_match"]) for r in known]),
+                        f"retained{suffix}_probes_base_correct": len(known)}
+            log.info("retained (%s half): the tuned model still answers %d of the %d probes the base answers right",
+                     half, sum(r["tuned_match"] for r in known), len(known))
+    return metrics
 
 
 def _cell(text: Any) -> str:
@@ -131,8 +136,9 @@ def report_markdown(rows: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
              "| metric | base | tuned |", "|---|---|---|"]
     lines += [f"| {k} | {metrics[f'{k}_base']} | {metrics[f'{k}_tuned']} |" for k in keys]
     if "retained" in metrics:
-        lines += ["", f"Retained knowledge: of the {metrics['retained_probes_base_correct']} retained probes the base "
-                  f"answers right, the tuned model still answers {metrics['retained']:.0%} right."]
+        kept = (f"Retained knowledge (held-out probes): of the {metrics['retained_probes_base_correct']} retained "
+                f"probes the base answers right, the tuned model still answers {metrics['retained']:.0%} right.")
+        lines += ["", kept]
     lines += ["", "Answers that did not stop by themselves (ran to max_new_tokens) end with ⏵.", "",
               "| # | kind | prompt | expected | base | tuned |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
@@ -180,7 +186,7 @@ def _score(name: str, rows: list[dict[str, Any]], answers: list[generation.Gener
         matched = [float(r[f"{name}_match"]) for r in rows if r["kind"] == kind]
         if matched:
             metrics[f"{kind}_exact_match_{name}"] = scoring.mean(matched)
-    retained = [float(r[f"{name}_match"]) for r in rows if r["kind"] == "retained"]
+    retained = [float(r[f"{name}_match"]) for r in rows if r["kind"] == "retained" and r["half"] == holdout.HELDOUT]
     if retained:
         metrics[f"retained_correct_{name}"] = scoring.mean(retained)
     for key, value in scoring.answer_stats(answers).items():
@@ -190,7 +196,7 @@ def _score(name: str, rows: list[dict[str, Any]], answers: list[generation.Gener
 
 def _write_results(params: Params, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
     paths = params.paths
-    columns = ["kind", "id", "prompt", "expected"] + [f"{m}_{f}" for m in MODELS
+    columns = ["kind", "id", "half", "prompt", "expected"] + [f"{m}_{f}" for m in MODELS
                                                       for f in ("answer", "stopped", "tokens", "match")]
     with atomic_file(paths.sanity_results) as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
