@@ -25,8 +25,8 @@ run=$(seconds make run)
 export PATH="$PWD/.venv/bin:$PATH"
 evaluate=$(python -c 'import json; from skytune.core.params import load_params
 m = json.load(open(load_params().paths.eval_metrics))
-print("base %s s (once per base), tuned %s s (every experiment); flagged as forgetting: %d"
-      % (m["seconds_base"], m["seconds_tuned"], m["regressions"]))')
+print("base %s s and its quantization control %s s (once per base), tuned %s s (every experiment); "
+      "flagged as forgetting: %d" % (m["seconds_base"], m["seconds_control"], m["seconds_tuned"], m["regressions"]))')
 tables=$(python bench/readme_tables.py .)  # the README's base-vs-tuned tables, from this run
 pipeline=$(seconds dvc exp run -f)
 
