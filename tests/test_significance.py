@@ -147,3 +147,14 @@ def test_a_drop_from_quantization_is_told_apart_from_training_and_not_flagged() 
     by_training = forgetting.compare(scores(base), scores(base), scores(control), LIMITS)["bench"]["acc"]
     assert (by_training["quantization"], by_training["training"]) == (0.0, -0.1)
     assert by_training["quantization_p_value"] == 1.0 and by_training["forgot"] is True
+
+
+def test_an_item_with_nothing_scored_is_left_out() -> None:
+    """A text with no token scored (0, 0) carries no evidence: the comparison is the one without it, not NaN."""
+    base = [[2.0 * n, n] for n in (30, 40, 50, 60)]
+    tuned = [[2.5 * n, n] for n in (30, 40, 50, 60)]
+    alone = significance.compare(base, tuned, significance.perplexity_delta, alpha=0.05, seed=0)
+    padded = significance.compare([*base, [0, 0]], [*tuned, [0, 0]], significance.perplexity_delta, alpha=0.05,
+                                  seed=0)
+    assert math.isfinite(padded.ci_low) and math.isfinite(padded.p_value)
+    assert padded.delta == pytest.approx(alone.delta)

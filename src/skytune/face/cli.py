@@ -42,15 +42,16 @@ def summary() -> int:
     evaluated = Path(params.paths.eval_metrics)
     if evaluated.is_file():
         values = json.loads(evaluated.read_text(encoding="utf-8"))
-        print(f"\nbenchmarks (lm-eval {values['lm_eval']}, {values['engine']}; base -> control ({values['control']}) "
-              "-> fine-tuned):")
+        print(f"\nbenchmarks (lm-eval {values['lm_eval']}, {values['engine']}; base -> control "
+              f"({values.get('control', 'base')}) -> fine-tuned):")
         rows = [(f"{task} {metric}", e) for task, metrics in values["tasks"].items() for metric, e in metrics.items()]
         if "general_text" in values:
             rows.append(("general text perplexity", values["general_text"]["perplexity"]))
         for name, e in rows:
             tested = f", p={e['p_value']}" if "p_value" in e else ", untested"
-            control = f" -> {e['control']} (control)" if e["quantization"] else ""
-            print(f"  {name:34s} {e['base']}{control} -> {e['tuned']} (training {e['training']:+.4f}{tested})"
+            control = f" -> {e['control']} (control)" if e.get("quantization") else ""  # metrics of older runs
+            print(f"  {name:34s} {e['base']}{control} -> {e['tuned']} (training {e.get('training', e['delta']):+.4f}"
+                  f"{tested})"
                   f"{'  FORGOT' if e['forgot'] else ''}")
         print(f"  forgetting: {'yes, ' + str(values['regressions']) + ' flagged' if values['forgetting'] else 'no'}")
     print(f"\nside-by-side answers: {params.paths.sanity_report}   (all of it in a browser: make report)")

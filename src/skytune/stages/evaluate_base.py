@@ -65,6 +65,7 @@ def main(params: Params) -> None:
     log.info("base: %s; general text: perplexity %s on %d tokens (%.0f s)", scores.tasks, general["perplexity"],
              general["tokens"], seconds)
     del model
+    generation.release_memory()  # vLLM's server sizes its cache from the memory the device reports free
     control = _control(params, base, tokenizer, texts, score)
     with atomic_dir(paths.base_scores_dir) as out:
         write_json(out / harness.SCORES_FILE, scores.to_json() | {"general_text": general, "seconds": seconds})
@@ -100,10 +101,15 @@ def _control(params: Params, base: BaseModel, tokenizer: Any, texts: list[dict[s
     engine = generation.resolve_engine(params.evaluate.engine, Vllm.from_params(params.vllm, params.paths.vllm_env),
                                        "evaluate.engine")
     with tempfile.TemporaryDirectory(prefix="skytune-control-") as saved:
-        if engine != "transformers":  # vLLM's server loads it from disk
+        load: Callable[[], Any] = lambda: model  # the transformers engine scores the model in memory
+        if engine != "transformers":  # vLLM's server loads it from disk, with the device free of this copy
             model.save_pretrained(saved)
             tokenizer.save_pretrained(saved)
-        scores, model = score(lambda: model, source=saved, revision=None)
+            del model
+            generation.release_memory()
+            dtype = compute_dtype(train.compute_dtype)
+            load = lambda: load_full_precision(saved, None, dtype)  # reloaded after vLLM lets go
+        scores, model = score(load, source=saved, revision=None)
     general = _general_text(model, tokenizer, texts)
     log.info("control (%s base): %s; general text: perplexity %s", what, scores.tasks, general["perplexity"])
     return {"model": what, **scores.to_json(), "general_text": general,

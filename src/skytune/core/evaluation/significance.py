@@ -75,10 +75,12 @@ def compare(reference: Items, tuned: Items, delta: Delta, *, alpha: float, seed:
     if ref.shape != new.shape or ref.ndim != 2 or ref.shape[1] != 2 or not len(ref):
         raise ValueError(f"paired items must be (numerator, count) pairs, as many for both: {ref.shape} vs "
                          f"{new.shape}")
+    scored = (ref[:, 1] > 0) & (new[:, 1] > 0)  # an item with nothing scored (a text with no token) tells nothing
+    ref, new = ref[scored], new[scored]
     observed = float(delta(ref.sum(axis=0), new.sum(axis=0)))
     deltas = _bootstrap(ref, new, delta, seed, resamples)
     far = int(np.count_nonzero(np.abs(deltas - observed) >= abs(observed) - 1e-12))
-    if is_binary(reference) and is_binary(tuned):
+    if is_binary(ref.tolist()) and is_binary(new.tolist()):
         p_value, test = mcnemar_exact(ref[:, 0], new[:, 0]), "mcnemar_exact"
     else:
         p_value, test = (far + 1) / (resamples + 1), "paired_bootstrap"
