@@ -253,8 +253,8 @@ def clone_project(dest: Path, *, tiny: bool = True) -> Path:
     return dest
 
 
-# What the vLLM tests read of the embedded default's first run, kept as it was (hard links: the destructive
-# experiment of test_pipeline_e2e.py later rewrites the workspace's copies).
+# What the vLLM tests read of the embedded default's first run, kept as it was (the IFEval and destructive
+# experiments of test_pipeline_e2e.py later rewrite the workspace's copies).
 EMBEDDED_OUTPUTS = (PATHS.base_model_dir, PATHS.merged_dir, PATHS.export_dir, PATHS.val_file, PATHS.sanity_prompts,
                     PATHS.retained_prompts, PATHS.sanity_results, PATHS.sanity_metrics, PATHS.eval_metrics,
                     PATHS.base_scores_dir, "params.yaml")
@@ -278,10 +278,10 @@ def embedded_default(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedDefaul
     snapshot = root / "snapshot"
     for name in EMBEDDED_OUTPUTS:
         (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        if (repo / name).is_dir():
+        if (repo / name).is_dir():  # DVC replaces an output directory's files when a stage writes them again
             shutil.copytree(repo / name, snapshot / name, copy_function=os.link)
-        else:
-            os.link(repo / name, snapshot / name)
+        else:  # a copy: `dvc exp run -S` edits params.yaml in place, which a hard link would follow
+            shutil.copy2(repo / name, snapshot / name)
     return EmbeddedDefault(repo, log, snapshot)
 
 
