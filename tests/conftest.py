@@ -26,7 +26,7 @@ from skytune.core.vllm_server import ENV_VAR as VLLM_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = load_params(REPO / "params.yaml").paths
-STAGES = ("ingest", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "evaluate_base",
+STAGES = ("ingest", "self_replay", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "evaluate_base",
           "evaluate", "export")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,6 +120,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 TINY_PROFILE = {"model": {"base": "builtin:tiny-llama"},
                 "train": {"epochs": 10, "learning_rate": 0.003, "batch_size": 16, "total_batch_size": 16,
                           "lora_alpha": 32, "max_length": 256},
+                "self_replay": {"engine": "transformers", "max_new_tokens": 16},
                 "sanity_check": {"engine": "transformers"},
                 "evaluate": {"limit": 8, "engine": "transformers",
                              "general_text": {"prompts": 4, "max_new_tokens": 32}},
@@ -154,6 +155,9 @@ def tiny_profile(params: dict) -> dict:
     """`params` (params.yaml as a dict) switched to TINY_PROFILE, in place; returned."""
     for section, values in TINY_PROFILE.items():
         params[section].update(values)
+    # The built-in model's own data: a random model's replayed answers teach nothing (tests/test_self_replay.py
+    # runs the self_replay stage on it, and on the real model).
+    params["data"]["sources"] = [s for s in params["data"]["sources"] if s["format"] != "self_replay"]
     return params
 
 

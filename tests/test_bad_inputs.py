@@ -16,7 +16,7 @@ from conftest import REPO, run_stages, write_params
 from skytune.core.atomic import read_jsonl
 from skytune.core.data.sources import SourceError
 from skytune.core.errors import SkytuneError
-from skytune.stages import ingest, merge_data, split, to_chat
+from skytune.stages import ingest, merge_data, self_replay, split, to_chat
 
 ASSETS = REPO / "tests" / "assets" / "bad_inputs"
 TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
@@ -68,7 +68,7 @@ VALID_PROMPTS = {"Say 1.", "Say 3.", "Say 10.", "Say 13.", "Say 20.", "Say 23.",
 def test_every_bad_row_is_counted_with_file_line_and_field_and_no_valid_row_is_lost(workspace: Path) -> None:
     huge_record(workspace)
     configure(workspace, SOURCES)
-    run(ingest, to_chat, split, merge_data)
+    run(ingest, self_replay, to_chat, split, merge_data)
 
     rejects = {(Path(r["file"]).name, r["line"], r["field"], r["reason"])
                for r in read_jsonl(workspace / "data/chat/rejects.jsonl")}
@@ -151,7 +151,7 @@ def test_every_format_flows_through_and_preference_data_is_kept_apart(workspace:
         {"name": "counsel", "path": "counsel.jsonl", "format": "columns",
          "columns": {"user": "Context", "assistant": "Response"}},
     ])
-    run(ingest, to_chat, split, merge_data)
+    run(ingest, self_replay, to_chat, split, merge_data)
     sft = [r for f in ("data/train.jsonl", "data/val.jsonl") for r in read_jsonl(workspace / f)]
     assert sorted({r["source"] for r in sft}) == ["counsel", "orca", "pc", "samsum"] and len(sft) == 24
     prefs = [r for f in ("train.jsonl", "val.jsonl") for r in read_jsonl(workspace / "data/preference" / f)]
@@ -165,7 +165,7 @@ def test_unreadable_rows_count_toward_the_reject_threshold(workspace: Path) -> N
     (raw / "mostly_bad.jsonl").write_text('{"instruction": "Say 1.", "output": "1."}\n' + "{not json\n" * 9)
     configure(workspace, [{"name": "bad", "path": "mostly_bad.jsonl", "format": "alpaca"}], max_reject_fraction=0.5)
     run(ingest)
-    with pytest.raises(SkytuneError, match=r"source bad: 9 of 10 rows rejected \(9 unreadable at ingest\)"):
+    with pytest.raises(SkytuneError, match=r"source bad: 9 of 10 rows rejected \(9 before conversion"):
         run(to_chat)
 
 
@@ -176,7 +176,7 @@ def test_lone_surrogates_and_a_csv_bom(workspace: Path) -> None:
     (raw / "excel.csv").write_bytes("\ufeffinstruction,output\nSay 7.,7.\n".encode())
     configure(workspace, [{"name": "js", "path": "rows.json", "format": "alpaca"},
                           {"name": "xl", "path": "excel.csv", "format": "auto"}])
-    run(ingest, to_chat)
+    run(ingest, self_replay, to_chat)
     rejects = read_jsonl(workspace / "data/chat/rejects.jsonl")
     assert [(r["source"], r["line"], r["reason"]) for r in rejects] == [("js", 2, "not valid UTF-8")]
     assert len(read_jsonl(workspace / "data/chat/xl.jsonl")) == 1  # the BOM did not hide the header

@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import copy_inputs, run_stages, write_params
 
 from skytune.core.atomic import read_jsonl
-from skytune.stages import ingest, merge_data, split, to_chat
+from skytune.stages import ingest, merge_data, self_replay, split, to_chat
 
 
 def test_undesirable_rows_are_never_trained_and_are_kept_apart(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_undesirable_rows_are_never_trained_and_are_kept_apart(tmp_path: Path) -
         params["data"]["sources"].append({"name": "kto", "path": "kto.jsonl", "format": "messages"})
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat, split, merge_data)
+    run_stages(root, ingest, self_replay, to_chat, split, merge_data)
     assert json.loads((root / "metrics/to_chat.json").read_text())["undesirable"] == {"kto": len(bad_answers)}
     trained = {m["content"] for part in ("train", "val") for r in read_jsonl(root / f"data/{part}.jsonl")
                for m in r["messages"]}
@@ -58,7 +58,7 @@ def test_a_kto_tag_column_map_names_the_label(tmp_path: Path) -> None:
              "columns": {"messages": "completion", "kto_tag": "verdict"}}]
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat)
+    run_stages(root, ingest, self_replay, to_chat)
     metrics = json.loads((root / "metrics/to_chat.json").read_text())
     assert metrics["undesirable"] == {"mix": 10, "verdicts": 5}
     assert metrics["records"]["mix"] == metrics["records"]["verdicts"] == 20

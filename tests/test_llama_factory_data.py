@@ -13,7 +13,7 @@ from conftest import REPO, copy_inputs, run_stages, write_params
 from real_vocabs import build_family, missing
 
 from skytune.core.atomic import read_jsonl
-from skytune.stages import ingest, to_chat
+from skytune.stages import ingest, self_replay, to_chat
 
 LLAMA_FACTORY = REPO.parent / "shared" / "data" / "llama-factory"
 needs_shared = pytest.mark.skipif(not LLAMA_FACTORY.is_dir(),
@@ -37,7 +37,7 @@ def test_identity_placeholders_become_this_projects_identity(tmp_path: Path) -> 
         params["merge_data"]["mixture"] = {}
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat)
+    run_stages(root, ingest, self_replay, to_chat)
     records = read_jsonl(root / "data/chat/lf_identity.jsonl")
     assert len(records) == len(rows)  # 0 rejects
     texts = [m["content"] for r in records for m in r["messages"]]
@@ -74,7 +74,7 @@ def test_sharegpt_ranking_preferences_are_detected_and_kept_whole(tmp_path: Path
         params["data"]["sources"].append({"name": "dpo", "path": "dpo.json", "format": "auto"})
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat)
+    run_stages(root, ingest, self_replay, to_chat)
     assert json.loads((root / "metrics/to_chat.json").read_text())["rejected"].get("dpo", 0) == 0
     records = read_jsonl(root / "data/chat/dpo.jsonl")
     assert len(records) == len(rows)
@@ -187,7 +187,7 @@ def test_the_four_demo_files_through_the_data_stages_and_tool_calls_trained_on_a
 
     write_params(root, edit)
     paths = load_params(root / "params.yaml").paths
-    run_stages(root, ingest, to_chat, split, merge_data)
+    run_stages(root, ingest, self_replay, to_chat, split, merge_data)
 
     to_chat_metrics = json.loads((root / paths.to_chat_metrics).read_text())
     assert to_chat_metrics["rejected_total"] == 0, to_chat_metrics["reject_reasons"]

@@ -12,7 +12,7 @@ from conftest import copy_inputs, run_stages, write_params
 from skytune.core.atomic import read_jsonl
 from skytune.core.errors import SkytuneError
 from skytune.core.models.loading import load_saved_tokenizer
-from skytune.stages import ingest, merge_data, split, to_chat
+from skytune.stages import ingest, merge_data, self_replay, split, to_chat
 
 TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2,
         "num_kv_heads": 1, "max_position_embeddings": 512}
@@ -22,7 +22,7 @@ TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_lay
 def split_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = copy_inputs(tmp_path_factory.mktemp("merge"))
     write_params(root, lambda params: params["model"].update(builtin=TINY))
-    run_stages(root, ingest, to_chat, split)
+    run_stages(root, ingest, self_replay, to_chat, split)
     return root
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import PATHS, STAGES, EmbeddedDefault, PipelineRun, clone_project, sh
 
-DATA_OUTPUTS = tuple(getattr(PATHS, k) for k in ("ingested_dir", "chat_dir", "split_dir", "train_file", "val_file",
-                                                 "preference_dir"))
+from skytune.stages import DATA_STAGES
+
+DATA_OUTPUTS = tuple(getattr(PATHS, k) for k in ("ingested_dir", "replay_dir", "chat_dir", "split_dir", "train_file",
+                                                 "val_file", "preference_dir"))
 
 
 def stages_ran(log: str) -> list[str]:
@@ -96,7 +98,7 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
     log = experiments.rebuild_log
     assert stages_ran(log) == ["merge_adapters"], log[-3000:]
     assert (repo / "dvc.lock").read_text() == experiments.lock_before_rebuild
-    for stage in ("ingest", "to_chat", "split", "merge_data"):
+    for stage in DATA_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in log
 
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo, stdout_only=True))
@@ -226,6 +228,16 @@ def test_the_report_page_renders_in_headless_chromium(report_page: Path, tmp_pat
 
 
 @pytest.mark.slow
+def test_self_replay_on_the_real_model_is_what_transformers_generates(embedded_default: EmbeddedDefault) -> None:
+    """SmolLM2-135M-Instruct's own answers to the first replay prompts, against transformers' generate one prompt at a
+    time (its chat template, its <|im_end|>); most of them stop within self_replay.max_new_tokens."""
+    from test_self_replay import check_replay
+
+    counts = check_replay(embedded_default.repo, source="self_replay", stop_tokens=["<|im_end|>"], limit=6)
+    assert counts["prompts"] == 119 and counts["answers"] >= 50 and counts["rejected"] == 0, counts  # 62 measured
+
+
+@pytest.mark.slow
 def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_what_it_knew(
         embedded_default: EmbeddedDefault) -> None:
     """`make run`'s pipeline as it is: SmolLM2-135M-Instruct from its GGUF, QLoRA NF4 on the CPU, the sample data."""
@@ -269,7 +281,7 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     # knowledge 0.63 -> 0.0, general-text perplexity 2.0 -> 2e8).
     log = sh("dvc", "exp", "run", "-n", "destroy", "-S", "train.learning_rate=0.02", "-S", "train.epochs=1",
              "-S", "merge_data.mixture.sharegpt_math.rows=0", "-S", "+merge_data.mixture.alpaca_tasks={rows: 0}",
-             "evaluate", cwd=repo, timeout=1800)
+             "-S", "+merge_data.mixture.self_replay={rows: 0}", "evaluate", cwd=repo, timeout=1800)
     assert stages_ran(log) == ["merge_data", "train", "merge_adapters", "evaluate"], log[-3000:]
     destroyed = json.loads((repo / PATHS.eval_metrics).read_text())
     scores = {f"{task}.{metric}": entry for task, metrics in destroyed["tasks"].items()

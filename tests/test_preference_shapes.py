@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import copy_inputs, run_stages, write_params
 
 from skytune.core.atomic import read_jsonl
-from skytune.stages import ingest, to_chat
+from skytune.stages import ingest, self_replay, to_chat
 
 USER, GOOD, BAD = "Name a primary colour.", "Red.", "Purple, obviously."
 SHAPES = {
@@ -37,7 +37,7 @@ def test_each_preference_shape_from_its_own_file_becomes_the_canonical_record(tm
         params["data"]["sources"] += [{"name": name, "path": f"{name}.jsonl", "format": "auto"} for name in SHAPES]
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat)
+    run_stages(root, ingest, self_replay, to_chat)
     metrics = json.loads((root / "metrics/to_chat.json").read_text())
     assert {name: metrics["rejected"].get(name, 0) for name in SHAPES} == dict.fromkeys(SHAPES, 0)
     for name in SHAPES:

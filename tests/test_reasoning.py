@@ -105,7 +105,7 @@ def test_a_template_with_no_place_for_traces_is_refused_by_name(qwen3: Any) -> N
 
 
 def test_to_chat_keeps_or_drops_traces_as_params_say(tmp_path: Path) -> None:
-    from skytune.stages import ingest, to_chat
+    from skytune.stages import ingest, self_replay, to_chat
 
     rows = [_row({"content": f"{ANSWER} ({i})", "reasoning_content": TRACE}) for i in range(4)]
     for policy, kept in (("keep", 4), ("drop", 0)):
@@ -117,7 +117,7 @@ def test_to_chat_keeps_or_drops_traces_as_params_say(tmp_path: Path) -> None:
             params["data"]["reasoning"] = policy
 
         write_params(root, edit)
-        run_stages(root, ingest, to_chat)
+        run_stages(root, ingest, self_replay, to_chat)
         records = [json.loads(line) for line in (root / "data/chat/traces.jsonl").read_text().splitlines()]
         assert sum("reasoning_content" in r["messages"][-1] for r in records) == kept
         assert json.loads((root / "metrics/to_chat.json").read_text())["reasoning"] == ({"traces": 4} if kept else {})

@@ -26,6 +26,7 @@ from test_pipeline_e2e import PATHS, clone_project, sh, stages_ran
 from skytune.core import job_ledger
 from skytune.core.errors import SkytuneError
 from skytune.core.training.checkpoints import PREEMPTED_EXIT_CODE
+from skytune.stages import DATA_STAGES
 
 DVC_REMOTE_URL = "s3://my-dvc/skytune"  # the remote the user commits (README: "Cloud"); the project names none
 
@@ -505,8 +506,8 @@ def test_a_sweeps_node_restores_the_data_stages_pushed_at_launch(tmp_path: Path,
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     ran = stages_ran(output)
-    assert ran[0] == "train" and not set(ran) & {"ingest", "to_chat", "split", "merge_data"}, ran
-    for stage in ("ingest", "to_chat", "split", "merge_data"):
+    assert ran[0] == "train" and not set(ran) & set(DATA_STAGES), ran
+    for stage in DATA_STAGES:
         assert f"Stage '{stage}' is cached - skipping run" in output, output[-4000:]
     assert "computing" not in output and "pushed experiment r-01" in output
     print(f"node r-01: {seconds:.0f} s, data stages restored from the remote")

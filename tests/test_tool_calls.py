@@ -204,7 +204,7 @@ def test_merge_data_refuses_tool_data_with_a_template_that_has_no_tools(tmp_path
     """Through the stages, on the default tiny model (ChatML without tools): one clear error before training."""
     from conftest import copy_inputs, run_stages, write_params
 
-    from skytune.stages import ingest, merge_data, split, to_chat
+    from skytune.stages import ingest, merge_data, self_replay, split, to_chat
 
     root = copy_inputs(tmp_path)
     (root / "data/raw/tools.jsonl").write_text(json.dumps(OPENAI_ROW) + "\n")
@@ -214,7 +214,7 @@ def test_merge_data_refuses_tool_data_with_a_template_that_has_no_tools(tmp_path
         params["split"]["val_fraction_by_source"] = {"tools": 0.0}
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat, split)
+    run_stages(root, ingest, self_replay, to_chat, split)
     assert json.loads((root / "metrics/to_chat.json").read_text())["tool_calls"] == {"tools": 1}
     with pytest.raises(SkytuneError, match=r"\(model.chat_template: .*\) does not write tools"):
         run_stages(root, merge_data)
@@ -224,7 +224,7 @@ def test_each_tool_reject_is_counted_with_its_file_line_and_reason(tmp_path: Pat
     """A small file with one row per tool reject reason, through to_chat: each row in rejects.jsonl with its line."""
     from conftest import copy_inputs, run_stages, write_params
 
-    from skytune.stages import ingest, to_chat
+    from skytune.stages import ingest, self_replay, to_chat
 
     edits = {
         "invalid_tool_arguments": lambda r: r["messages"][1]["tool_calls"][0]["function"].update(arguments="{x"),
@@ -243,7 +243,7 @@ def test_each_tool_reject_is_counted_with_its_file_line_and_reason(tmp_path: Pat
         params["data"]["max_reject_fraction"] = 0.3
 
     write_params(root, edit)
-    run_stages(root, ingest, to_chat)
+    run_stages(root, ingest, self_replay, to_chat)
     rejects = [json.loads(line) for line in (root / "data/chat/rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejects if r["source"] == "tools"] == [
         (21 + i, reason) for i, reason in enumerate(edits)]

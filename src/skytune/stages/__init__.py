@@ -20,9 +20,9 @@ from skytune.core.errors import reported
 from skytune.core.params import PARAMS_FILE, Params, load_params
 
 DVC_FILE = Path("dvc.yaml")  # DVC's own file name, next to params.yaml
-# The CPU work before training, in DAG order: prepared and pushed before a cloud launch (skytune.face.cloud.remote_data),
-# so a GPU node restores it from the DVC remote.
-DATA_STAGES = ("ingest", "to_chat", "split", "merge_data")
+# The data work before training, in DAG order (the base answering the self_replay prompts included): prepared and
+# pushed before a cloud launch (skytune.face.cloud.remote_data), so a GPU node restores it from the DVC remote.
+DATA_STAGES = ("ingest", "self_replay", "to_chat", "split", "merge_data")
 
 
 def run_stage(main: Callable[[Params], None]) -> None:

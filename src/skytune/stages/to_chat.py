@@ -4,15 +4,17 @@
 
 Each source's `format` (see `skytune.core.data.chat_format`; `auto` only when the first rows fit exactly one format)
 turns its rows into `{"id", "source", "messages"}` conversations, or `{"id", "source", "prompt", "chosen",
-"rejected"}` for preference data. Writes one JSONL per source under `paths.chat_dir` and `rejects.jsonl` there
-(source, file, line, field, reason; ingest's unreadable rows included), with counts per source and per reason in
-`paths.to_chat_metrics`. `data.on_invalid: error` stops at the first invalid row; with `skip`, a source fails
-when more than `data.max_reject_fraction` of its rows is rejected.
+"rejected"}` for preference data; a `self_replay` source's rows are the base's answers (`paths.replay_dir`), read
+as `messages`. Writes one JSONL per source under `paths.chat_dir` and `rejects.jsonl` there (source, file, line,
+field, reason; ingest's unreadable rows and self_replay's rows with no prompt included), with counts per source and
+per reason in `paths.to_chat_metrics`. `data.on_invalid: error` stops at the first invalid row; with `skip`, a
+source fails when more than `data.max_reject_fraction` of its rows is rejected.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 from collections import Counter
@@ -29,7 +31,7 @@ from skytune.core.atomic import (
 )
 from skytune.core.data import chat_format, identity
 from skytune.core.data.parallel import map_in_processes
-from skytune.core.data.records import REJECTS_FILE, content_hash
+from skytune.core.data.records import REJECTS_FILE, SUMMARY_FILE, content_hash
 from skytune.core.errors import SkytuneError
 from skytune.core.params import Params, SourceParams
 from skytune.stages import run_stage
@@ -68,11 +70,12 @@ def replacements(source: SourceParams, references: dict[str, str]) -> dict[str, 
 
 def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
     """Convert one source into `out/<name>.jsonl`; return its counts and rejects. Runs in a worker process."""
-    name, spec, path, out, on_invalid, max_reject_fraction, unreadable, table, reasoning = job
-    if unreadable and not path.stat().st_size:  # nothing ingest could read: no format to detect
-        raise SkytuneError(f"source {name}: all {unreadable} rows were unreadable at ingest; see rejects.jsonl in "
-                         "the ingested directory")
-    fmt = "messages" if spec is None else _resolve_format(spec, path)
+    name, spec, path, out, on_invalid, max_reject_fraction, unreadable, dropped, table, reasoning = job
+    if unreadable and not path.stat().st_size and not dropped:  # nothing ingest could read: no format to detect
+        raise SkytuneError(f"source {name}: all {unreadable} rows were rejected before conversion (unreadable at "
+                         "ingest, or no prompt for self_replay); see rejects.jsonl in paths.ingested_dir and "
+                         "paths.replay_dir")
+    fmt = "messages" if spec is None or spec.format == "self_replay" else _resolve_format(spec, path)
     convert = chat_format.record_converter(fmt, instruction=spec.instruction if spec else None,
                                            columns=spec.columns if spec else None, tags=spec.tags if spec else None,
                                            reasoning=reasoning)
@@ -101,31 +104,55 @@ def _convert_source(job: tuple) -> tuple[str, dict, list[dict]]:
             yield {"id": content_hash(record), "source": name, **record}
 
     write_jsonl(out / f"{name}.jsonl", records())
-    rejected, total = tally["rejected"] + unreadable, tally["rows"] + unreadable  # ingest's count too
+    # ingest's count too, and the self_replay prompts whose answers were dropped (cut or empty: not rows to convert)
+    rejected, total = tally["rejected"] + unreadable, tally["rows"] + unreadable + dropped
     if total and rejected / total > max_reject_fraction:
         top = Counter(f"{r['field']}: {r['reason']}" for r in rejects).most_common(5)
-        first = f" First: {rejects[0]['file']}:{rejects[0]['line']};" if rejects else ""
+        first = f" First: {rejects[0]['file']}:{rejects[0]['line']}; most common reasons: {top}." if rejects else ""
         raise SkytuneError(
-            f"source {name}: {rejected} of {total} rows rejected ({unreadable} unreadable at ingest), above "
-            f"data.max_reject_fraction={max_reject_fraction}.{first} most common reasons: {top}. Fix the rows, "
-            f"set the source's format: in params.yaml data.sources ({name}), or raise data.max_reject_fraction.")
+            f"source {name}: {rejected} of {total} rows rejected ({unreadable} before conversion: see rejects.jsonl "
+            f"in paths.ingested_dir and paths.replay_dir), above data.max_reject_fraction={max_reject_fraction}."
+            f"{first} Fix the rows, set the source's format: in params.yaml data.sources ({name}), or raise "
+            "data.max_reject_fraction.")
     log.info("source %s (%s): %d records, %d rejected", name, fmt, tally["records"], tally["rejected"])
     return name, tally, rejects
 
 
+def _rows_file(spec: SourceParams | None, name: str, ingested: Path, replayed: Path) -> Path:
+    """Where a source's rows are: ingest's, or for a self_replay source the base's answers (stage self_replay)."""
+    if spec is None or spec.format != "self_replay":
+        return ingested / f"{name}.jsonl"
+    if not (replayed / f"{name}.jsonl").is_file():
+        raise SkytuneError(f"source {name} (format self_replay): the base's answers are not in {replayed}; run the "
+                           "self_replay stage first (dvc repro self_replay)")
+    return replayed / f"{name}.jsonl"
+
+
+def _dropped_answers(replayed: Path) -> dict[str, int]:
+    """Per self_replay source, the prompts whose answers the stage dropped (cut, or empty)."""
+    summary = replayed / SUMMARY_FILE
+    counts = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    return {name: c["cut"] + c["empty"] for name, c in counts.items()}
+
+
 def main(params: Params) -> None:
-    ingested = Path(params.paths.ingested_dir)
+    ingested, replayed = Path(params.paths.ingested_dir), Path(params.paths.replay_dir)
     on_invalid, max_reject_fraction = params.data.on_invalid, params.data.max_reject_fraction
     specs: dict[str, SourceParams | None] = {s.name: s for s in params.data.sources}
     if (ingested / f"{identity.SOURCE}.jsonl").is_file():
         specs[identity.SOURCE] = None  # generated by ingest in `messages` form
-    rejects = read_jsonl(ingested / REJECTS_FILE)  # rows ingest could not even read stay counted here
+    # rows ingest could not even read, and self_replay rows with no prompt, stay counted here
+    rejects = read_jsonl(ingested / REJECTS_FILE)
+    if (replayed / REJECTS_FILE).is_file():  # absent: self_replay has not run (only a self_replay source needs it)
+        rejects += read_jsonl(replayed / REJECTS_FILE)
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(params.paths.chat_dir) as out:
         unreadable = Counter(r["source"] for r in rejects)
+        dropped = _dropped_answers(replayed)
         references = {"${identity.name}": params.identity.name, "${identity.creator}": params.identity.creator}
-        jobs = [(name, specs[name], ingested / f"{name}.jsonl", out, on_invalid, max_reject_fraction,
-                 unreadable[name], replacements(specs[name], references) if specs[name] else {}, params.data.reasoning)
+        jobs = [(name, specs[name], _rows_file(specs[name], name, ingested, replayed), out, on_invalid,
+                 max_reject_fraction, unreadable[name], dropped.get(name, 0),
+                 replacements(specs[name], references) if specs[name] else {}, params.data.reasoning)
                 for name in sorted(specs)]
         sizes = [job[2].stat().st_size for job in jobs]
         for name, tally, source_rejects in map_in_processes(_convert_source, jobs, sizes):

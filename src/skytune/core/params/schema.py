@@ -33,6 +33,8 @@ class PathsParams:
     raw_dir: str
     ingested_dir: str
     base_model_dir: str
+    replay_dir: str
+    replay_metrics: str
     chat_dir: str
     split_dir: str
     train_file: str
@@ -97,7 +99,7 @@ class ModelParams:
 # The names the code dispatches on are written here once; the modules that implement them read these lists.
 Loss = Literal["assistant_only", "completion_only", "full"]
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "orca", "summarization", "columns",
-                 "preference"]
+                 "preference", "self_replay"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,11 @@ class SourceParams:
             problems.append("columns: ShareGPT ranking maps both `chosen` and `rejected`")
         if self.tags is not None and self.format != "sharegpt":
             problems.append("`tags` are for format sharegpt")
+        if self.format == "self_replay":
+            given = [k for k in ("instruction", "columns", "replace") if getattr(self, k) is not None]
+            if given:
+                problems.append(f"format self_replay takes no {', '.join(f'`{k}`' for k in given)}: the base answers "
+                                "the prompts as the rows write them")
         return problems
 
 
@@ -193,7 +200,7 @@ class SplitParams:
 class MixParams:
     """How much of a source's train rows the mixture takes: a `fraction` (above 1 repeats rows) or `rows`."""
 
-    fraction: float | None = field(default=None, metadata={"gt": 0.0})
+    fraction: float | None = field(default=None, metadata={"ge": 0.0})  # 0: none of the source
     rows: int | None = field(default=None, metadata={"ge": 0})
 
     def _problems(self) -> list[str]:
@@ -260,6 +267,15 @@ class MergeAdaptersParams:
 
 
 Engine = Literal["auto", "vllm", "transformers"]
+
+
+@dataclass(frozen=True)
+class SelfReplayParams:
+    """The base's own greedy answers to the prompts of the `self_replay` sources (self-distillation)."""
+
+    engine: Engine
+    max_new_tokens: int = _range(ge=1)
+    batch_size: int = _range(ge=1)
 
 
 @dataclass(frozen=True)
@@ -343,6 +359,7 @@ class Params:
     model: ModelParams
     data: DataParams
     identity: IdentityParams
+    self_replay: SelfReplayParams
     split: SplitParams
     merge_data: MergeDataParams
     train: TrainParams
