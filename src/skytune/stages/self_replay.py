@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,30 @@ DROPPED_FILE = "dropped.jsonl"  # the prompts whose answers were dropped: source
 GREEDY_SEED = 0  # greedy decoding draws nothing; vLLM's server takes a seed all the same
 
 
+@dataclass(frozen=True)
+class Answering:
+    """How the base answers: every setting the answers depend on, read whether a source asks for answers or not (a
+    change of any re-runs the stage, as dvc.yaml declares)."""
+
+    engine: str
+    max_new_tokens: int
+    batch_size: int
+    dtype: Any
+    vllm: Vllm
+
+    @classmethod
+    def from_params(cls, params: Params) -> Answering:
+        settings = params.self_replay
+        return cls(settings.engine, settings.max_new_tokens, settings.batch_size,
+                   compute_dtype(params.train.compute_dtype), Vllm.from_params(params.vllm, params.paths.vllm_env))
+
+
 def main(params: Params) -> None:
     start = time.monotonic()
-    prompts, rejects = _prompts(params)
+    how = Answering.from_params(params)
+    prompts, rejects = _prompts(params, params.data.on_invalid)
     asked = [messages for pairs in prompts.values() for _, messages in pairs]
-    answers, engine = _answers(params, asked) if asked else ([], None)
+    answers, engine = _answers(params.paths.base_model_dir, asked, how) if asked else ([], None)
     counts: dict[str, dict[str, int]] = {}
     dropped: list[dict[str, Any]] = []
     with atomic_dir(params.paths.replay_dir) as out:
@@ -64,7 +84,7 @@ def main(params: Params) -> None:
                 else:
                     dropped.append({"source": name, "file": item["file"], "line": item["line"],
                                     "reason": "empty" if answer.stopped else "cut"})
-            counts[name] = _counts(name, pairs, kept, dropped, rejects, params.self_replay.max_new_tokens)
+            counts[name] = _counts(name, pairs, kept, dropped, rejects, how.max_new_tokens)
             write_jsonl(out / f"{name}.jsonl", kept)
         write_jsonl(out / REJECTS_FILE, rejects)
         write_jsonl(out / DROPPED_FILE, dropped)
@@ -73,7 +93,8 @@ def main(params: Params) -> None:
                                              "seconds": round(time.monotonic() - start, 1)})
 
 
-def _prompts(params: Params) -> tuple[dict[str, list[tuple[dict[str, Any], list[dict[str, str]]]]], list[dict]]:
+def _prompts(params: Params, on_invalid: str) -> tuple[dict[str, list[tuple[dict[str, Any], list[dict[str, str]]]]],
+                                                       list[dict]]:
     """Per self_replay source, its ingested rows and the conversation each asks; and the rows that ask none
     (`data.on_invalid: error` stops at the first)."""
     prompts: dict[str, list[tuple[dict[str, Any], list[dict[str, str]]]]] = {}
@@ -84,7 +105,7 @@ def _prompts(params: Params) -> tuple[dict[str, list[tuple[dict[str, Any], list[
             try:
                 prompts[name].append((item, replay.prompt_messages(item["row"])))
             except InvalidRecord as exc:
-                if params.data.on_invalid == "error":
+                if on_invalid == "error":
                     raise SkytuneError(f"{item['file']}:{item['line']}: field {exc}: (fix the row, or set "
                                        "data.on_invalid: skip to reject it)") from exc
                 rejects.append(Reject(item["file"], item["line"], exc.field, exc.reason, exc.detail).as_dict(name))
@@ -106,26 +127,23 @@ def _counts(name: str, pairs: list, kept: list, dropped: list[dict], rejects: li
             "rejected": sum(r["source"] == name for r in rejects)}
 
 
-def _answers(params: Params, conversations: list[list[dict[str, str]]]) -> tuple[list[generation.Generation], str]:
+def _answers(base_dir: str, conversations: list[list[dict[str, str]]],
+             how: Answering) -> tuple[list[generation.Generation], str]:
     """The base's greedy answers to `conversations`, rendered by the chat template training uses; the engine used."""
-    settings = params.self_replay
-    base = BaseModel.load(params.paths.base_model_dir)
+    base = BaseModel.load(base_dir)
     tokenizer = load_tokenizer(base)
-    dtype = compute_dtype(params.train.compute_dtype)
-    vllm = Vllm.from_params(params.vllm, params.paths.vllm_env)
-    engine = generation.resolve_engine(settings.engine, vllm, "self_replay.engine")
+    engine = generation.resolve_engine(how.engine, how.vllm, "self_replay.engine")
     rendered = [chat_template.render_prompt(tokenizer, messages) for messages in conversations]
     stops = chat_template.stop_tokens(tokenizer)
-    log.info("%d prompts, engine %s (self_replay.engine: %s)", len(rendered), engine, settings.engine)
+    log.info("%d prompts, engine %s (self_replay.engine: %s)", len(rendered), engine, how.engine)
     if engine == "vllm":
-        return generation.generate_greedy_vllm(vllm, location(base), base.revision, tokenizer, rendered,
-                                               stop_tokens=stops, max_new_tokens=settings.max_new_tokens,
-                                               dtype=dtype, seed=GREEDY_SEED), engine
-    model = load_full_precision(location(base), base.revision, dtype)
+        return generation.generate_greedy_vllm(how.vllm, location(base), base.revision, tokenizer, rendered,
+                                               stop_tokens=stops, max_new_tokens=how.max_new_tokens,
+                                               dtype=how.dtype, seed=GREEDY_SEED), engine
+    model = load_full_precision(location(base), base.revision, how.dtype)
     fit_embeddings(model, tokenizer)
     return generation.generate_greedy(model, tokenizer, rendered, stop_tokens=stops,
-                                      max_new_tokens=settings.max_new_tokens,
-                                      batch_size=settings.batch_size), engine
+                                      max_new_tokens=how.max_new_tokens, batch_size=how.batch_size), engine
 
 
 if __name__ == "__main__":
