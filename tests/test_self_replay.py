@@ -139,12 +139,13 @@ def test_two_sources_answered_as_transformers_generates_each_prompt_alone(pipeli
     assert [(Path(r["file"]).name, r["line"], r["field"]) for r in rejects] == [
         ("replay_a.jsonl", 6, "<row>"), ("replay_b.jsonl", 21, "prompt")]
 
-    # Over data.max_reject_fraction (0.1): 3 rows with no prompt of 8, beside 5 prompts the base answers.
-    answered = [r["line"] for r in read_jsonl(root / PATHS.replay_dir / "replay_b.jsonl")]
-    write_prompts(root, "replay_b", [*(shipped[19 + line] for line in answered[:5]), *['{"question": "Why?"}'] * 3])
-    assert len(answered) >= 5
+    # Over data.max_reject_fraction (0.1): 3 rows with no prompt, beside the prompts the base answered above.
+    answered = [json.dumps({"prompt": r["row"]["messages"][-2]["content"]}) for name in ("replay_a", "replay_b")
+                for r in read_jsonl(root / PATHS.replay_dir / f"{name}.jsonl")][:5]
+    write_prompts(root, "replay_b", [*answered, *['{"question": "Why?"}'] * 3])
     run_stages(root, ingest, self_replay)
-    with pytest.raises(SkytuneError, match=r"source replay_b: 3 of 8 rows rejected \(3 before conversion: see "):
+    with pytest.raises(SkytuneError, match=rf"source replay_b: 3 of {len(answered) + 3} rows rejected \(3 before "
+                                           "conversion: see "):
         run_stages(root, to_chat)
 
 
