@@ -27,6 +27,9 @@ evaluate=$(python -c 'import json; from skytune.core.params import load_params
 m = json.load(open(load_params().paths.eval_metrics))
 print("base %s s and its quantization control %s s (once per base), tuned %s s (every experiment); "
       "flagged as forgetting: %d" % (m["seconds_base"], m["seconds_control"], m["seconds_tuned"], m["regressions"]))')
+replay=$(python -c 'import json; from skytune.core.params import load_params
+m = json.load(open(load_params().paths.replay_metrics))
+print("%s s, answers kept %s" % (m["seconds"], {k: "%d of %d" % (v["answers"], v["prompts"]) for k, v in m["sources"].items()}))')
 tables=$(python bench/readme_tables.py .)  # the README's base-vs-tuned tables, from this run
 pipeline=$(seconds dvc exp run -f)
 
@@ -42,6 +45,7 @@ copies=$(find . -path ./.venv -prune -o -path './.venv-*' -prune -o -type f -siz
 
 printf 'make run (fresh clone, installs included): %4d s   (target 600)\n' "$run"
 printf 'the evaluate stages in make run: %s\n' "$evaluate"
+printf 'the self_replay stage in make run: %s\n' "$replay"
 printf '%s\n' "$tables"
 printf 'pipeline alone (dvc exp run -f):           %4d s\n' "$pipeline"
 printf 'a second experiment (-S train.lora_r=16):  %4d s\n' "$experiment"
