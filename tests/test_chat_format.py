@@ -104,6 +104,7 @@ def test_preference_has_its_own_shape() -> None:
     ([{"instruction": "", "input": "", "output": ""}], "alpaca"),
     ([{"prompt": "", "completion": ""}], "prompt_completion"),
     ([{"prompt": "", "chosen": "", "rejected": ""}], "preference"),
+    ([{"chosen_messages": [], "rejected_messages": []}], "preference"),  # LLaMA-Factory v1's DPO sample
     ([{"system_prompt": "", "question": "", "response": ""}], "orca"),
     ([{"dialogue": "", "summary": ""}], "summarization"),
     ([{"instruction": "", "output": ""}, {"conversations": []}], None),   # rows disagree
@@ -134,6 +135,64 @@ def test_content_parts_are_joined_and_non_text_parts_reject_the_record() -> None
         assert (caught.value.field, caught.value.reason) == ("messages[0].content[1]", "non_text_content")
     with pytest.raises(InvalidRecord, match="content\\[0\\].text: expected a string, got int"):
         to_messages({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages")
+
+
+def v1(role: str, *parts: tuple[str, str], weight: float | None = None) -> dict:
+    """A LLaMA-Factory v1 message: typed parts with `value`, and a `loss_weight` when given."""
+    message = {"role": role, "content": [{"type": kind, "value": value} for kind, value in parts]}
+    return message | ({"loss_weight": weight} if weight is not None else {})
+
+
+def test_llama_factory_v1_parts_tool_calls_and_loss_weights() -> None:
+    from skytune.core.data.chat_format import record_converter
+
+    call = '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    row = {"messages": [v1("system", ("text", "Use tools."), weight=0.0),
+                        v1("user", ("text", "2+3?"), weight=0.0),
+                        v1("assistant", ("reasoning", "Add them."), ("text", "Calling."), ("tool_call", call),
+                           weight=0.0),
+                        v1("tool", ("text", "5"), weight=0.0),
+                        v1("assistant", ("text", "It is 5."), weight=1.0)],
+           "tools": '[{"name": "add", "parameters": {"type": "object"}}]'}
+    record = record_converter("messages")(row)
+    assert record["messages"] == [
+        {"role": "system", "content": "Use tools."}, {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "Calling.", "reasoning_content": "Add them.", "loss_weight": 0,
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "It is 5."}]
+    assert record["tools"] == [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    both = {"messages": [v1("user", ("text", "q")), v1("assistant", ("tool_call", call)) | {"tool_calls": [call]}],
+            "tools": [{"name": "add"}]}
+    for bad, field, reason in [
+        ({"messages": [v1("user", ("text", "q"), weight=1.0), v1("assistant", ("text", "a"))]},
+         "messages[0].loss_weight", "unsupported_loss_weight"),
+        ({"messages": [v1("user", ("text", "q")), v1("assistant", ("text", "a"), weight=0.5)]},
+         "messages[1].loss_weight", "unsupported_loss_weight"),
+        ({"messages": [v1("user", ("text", "q")), v1("assistant", ("text", "a"), weight=True)]},
+         "messages[1].loss_weight", "unsupported_loss_weight"),
+        ({"messages": [v1("user", ("text", "q")), v1("assistant", ("text", "a"), weight=0)]},
+         "messages", "nothing_to_train"),
+        ({"messages": [v1("user", ("tool_call", call)), v1("assistant", ("text", "a"))]},
+         "messages[0].content", "invalid_tool_call"),
+        ({"messages": [v1("user", ("text", "q")), v1("assistant", ("tool_call", "{not json"))]},
+         "messages[1].content[0].value", "invalid_tool_call"),
+        (both, "messages[1].tool_calls", "invalid_tool_call"),
+    ]:
+        with pytest.raises(InvalidRecord) as caught:
+            record_converter("messages")(bad)
+        assert (caught.value.field, caught.value.reason) == (field, reason), bad
+
+
+def test_llama_factory_v1_preference_rows_split_at_the_shared_prompt() -> None:
+    from skytune.core.data.chat_format import record_converter
+
+    prompt = [v1("system", ("text", "Be kind."), weight=0.0), v1("user", ("text", "Hi?"), weight=0.0)]
+    row = {"chosen_messages": [*prompt, v1("assistant", ("text", "Hello!"), weight=1.0)],
+           "rejected_messages": [*prompt, v1("assistant", ("text", "Go away."), weight=1.0)]}
+    assert record_converter("preference")(row) == {
+        "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}]}
 
 
 def test_a_row_labelled_undesirable_is_kept_apart_never_as_a_conversation() -> None:

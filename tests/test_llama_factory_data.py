@@ -235,3 +235,111 @@ def test_the_four_demo_files_through_the_data_stages_and_tool_calls_trained_on_a
     assert shown >= 10 and any(r["messages"][1:] and "tool_calls" in str(r) for r in glaive)
     metrics = json.loads((root / paths.train_metrics).read_text())
     assert metrics["gate"]["train"]["problems"] == {}
+
+
+# LLaMA-Factory v1's data format, written here from the v0 demo files the way its own converters map them
+# (src/llamafactory/v1/plugins/data_plugins/converter.py: text parts with `value`, `loss_weight` 0 on every turn but
+# the assistant's, a function_call as a `tool_call` part holding the call's JSON, an observation as a `tool` message,
+# a pair as two whole conversations `chosen_messages` / `rejected_messages`).
+V1_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "function_call": "assistant",
+            "observation": "tool"}
+
+
+def _v1_message(turn: dict) -> dict:
+    kind = "tool_call" if turn["from"] == "function_call" else "text"
+    role = V1_ROLES[turn["from"]]
+    return {"role": role, "content": [{"type": kind, "value": turn["value"]}],
+            "loss_weight": 1.0 if role == "assistant" else 0.0}
+
+
+def _v1_alpaca(row: dict) -> dict:
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input", "").strip() else "")
+    return {"messages": [{"role": "user", "content": [{"type": "text", "value": user}], "loss_weight": 0.0},
+                         {"role": "assistant", "content": [{"type": "text", "value": row["output"]}],
+                          "loss_weight": 1.0}]}
+
+
+def _v1_sharegpt(row: dict) -> dict:
+    return {"messages": [_v1_message(t) for t in row["conversations"]], "tools": row["tools"]}
+
+
+def _v1_pair(row: dict) -> dict:
+    prompt = [_v1_message(t) for t in row["conversations"]]
+    return {f"{key}_messages": [*prompt, _v1_message(row[key])] for key in ("chosen", "rejected")}
+
+
+def _v1_first_answer_untrained(row: dict) -> dict:
+    """A glaive row in v1 whose first assistant turn (answer or call) is context only (loss_weight 0)."""
+    v1 = _v1_sharegpt(row)
+    first = next(m for m in v1["messages"] if m["role"] == "assistant")
+    first["loss_weight"] = 0.0
+    return v1
+
+
+def _drop_ids(records: list[dict]) -> list[str]:
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in ("id", "source")}, sort_keys=True)
+                  for r in records)
+
+
+@needs_shared
+@pytest.mark.skipif(bool(missing("qwen2")), reason=str(missing("qwen2")))
+def test_llama_factory_v1_files_of_each_shape_lose_no_row_and_train_what_their_weights_say(tmp_path: Path) -> None:
+    """The demo files rewritten in v1's format (alpaca and glaive as `messages` with typed parts and tool calls, the
+    DPO pairs as `chosen_messages`/`rejected_messages`), detected by `format: auto`: every row kept, each record the
+    one its v0 file gives; on the real Qwen2 vocabulary with Qwen2.5's template, the tool calls are trained and an
+    answer marked loss_weight 0 is not."""
+    from importlib.resources import files
+
+    from real_vocabs import real_tokenizer
+
+    from skytune.core.chat import chat_template
+    from skytune.core.chat.tokenization import Encoder, gate
+    from skytune.core.params import load_params
+
+    raw = {name: json.loads((LLAMA_FACTORY / f"{name}.json").read_text())
+           for name in ("alpaca_en_demo", "glaive_toolcall_en_demo", "dpo_en_demo")}
+    multi = [r for r in raw["glaive_toolcall_en_demo"] if sum(t["from"] in ("gpt", "function_call")
+                                                               for t in r["conversations"]) > 1]
+    v1 = {"v1_alpaca": [_v1_alpaca(r) for r in raw["alpaca_en_demo"]],
+          "v1_glaive": [_v1_sharegpt(r) for r in raw["glaive_toolcall_en_demo"]],
+          "v1_dpo": [_v1_pair(r) for r in raw["dpo_en_demo"]],
+          "v1_weighted": [_v1_first_answer_untrained(r) for r in multi]}
+    calls = sum(any(p["type"] == "tool_call" for m in r["messages"] for p in m["content"]) for r in v1["v1_weighted"])
+    assert len(multi) > 100 and calls > 100  # what the test is about is in the files
+    root = copy_inputs(tmp_path)
+    for name, rows in v1.items():
+        (root / f"data/raw/{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("glaive_toolcall_en_demo", "dpo_en_demo"):
+        shutil.copy2(LLAMA_FACTORY / f"{name}.json", root / "data/raw")
+    info = json.loads((LLAMA_FACTORY / "dataset_info.json").read_text())
+
+    def edit(params: dict) -> None:
+        params["data"]["sources"] = [{"name": name, "path": f"{name}.jsonl", "format": "auto"} for name in v1] + [
+            _source("glaive", info["glaive_toolcall_en_demo"]), _source("dpo", info["dpo_en_demo"])]
+        params["merge_data"]["mixture"] = {}
+
+    write_params(root, edit)
+    paths = load_params(root / "params.yaml").paths
+    run_stages(root, ingest, self_replay, to_chat)
+    metrics = json.loads((root / paths.to_chat_metrics).read_text())
+    assert metrics["rejected_total"] == 0, metrics["reject_reasons"]
+    assert {name: metrics["records"][name] for name in v1} == {name: len(rows) for name, rows in v1.items()}
+    chats = {name: read_jsonl(root / paths.chat_dir / f"{name}.jsonl") for name in [*v1, "glaive", "dpo"]}
+    assert _drop_ids(chats["v1_glaive"]) == _drop_ids(chats["glaive"])  # the v0 file's records, call for call
+    assert _drop_ids(chats["v1_dpo"]) == _drop_ids(chats["dpo"])
+    assert sorted(r["messages"][-1]["content"] for r in chats["v1_alpaca"]) == sorted(
+        r["output"] for r in raw["alpaca_en_demo"])
+    assert not [m for r in chats["v1_glaive"] for m in r["messages"] if "loss_weight" in m]
+
+    tokenizer = real_tokenizer("qwen2")
+    tokenizer.chat_template = files("trl").joinpath("chat_templates", "qwen2_5.jinja").read_text(encoding="utf-8")
+    chat_template.ensure_pad_token(tokenizer, "auto")
+    encoded = Encoder(tokenizer, "assistant_only").encode(chats["v1_weighted"])
+    gate(tokenizer, encoded, max_length=4096, loss="assistant_only", where="v1_weighted")
+    by_key = {_key(r): r for r in multi}
+    for record, sequence in zip(chats["v1_weighted"], encoded, strict=True):
+        trained, end = "", 0  # the trained characters (a multi-byte character's tokens share its offsets)
+        for (a, b), label in zip(sequence.offsets, sequence.labels, strict=True):
+            if label != -100 and b > end:
+                trained, end = trained + sequence.text[max(a, end):b], b
+        assert trained == "".join(_assistant_texts(by_key[_key(record)])[1:])  # all but the first answer

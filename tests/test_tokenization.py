@@ -82,6 +82,28 @@ def test_loss_modes(family: tuple[str, Any]) -> None:
     assert counts["full"] > counts["assistant_only"] > counts["completion_only"] > 0
 
 
+def test_an_assistant_turn_with_loss_weight_0_is_context_under_every_loss(family: tuple[str, Any]) -> None:
+    """LLaMA-Factory v1's `loss_weight: 0`: the first answer is context; the rest is trained as the loss says."""
+    tokenizer = family[1]
+    eot = chat_template.end_of_turn_token(tokenizer)
+    first_untrained = [*CONVERSATION[:2], {**CONVERSATION[2], "loss_weight": 0}, *CONVERSATION[3:]]
+    last_untrained = [*CONVERSATION[:4], {**CONVERSATION[4], "loss_weight": 0}]
+    for messages, loss, expected in [(first_untrained, "assistant_only", f"It is 6.{eot}"),
+                                     (first_untrained, "completion_only", f"It is 6.{eot}"),
+                                     (last_untrained, "assistant_only", f"It is 4.{eot}"),
+                                     (last_untrained, "completion_only", f"It is 4.{eot}")]:
+        [encoded] = tokenization.Encoder(tokenizer, loss).encode([record(messages)])
+        tokenization.gate(tokenizer, [encoded], max_length=512, loss=loss, where="test")
+        assert trained_text(tokenizer, encoded).replace(" ", "") == expected.replace(" ", ""), (loss, messages)
+    [full] = tokenization.Encoder(tokenizer, "full").encode([record(first_untrained)])
+    [everything] = tokenization.Encoder(tokenizer, "full").encode([record(CONVERSATION)])
+    [answer] = tokenization.Encoder(tokenizer, "completion_only").encode([record(CONVERSATION[:3])])
+    left_out = sum(label != tokenization.IGNORE for label in answer.labels)  # "It is 4." and its end of turn
+    trained = trained_text(tokenizer, full)
+    assert "It is 4." not in trained and "It is 6." in trained and "2 plus 2" in trained
+    assert sum(label != tokenization.IGNORE for label in full.labels) == len(everything.input_ids) - left_out
+
+
 def test_pad_strategies(tmp_path: Path) -> None:
     llama = build_tiny("llama3", tmp_path / "llama3")
     mistral = build_tiny("mistral", tmp_path / "mistral")

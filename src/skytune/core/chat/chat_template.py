@@ -221,10 +221,13 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[di
     return render(tokenizer, messages, tools, add_generation_prompt=True)
 
 
+PLAIN_KEYS = ("role", "content", "loss_weight")  # what a message may hold and still be plain text to a template
+
+
 def structured(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:
     """Whether a conversation carries more than roles and contents (tools, calls, results, reasoning): the
     template then writes text that depends on them, and the fixed-pieces shortcuts do not apply."""
-    return bool(tools) or any(len(m) > 2 for m in messages)
+    return bool(tools) or any(key not in PLAIN_KEYS for m in messages for key in m)
 
 
 _TOOL_PROBE = "probe_\u2063tool"

@@ -29,6 +29,7 @@ from skytune.core.chat.chat_template import (
     structured,
     template_pieces,
 )
+from skytune.core.data.chat_format import LOSS_WEIGHT
 from skytune.core.errors import SkytuneError
 from skytune.core.params.schema import Loss
 
@@ -75,7 +76,8 @@ class Encoded:
 class Encoder:
     """Tokenizes conversations with a tokenizer's chat template and labels the tokens of `loss`:
     `assistant_only` (every assistant turn and its end-of-turn token), `completion_only` (the last assistant turn
-    and its end-of-turn token) or `full` (every token)."""
+    and its end-of-turn token) or `full` (every token). An assistant turn marked `loss_weight: 0` is context only,
+    under every mode."""
 
     def __init__(self, tokenizer: Any, loss: str) -> None:
         if loss not in LOSS_MODES:
@@ -167,18 +169,27 @@ class Encoder:
     def _trained(self, text: str, messages: list[dict[str, str]],
                  spans: list[tuple[int, int]]) -> list[tuple[int, int, int | None]]:
         """Character ranges to train: (start, end of content, end of the end-of-turn token or None)."""
-        if self.loss == "full":
-            return [(0, len(text), None)]
-        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if self.loss == "completion_only":
-            assistant = assistant[-1:]
-        out = []
-        for i in assistant:
-            start, end = spans[i]
-            gap = len(text[end:]) - len(text[end:].lstrip(" \t"))  # some templates put a space before </s>
-            eot_end = end + gap + len(self.eot) if text.startswith(self.eot, end + gap) else None
-            out.append((start, end, eot_end))
-        return out
+        if self.loss == "full":  # every token but the assistant turns marked loss_weight 0 (and their end of turn)
+            out, pos = [], 0
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant" and message.get(LOSS_WEIGHT) == 0:
+                    start, end, eot_end = self._turn(text, spans[i])
+                    out.append((pos, start, None))
+                    pos = eot_end or end
+            return [(a, b, None) for a, b, _ in [*out, (pos, len(text), None)] if b > a]
+        return [self._turn(text, spans[i]) for i in self._trained_turns(messages)]
+
+    def _turn(self, text: str, span: tuple[int, int]) -> tuple[int, int, int | None]:
+        """An assistant turn's (start, end of content, end of its end-of-turn token or None)."""
+        start, end = span
+        gap = len(text[end:]) - len(text[end:].lstrip(" \t"))  # some templates put a space before </s>
+        return start, end, end + gap + len(self.eot) if text.startswith(self.eot, end + gap) else None
+
+    def _trained_turns(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The assistant turns the loss trains (not under `full`): all of them, or the last (`completion_only`),
+        less those marked `loss_weight: 0` (LLaMA-Factory v1: context only)."""
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get(LOSS_WEIGHT) != 0]
+        return trained[-1:] if self.loss == "completion_only" else trained
 
     def encode(self, records: list[dict[str, Any]]) -> list[Encoded]:
         """Tokenize records `{"id", "source", "messages", "tools"?}` (no special tokens added: the template writes
@@ -211,9 +222,7 @@ class Encoder:
     def _expect(self, encoded: Encoded, messages: list[dict[str, Any]], spans: list[tuple[int, int]]) -> None:
         """What the gate must find trained in a structured conversation: each trained assistant turn's reasoning
         trace and calls; and never a tool result."""
-        trained = {i for i, m in enumerate(messages) if m["role"] == "assistant"}
-        if self.loss == "completion_only":
-            trained = {max(trained)}
+        trained = set(self._trained_turns(messages))
         text = encoded.text
         for i, message in enumerate(messages):
             start, end = spans[i]

@@ -91,37 +91,65 @@ def from_sharegpt(row: dict[str, Any], tags: Any = None, columns: dict[str, str]
 
 TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI's chat and responses names for a text part
 REASONING_PARTS = ("reasoning", "thinking")  # a trace as a content part (Anthropic's thinking blocks, ...)
+CALL_PARTS = ("tool_call",)  # LLaMA-Factory v1: a call as a content part, its value the JSON of {"name", "arguments"}
 PART_SEPARATOR = "\n"
+LOSS_WEIGHT = "loss_weight"  # LLaMA-Factory v1's per-message weight; canonical only as 0 on an untrained assistant turn
 
 
-def _content(turn: dict[str, Any], field: str) -> tuple[str, str]:
-    """A message's (text, reasoning). `content` is text, or a list of content parts (`{"type": "text", "text" |
-    "value": ...}`) joined by PART_SEPARATOR; `reasoning`/`thinking` parts are the trace. A non-text part (image,
-    audio, video, file) rejects the record: multimodal training is out of scope, and dropping the part would train
-    answers about something the model never saw."""
+def _content(turn: dict[str, Any], field: str) -> tuple[str, str, list[dict[str, Any]]]:
+    """A message's (text, reasoning, calls). `content` is text, or a list of content parts (`{"type": "text", "text"
+    | "value": ...}`) joined by PART_SEPARATOR; `reasoning`/`thinking` parts are the trace, `tool_call` parts
+    (LLaMA-Factory v1) the calls. A non-text part (image, audio, video, file) rejects the record: multimodal training
+    is out of scope, and dropping the part would train answers about something the model never saw."""
     value = turn.get("content")
     if not isinstance(value, list):
-        return ("" if value is None and turn.get("tool_calls") else _text(turn, "content")), ""
-    texts, traces = [], []
+        return ("" if value is None and turn.get("tool_calls") else _text(turn, "content")), "", []
+    texts, traces, calls = [], [], []
     for j, part in enumerate(value):
         if isinstance(part, str):  # a bare string among the parts: text
             part = {"type": "text", "text": part}
         kind = part.get("type") if isinstance(part, dict) else None
+        where = f"{field}.content[{j}]"
+        if kind in CALL_PARTS:
+            calls += parse_calls(part.get("value"), f"{where}.value")
+            continue
         if kind not in TEXT_PARTS + REASONING_PARTS:
-            raise InvalidRecord(f"{field}.content[{j}]", "non_text_content", repr(kind))
+            raise InvalidRecord(where, "non_text_content", repr(kind))
         text = next((part[k] for k in ("text", "value", kind) if k in part), None)
         if not isinstance(text, str):
-            raise InvalidRecord(f"{field}.content[{j}].text", f"expected a string, got {type(text).__name__}")
+            raise InvalidRecord(f"{where}.text", f"expected a string, got {type(text).__name__}")
         (traces if kind in REASONING_PARTS else texts).append(text)
-    return PART_SEPARATOR.join(texts), PART_SEPARATOR.join(traces)
+    return PART_SEPARATOR.join(texts), PART_SEPARATOR.join(traces), calls
+
+
+def _loss_weight(turn: dict[str, Any], role: str, field: str) -> bool:
+    """Whether a message's `loss_weight` (LLaMA-Factory v1) leaves it out of the loss. 0 does (an assistant turn
+    kept as context only); 1 on an assistant turn, or 0 on any other, is what training does anyway. Any other value
+    is refused: the loss has no per-token weights, and user, system and tool turns are never trained alone."""
+    if LOSS_WEIGHT not in turn or turn[LOSS_WEIGHT] is None:
+        return False
+    weight = turn[LOSS_WEIGHT]
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise InvalidRecord(f"{field}.{LOSS_WEIGHT}", "unsupported_loss_weight", f"expected a number, got {weight!r}")
+    if weight == 0:
+        return True
+    if weight == 1 and role == "assistant":
+        return False
+    why = ("per-turn weights other than 0 and 1 are not supported by the loss" if role == "assistant" else
+           f"a {role} turn is never trained on its own (0 or leave it out; train.loss: full trains every token)")
+    raise InvalidRecord(f"{field}.{LOSS_WEIGHT}", "unsupported_loss_weight", f"{weight!r}: {why}")
 
 
 def _message(turn: dict[str, Any], field: str) -> dict[str, Any]:
     """One OpenAI-style message -> canonical: role, content (text parts joined), and an assistant's trace
-    (`reasoning_content`, `thinking`, reasoning parts) and `tool_calls`, a tool result's `tool_call_id`."""
+    (`reasoning_content`, `thinking`, reasoning parts) and `tool_calls` (or `tool_call` parts), a tool result's
+    `tool_call_id`; `loss_weight: 0` on an assistant turn that is context only."""
     role = _text(turn, "role")
-    content, reasoning = _content(turn, field)
+    content, reasoning, calls = _content(turn, field)
+    untrained = _loss_weight(turn, role, field)
     message: dict[str, Any] = {"role": role, "content": content}
+    if calls and role != "assistant":
+        raise InvalidRecord(f"{field}.content", "invalid_tool_call", f"a {role} message cannot call a function")
     if role == "assistant":
         key = next((k for k in REASONING_KEYS if turn.get(k)), None)
         if key is not None:
@@ -129,7 +157,13 @@ def _message(turn: dict[str, Any], field: str) -> dict[str, Any]:
         if reasoning.strip():
             message["reasoning_content"] = reasoning
         if turn.get("tool_calls"):
-            message["tool_calls"] = parse_calls(turn["tool_calls"], f"{field}.tool_calls")
+            if calls:
+                raise InvalidRecord(f"{field}.tool_calls", "invalid_tool_call", "calls both as tool_calls and as parts")
+            calls = parse_calls(turn["tool_calls"], f"{field}.tool_calls")
+        if calls:
+            message["tool_calls"] = calls
+        if untrained:
+            message[LOSS_WEIGHT] = 0
     if role == "tool" and isinstance(turn.get("tool_call_id"), str):
         message["tool_call_id"] = turn["tool_call_id"]
     return message
@@ -188,6 +222,8 @@ def from_columns(row: dict[str, Any], columns: dict[str, str]) -> Messages:
 
 PREFERENCE_KEYS = (("prompt", "chosen", "rejected"), ("prompt_messages", "chosen_messages", "rejected_messages"),
                    ("conversations", "chosen", "rejected"))
+# Two whole conversations and no prompt column: TRL's implicit prompt, LLaMA-Factory v1's DPO sample.
+WHOLE_PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"))
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")  # Anthropic HH-RLHF transcripts
 
 
@@ -218,9 +254,9 @@ def _preference_parts(row: dict[str, Any], tags: Any = None, columns: dict[str, 
         return (from_sharegpt(row, tags, columns), _sharegpt_answer(row, keys[1], tags),
                 _sharegpt_answer(row, keys[2], tags), keys)
     keys = next((k for k in PREFERENCE_KEYS if k[0] in row), None)
-    if keys is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
-        keys = ("chosen", "chosen", "rejected")  # TRL's implicit prompt: two whole conversations
-        return [], _turns(row, "chosen", "assistant"), _turns(row, "rejected", "assistant"), keys
+    whole = next((k for k in WHOLE_PAIRS if isinstance(row.get(k[0]), list) and isinstance(row.get(k[1]), list)), None)
+    if keys is None and whole is not None:  # two whole conversations: the prompt is what they share
+        return [], _turns(row, whole[0], "assistant"), _turns(row, whole[1], "assistant"), (whole[0], *whole)
     if keys is None:  # Anthropic HH: two whole transcripts that share everything but the last answer
         if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
             raise InvalidRecord("prompt", "missing")
@@ -238,9 +274,12 @@ def to_preference(row: dict[str, Any], tags: Any = None, columns: dict[str, str]
     "rejected": [assistant...]}`: `prompt`/`chosen`/`rejected` as text or messages (silogen's `*_messages` names
     too), conversations that repeat the prompt or carry it whole (HuggingFaceH4's, TRL's implicit prompt),
     ShareGPT ranking (`conversations` with `chosen`/`rejected` message objects), and Anthropic HH (whole
-    `chosen`/`rejected` transcripts); with the `tools` the row may call. A ShareGPT variant's `tags` and
-    `columns` are as in `from_sharegpt`."""
+    `chosen`/`rejected` transcripts), LLaMA-Factory v1's `chosen_messages`/`rejected_messages`; with the `tools`
+    the row may call. A ShareGPT variant's `tags` and `columns` are as in `from_sharegpt`."""
     prompt, chosen, rejected, keys = _preference_parts(row, tags, columns)
+    # The answers are what is compared, the prompt is context: a message's loss_weight means nothing here.
+    prompt, chosen, rejected = ([{k: v for k, v in m.items() if k != LOSS_WEIGHT} for m in part]
+                                for part in (prompt, chosen, rejected))
     prompt, chosen, rejected = _shared_prompt(*map(inline_reasoning, (prompt, chosen, rejected)))
     tools = parse_tools(row.get(tools_column), tools_column) if tools_column else []
     validate(prompt + [{"role": "assistant", "content": "-"}], tools)
@@ -273,7 +312,7 @@ _SIGNATURES: dict[str, tuple[frozenset[str], ...]] = {
     "messages": (frozenset({"messages"}),),
     "sharegpt": (frozenset({"conversations"}),),
     "alpaca": (frozenset({"instruction", "output"}),),
-    "preference": (*(frozenset(k) for k in PREFERENCE_KEYS), frozenset({"chosen", "rejected"})),
+    "preference": tuple(frozenset(k) for k in PREFERENCE_KEYS + WHOLE_PAIRS),
     "prompt_completion": (frozenset({"prompt", "completion"}),),
     "orca": (frozenset({"question", "response"}),),
     "summarization": (frozenset({"dialogue", "summary"}),),
@@ -359,6 +398,8 @@ def validate(messages: Messages, tools: list[dict[str, Any]] = ()) -> None:  # t
         previous = message
     if previous is None or previous["role"] != "assistant":
         raise InvalidRecord("messages", "the last turn must be from the assistant")
+    if all(m.get(LOSS_WEIGHT) == 0 for m in messages if m["role"] == "assistant"):
+        raise InvalidRecord("messages", "nothing_to_train", f"every assistant turn has {LOSS_WEIGHT} 0")
     check_calls(messages, list(tools))
 
 
