@@ -26,8 +26,8 @@ from skytune.core.vllm_server import ENV_VAR as VLLM_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = load_params(REPO / "params.yaml").paths
-STAGES = ("ingest", "self_replay", "to_chat", "split", "merge_data", "train", "merge_adapters", "sanity_check", "evaluate_base",
-          "evaluate", "export")
+STAGES = ("ingest", "self_replay", "to_chat", "split", "merge_data", "train", "preference", "merge_adapters", "sanity_check",
+          "evaluate_base", "evaluate", "export")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -64,8 +64,11 @@ def test_bool_is_not_an_int_and_int_is_a_float(tmp_path: Path) -> None:
 
 
 def test_list_items_are_checked(tmp_path: Path) -> None:
+    appended: list[int] = []
+
     def edit(d: dict) -> None:
         d["data"]["sources"][1].update(format="sharegtp", file="x")
+        appended.append(len(d["data"]["sources"]))
         d["data"]["sources"].append({"name": "both", "path": "a.jsonl", "hub": "org/ds", "format": "summarization"})
         d["merge_data"]["mixture"]["alpaca_tasks"] = {"fraction": 0.5, "rows": 3}
 
@@ -74,8 +77,8 @@ def test_list_items_are_checked(tmp_path: Path) -> None:
     text = "\n".join(err.value.problems)
     assert "data.sources[1].format: 'sharegtp' is not one of" in text and "did you mean 'sharegpt'" in text
     assert "data.sources[1].file: unknown key" in text
-    assert "data.sources[2]: give exactly one of `path`" in text
-    assert "data.sources[2]: format summarization needs `instruction`" in text
+    assert f"data.sources[{appended[0]}]: give exactly one of `path`" in text
+    assert f"data.sources[{appended[0]}]: format summarization needs `instruction`" in text
     assert "merge_data.mixture.alpaca_tasks: give exactly one of `fraction` and `rows`" in text
 
 

@@ -50,6 +50,8 @@ class Experiments:
     rebuild_log: str
     cache_growth: int
     lock_before_rebuild: str
+    dpo_log: str
+    beta_log: str
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,9 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Experiments:
     lock = (repo / "dvc.lock").read_text()
     shutil.rmtree(repo / PATHS.merged_dir)
     rebuild = sh("dvc", "repro", cwd=repo)
-    return Experiments(repo, baseline, experiment, rebuild, growth, lock)
+    dpo = sh("dvc", "exp", "run", "-n", "dpo", "-S", "preference.method=dpo", cwd=repo)
+    beta = sh("dvc", "exp", "run", "-n", "dpo-beta", "-S", "preference.beta=0.2", cwd=repo)
+    return Experiments(repo, baseline, experiment, rebuild, growth, lock, dpo, beta)
 
 
 @pytest.mark.slow
@@ -81,8 +85,13 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
     assert [k for k in ours if ours[k] != theirs[k]] == []
 
     # The experiment re-scores the tuned model only: the base's scores depend on nothing it changed.
-    assert stages_ran(experiments.experiment_log) == ["train", "merge_adapters", "sanity_check", "evaluate", "export"]
+    assert stages_ran(experiments.experiment_log) == ["train", "preference", "merge_adapters", "sanity_check",
+                                                      "evaluate", "export"]
     assert "Stage 'evaluate_base' didn't change, skipping" in experiments.experiment_log
+    # Preference training, switched on and then tuned, re-runs its stage and the later ones, never SFT.
+    for log in (experiments.dpo_log, experiments.beta_log):
+        assert stages_ran(log) == ["preference", "merge_adapters", "sanity_check", "evaluate", "export"], log[-3000:]
+        assert "Stage 'train' didn't change, skipping" in log
     # What an experiment costs: the cache grows by about its adapter and metrics, never by a merged model.
     record = tree_bytes(repo / PATHS.adapter_dir) + sum(tree_bytes(repo / p) for p in (
         PATHS.train_metrics, PATHS.merge_metrics, PATHS.sanity_metrics, PATHS.export_metrics, PATHS.dvclive_dir))
@@ -108,7 +117,12 @@ def test_dvc_exp_run_end_to_end_then_an_experiment(experiments: Experiments, pip
             for rev in exp["revs"]:
                 data = rev["data"]
                 found[exp["name"]] = (data["params"]["params.yaml"]["data"], data["metrics"])
-    assert set(found) >= {"baseline-run", "rank16"}
+    assert set(found) >= {"baseline-run", "rank16", "dpo", "dpo-beta"}
+    assert found["dpo-beta"][0]["preference"] == {**found["dpo"][0]["preference"], "beta": 0.2}
+    assert found["baseline-run"][1][PATHS.preference_metrics]["data"] == {"method": "none"}
+    for name in ("dpo", "dpo-beta"):  # the val pairs' scores, before and after, are experiment columns
+        data = found[name][1][PATHS.preference_metrics]["data"]
+        assert data["method"] == "dpo" and data["val_pairs"] > 0 and "val_preference_accuracy_after" in data
     assert found["baseline-run"][0]["train"]["lora_r"] == 8
     assert found["rank16"][0]["train"]["lora_r"] == 16
     for _params, metrics in found.values():
@@ -282,7 +296,7 @@ def test_the_embedded_default_a_real_model_learns_its_identity_stops_and_keeps_w
     log = sh("dvc", "exp", "run", "-n", "destroy", "-S", "train.learning_rate=0.02", "-S", "train.epochs=1",
              "-S", "merge_data.mixture.sharegpt_math.rows=0", "-S", "+merge_data.mixture.alpaca_tasks={rows: 0}",
              "-S", "+merge_data.mixture.self_replay={rows: 0}", "evaluate", cwd=repo, timeout=1800)
-    assert stages_ran(log) == ["merge_data", "train", "merge_adapters", "evaluate"], log[-3000:]
+    assert stages_ran(log) == ["merge_data", "train", "preference", "merge_adapters", "evaluate"], log[-3000:]
     destroyed = json.loads((repo / PATHS.eval_metrics).read_text())
     scores = {f"{task}.{metric}": entry for task, metrics in destroyed["tasks"].items()
               for metric, entry in metrics.items()} | {"general_text.perplexity": destroyed["general_text"]["perplexity"]}

@@ -204,13 +204,17 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9']+", text))
 
 
-def test_the_replay_prompts_are_none_of_the_evaluated_items() -> None:
-    """Replay teaches the base's own answers: none of its prompts may be a probe, a sanity prompt, a general-text
-    prompt or a benchmark question, or the scores would measure the replay rather than what was kept."""
+def test_the_replay_prompts_and_preference_pairs_are_none_of_the_evaluated_items() -> None:
+    """Replay teaches the base's own answers, the preference pairs an answer's length: none of their prompts may be a
+    probe, a sanity prompt, a general-text prompt or a benchmark question, or the scores would measure the training
+    data rather than what was kept."""
     replayed = {_words(r["prompt"]) for r in read_jsonl(REPO / PATHS.raw_dir / "replay_prompts.jsonl")}
+    paired = {_words(r["prompt"]) for r in read_jsonl(REPO / PATHS.raw_dir / "one_sentence_pairs.jsonl")}
+    assert len(paired) == 48 and paired.isdisjoint(replayed)
     evaluated = {_words(r["prompt"]) for name in (PATHS.retained_prompts, PATHS.sanity_prompts, PATHS.general_prompts)
                  for r in read_jsonl(REPO / name)}
     evaluated |= {_words(r["question"]) for path in (REPO / PATHS.eval_tasks_dir).glob("*/*.jsonl")
                   for r in read_jsonl(path)}
     assert len(replayed) == 119 and len(evaluated) > 200
     assert replayed.isdisjoint(evaluated), sorted(replayed & evaluated)
+    assert paired.isdisjoint(evaluated), sorted(paired & evaluated)

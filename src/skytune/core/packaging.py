@@ -13,6 +13,12 @@ from skytune.core.errors import SkytuneError
 TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved hyperparameters it was trained with
 
 
+def tuned_adapter(adapter_dir: str, preference_adapter_dir: str) -> Path:
+    """The adapter the stages after training take: the preference stage's when it trained one, else train's."""
+    preference = Path(preference_adapter_dir)
+    return preference if (preference / TRAINING_PARAMS).is_file() else Path(adapter_dir)
+
+
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """`{relative path: {"sha256", "bytes"}}` for every file under `directory`, sorted."""
     return {

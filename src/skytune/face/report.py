@@ -62,8 +62,8 @@ def render_svg(spec: dict[str, Any]) -> str:
 def metric_files(params: Params) -> dict[str, str]:
     """The metrics worth comparing, by the stage that writes them (the data stages' row counts are left out)."""
     p = params.paths
-    return {"train": p.train_metrics, "merge": p.merge_metrics, "sanity": p.sanity_metrics,
-            "evaluate": p.eval_metrics, "export": p.export_metrics}
+    return {"train": p.train_metrics, "preference": p.preference_metrics, "merge": p.merge_metrics,
+            "sanity": p.sanity_metrics, "evaluate": p.eval_metrics, "export": p.export_metrics}
 
 
 def revision_metrics(params: Params, rev: str | None) -> dict[str, Any]:
@@ -105,6 +105,9 @@ HEADLINE = (
     ("retained: probes the base got right, still right", None, "sanity.retained"),
     ("val perplexity", "sanity.val_perplexity_base", "sanity.val_perplexity_tuned"),
     ("val loss", "train.val_loss_before", "train.val_loss_after"),
+    ("preference accuracy: val pairs, chosen above rejected (per token)", "preference.val_preference_accuracy_before",
+     "preference.val_preference_accuracy_after"),
+    ("preference reward margin: val pairs, against the SFT model", None, "preference.val_reward_margin"),
     ("general text perplexity (forgetting)", "evaluate.general_text.perplexity.base",
      "evaluate.general_text.perplexity.tuned"),
     ("forgetting flagged (regressions)", None, "evaluate.regressions"),

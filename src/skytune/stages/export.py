@@ -70,7 +70,8 @@ def _export_adapter(params: Params, base: BaseModel, out: Path) -> dict[str, Any
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    adapter_dir, merged_dir = Path(params.paths.adapter_dir), Path(params.paths.merged_dir)
+    adapter_dir = packaging.tuned_adapter(params.paths.adapter_dir, params.paths.preference_adapter_dir)
+    merged_dir = Path(params.paths.merged_dir)
     config_file = adapter_dir / packaging.ADAPTER_CONFIG
     if not config_file.is_file():
         raise packaging.AdapterError(
@@ -157,7 +158,7 @@ def _parity(params: Params) -> dict[str, Any]:
 def main(params: Params) -> None:
     paths, ex = params.paths, params.export
     base = BaseModel.load(paths.base_model_dir)
-    training = _json(Path(paths.adapter_dir) / packaging.TRAINING_PARAMS)
+    training = _json(packaging.tuned_adapter(paths.adapter_dir, paths.preference_adapter_dir) / packaging.TRAINING_PARAMS)
     metrics: dict[str, Any] = {"formats": [], "skipped": {}}
     export_dir = Path(paths.export_dir)
     with atomic_dir(export_dir) as out:

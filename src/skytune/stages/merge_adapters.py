@@ -72,7 +72,7 @@ def _load_base(base: BaseModel, onto: str, trained: dict[str, Any], dtype: torch
 
 def main(params: Params) -> None:
     base = BaseModel.load(params.paths.base_model_dir)
-    adapter_dir = Path(params.paths.adapter_dir)
+    adapter_dir = packaging.tuned_adapter(params.paths.adapter_dir, params.paths.preference_adapter_dir)
     tokenizer = load_saved_tokenizer(adapter_dir)
     dtype = compute_dtype(params.train.compute_dtype)  # the dtype training computed in
     records = read_jsonl(params.paths.val_file)[: params.merge_adapters.logit_check_records]

@@ -43,13 +43,17 @@ from skytune.core.atomic import (
 from skytune.core.chat import tokenization
 from skytune.core.models.base import BaseModel, load_tokenizer
 from skytune.core.models.devices import compute_dtype, fsdp_enabled
-from skytune.core.models.loading import fit_embeddings, load_for_training
 from skytune.core.params import Params, to_dict
 from skytune.core.training import checkpoints
-from skytune.core.training.callbacks import STATE_FILE, Checkpointing, StopOnPreemption
-from skytune.core.training.live import LiveLog, perplexity, restore_live
+from skytune.core.training.callbacks import (
+    STATE_FILE,
+    Checkpointing,
+    StopOnPreemption,
+    train_resumably,
+)
+from skytune.core.training.live import LiveLog, perplexity, start_live
 from skytune.core.training.mfu import mfu
-from skytune.core.training.sft import build_trainer, final_eval_loss
+from skytune.core.training.sft import build_trainer, final_eval_loss, load_model
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
@@ -68,18 +72,6 @@ def _tokenize(params: Params, tokenizer: Any, rank: int) -> tuple[list, list, di
                                            ("val", val, params.paths.val_file))}
     log.info("tokenization gate passed: %s", {k: r.as_metrics() for k, r in reports.items()})
     return train, val, {k: r.as_metrics() for k, r in reports.items()}
-
-
-def _load_model(params: Params, base: BaseModel, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, str]:
-    from peft import prepare_model_for_kbit_training
-
-    p = params.train
-    model, quantization = load_for_training(
-        base, four_bit=p.method == "qlora", quant_type=p.quant_type, double_quant=p.double_quant, dtype=dtype)
-    fit_embeddings(model, tokenizer)
-    if quantization in ("nf4", "fp4") and not fsdp_enabled():  # FSDP+QLoRA keeps the storage dtype
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
-    return model, quantization
 
 
 def _fingerprint(params: Params, base: BaseModel) -> str:
@@ -118,11 +110,11 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     if notice.received:
         checkpoints.exit_preempted()
     dtype = compute_dtype(p.compute_dtype)
-    model, quantization = _load_model(params, base, tokenizer, dtype)
+    model, quantization = load_model(params.train, base, tokenizer, dtype)
     log.info("training on %s x%d, method %s, base weights %s, compute dtype %s, batching %s, loss %s; %s",
              "cuda" if torch.cuda.is_available() else "cpu", world_size, p.method, quantization, dtype, p.batching,
              p.loss, f"resuming from {resume}" if resume else f"checkpoints in {run_dir}")
-    live = _live(Path(paths.dvclive_dir), resume, rank)
+    live = start_live(Path(paths.dvclive_dir), resume, rank)
     stop = StopOnPreemption(notice)
     callbacks = [*([LiveLog(live)] if live else []), stop,
                  Checkpointing(Path(paths.dvclive_dir),
@@ -136,7 +128,7 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
             # evaluate() marks the model prepared (accelerate 1.15 prepare_model, evaluation mode), and train() then
             # leaves it out of DistributedDataParallel: each process would train alone, never averaging gradients.
             trainer.model._is_accelerate_prepared = False
-    start_step, seconds = _run(trainer, resume, stop)
+    start_step, seconds = train_resumably(trainer, resume, stop)
     after = final_eval_loss(trainer.state.log_history, trainer.state.global_step)
     after = trainer.evaluate()["eval_loss"] if after is None else after
     log.info("val loss after training: %.4f (before %.4f)", after, state["val_loss_before"])
@@ -148,35 +140,6 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     _write_metrics(params, trainer, train, gate_metrics, state["val_loss_before"], after, quantization,
                    seconds, start_step, world_size, cloud_node.describe(earlier + time.time() - started))
     checkpoints.finished(run_dir)
-
-
-def _live(live_dir: Path, resume: Path | None, rank: int) -> Any:
-    """DVCLive on the main process only (None elsewhere), resumed from the checkpoint's snapshot, leaving dvc.yaml
-    alone (it declares these metrics and plots itself)."""
-    from dvclive import Live
-
-    if rank != 0:
-        return None
-    if resume:
-        restore_live(resume, live_dir)
-    return Live(dir=str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False, report=None)
-
-
-def _run(trainer: Any, resume: Path | None, stop: StopOnPreemption) -> tuple[int, float]:
-    """Train from `resume` (or the start); exit PREEMPTED_EXIT_CODE when SIGTERM stopped it early. Returns the step
-    it started from and the seconds it took."""
-    start_step = checkpoints.step_of(resume) if resume else 0
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        log.warning("stopped by SIGTERM at step %d of %d; checkpoint saved; exit %d",
-                    trainer.state.global_step, trainer.state.max_steps, checkpoints.PREEMPTED_EXIT_CODE)
-        checkpoints.exit_preempted()
-    if resume and trainer.state.global_step == start_step:
-        log.warning("resumed from %s, the last step's checkpoint of a run that stopped before writing its outputs: "
-                    "no step was trained in this run (steps_this_run: 0 in the metrics)", resume)
-    return start_step, seconds
 
 
 def _write_outputs(params: Params, base: BaseModel, trainer: Any, tokenizer: Any, quantization: str,

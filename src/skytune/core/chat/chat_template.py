@@ -221,7 +221,10 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[di
     return render(tokenizer, messages, tools, add_generation_prompt=True)
 
 
-PLAIN_KEYS = ("role", "content", "loss_weight")  # what a message may hold and still be plain text to a template
+# LLaMA-Factory v1's per-message weight: in a canonical record only as 0, on an assistant turn kept as context (never
+# trained; `tokenization.Encoder`). Templates ignore it.
+LOSS_WEIGHT = "loss_weight"
+PLAIN_KEYS = ("role", "content", LOSS_WEIGHT)  # what a message may hold and still be plain text to a template
 
 
 def structured(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skytune.core.chat.chat_template import (
+    LOSS_WEIGHT,
     document_bos,
     end_of_turn_token,
     render,
@@ -29,7 +30,6 @@ from skytune.core.chat.chat_template import (
     structured,
     template_pieces,
 )
-from skytune.core.data.chat_format import LOSS_WEIGHT
 from skytune.core.errors import SkytuneError
 from skytune.core.params.schema import Loss
 

@@ -20,6 +20,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from skytune.core.chat.chat_template import LOSS_WEIGHT
 from skytune.core.data.invalid import InvalidRecord
 from skytune.core.data.tool_calls import check_calls, parse_calls, parse_tools
 from skytune.core.errors import SkytuneError
@@ -93,7 +94,6 @@ TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI's chat and response
 REASONING_PARTS = ("reasoning", "thinking")  # a trace as a content part (Anthropic's thinking blocks, ...)
 CALL_PARTS = ("tool_call",)  # LLaMA-Factory v1: a call as a content part, its value the JSON of {"name", "arguments"}
 PART_SEPARATOR = "\n"
-LOSS_WEIGHT = "loss_weight"  # LLaMA-Factory v1's per-message weight; canonical only as 0 on an untrained assistant turn
 
 
 def _content(turn: dict[str, Any], field: str) -> tuple[str, str, list[dict[str, Any]]]:

@@ -8,10 +8,11 @@ from skytune.core.params.schema import (
     PARAMS_FILE,
     MixParams,
     Params,
+    PreferenceParams,
     SourceParams,
     TrainParams,
 )
 from skytune.core.params.tracking import TrackedParams, to_dict
 
-__all__ = ["PARAMS_FILE", "MixParams", "Params", "ParamsError", "SourceParams", "TrackedParams",
+__all__ = ["PARAMS_FILE", "MixParams", "Params", "ParamsError", "PreferenceParams", "SourceParams", "TrackedParams",
            "TrainParams", "load_params", "to_dict"]

@@ -46,6 +46,9 @@ class PathsParams:
     adapter_dir: str
     dvclive_dir: str
     train_metrics: str
+    preference_adapter_dir: str
+    preference_dvclive_dir: str
+    preference_metrics: str
     merged_dir: str
     merge_metrics: str
     sanity_prompts: str
@@ -253,6 +256,36 @@ class TrainParams:
         return problems
 
 
+PreferenceMethod = Literal["none", "dpo", "kto", "orpo", "simpo"]
+
+
+@dataclass(frozen=True)
+class PreferenceParams:
+    """Preference training after SFT, continuing from its adapter, through TRL's trainers."""
+
+    method: PreferenceMethod
+    beta: float = _range(gt=0.0)
+    simpo_gamma: float = _range(ge=0.0)
+    desirable_weight: float = _range(gt=0.0)
+    undesirable_weight: float = _range(gt=0.0)
+    learning_rate: float = _range(gt=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_ratio: float = _range(ge=0.0, lt=1.0)
+    epochs: float = _range(gt=0.0)
+    batch_size: int = _range(ge=1)
+    total_batch_size: int = _range(ge=1)
+    max_length: int = _range(ge=16)
+    logging_steps: int = _range(ge=1)
+    eval_steps: int = _range(ge=1)
+    save_steps: int = _range(ge=1)
+
+    def _problems(self) -> list[str]:
+        sizes = (self.total_batch_size, self.batch_size)
+        if all(isinstance(v, int) and v > 0 for v in sizes) and self.total_batch_size % self.batch_size:
+            return [f"total_batch_size ({self.total_batch_size}) must be a multiple of batch_size ({self.batch_size})"]
+        return []
+
+
 @dataclass(frozen=True)
 class MergeAdaptersParams:
     logit_check_records: int = _range(ge=1)
@@ -363,6 +396,7 @@ class Params:
     split: SplitParams
     merge_data: MergeDataParams
     train: TrainParams
+    preference: PreferenceParams
     merge_adapters: MergeAdaptersParams
     sanity_check: SanityCheckParams
     evaluate: EvaluateParams

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,20 @@ class StopOnPreemption(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             self.stopped = True
+
+
+def train_resumably(trainer: Any, resume: Path | None, stop: StopOnPreemption) -> tuple[int, float]:
+    """Train from `resume` (or the start); exit PREEMPTED_EXIT_CODE when SIGTERM stopped it early. Returns the step
+    it started from and the seconds it took."""
+    start_step = checkpoints.step_of(resume) if resume else 0
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        log.warning("stopped by SIGTERM at step %d of %d; checkpoint saved; exit %d",
+                    trainer.state.global_step, trainer.state.max_steps, checkpoints.PREEMPTED_EXIT_CODE)
+        checkpoints.exit_preempted()
+    if resume and trainer.state.global_step == start_step:
+        log.warning("resumed from %s, the last step's checkpoint of a run that stopped before writing its outputs: "
+                    "no step was trained in this run (steps_this_run: 0 in the metrics)", resume)
+    return start_step, seconds

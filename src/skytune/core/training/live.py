@@ -37,14 +37,15 @@ class LiveLog(TrainerCallback):
     NAMES: ClassVar[dict[str, str]] = {"loss": "train/loss", "learning_rate": "train/learning_rate",
                                        "grad_norm": "train/grad_norm", "eval_loss": "eval/loss"}
 
-    def __init__(self, live: Any) -> None:
+    def __init__(self, live: Any, names: dict[str, str] | None = None) -> None:
         self.live = live
+        self.names = {**self.NAMES, **(names or {})}  # a trainer's own log keys (TRL's rewards/margins, ...)
         self.last = _logged_steps(Path(live.dir))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        values = {self.NAMES[k]: float(v) for k, v in logs.items() if k in self.NAMES}
+        values = {self.names[k]: float(v) for k, v in logs.items() if k in self.names}
         if "eval/loss" in values:
             values["eval/perplexity"] = perplexity(values["eval/loss"])
         step = state.global_step
@@ -63,3 +64,15 @@ def restore_live(checkpoint: Path, live_dir: Path) -> None:
     shutil.rmtree(live_dir, ignore_errors=True)
     if (checkpoint / LIVE_SNAPSHOT).is_dir():
         shutil.copytree(checkpoint / LIVE_SNAPSHOT, live_dir)
+
+
+def start_live(live_dir: Path, resume: Path | None, rank: int) -> Any:
+    """DVCLive on the main process only (None elsewhere), resumed from the checkpoint's snapshot, leaving dvc.yaml
+    alone (it declares these metrics and plots itself)."""
+    from dvclive import Live
+
+    if rank != 0:
+        return None
+    if resume:
+        restore_live(resume, live_dir)
+    return Live(dir=str(live_dir), resume=resume is not None, dvcyaml=False, save_dvc_exp=False, report=None)
