@@ -179,3 +179,15 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(pipeline:
     ours, theirs = tensors(root / "models/preference"), tensors(uninterrupted / "models/preference")
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-4
     assert abs(resumed["val_reward_margin"] - baseline["val_reward_margin"]) < 1e-4
+
+
+def test_the_report_shows_the_val_pairs_before_and_after_only_where_preference_training_ran() -> None:
+    from skytune.face.report import _headline
+
+    ran = {"preference.method": "dpo", "preference.val_preference_accuracy_before": 0.5,
+           "preference.val_preference_accuracy_after": 0.875, "preference.val_reward_margin": 0.25}
+    rows = "\n".join(_headline(["dpo", "plain"], {"dpo": ran, "plain": {"preference.method": "none"}}))
+    assert ("<tr><td>preference accuracy: val pairs, chosen above rejected (per token)</td><td class='num'>0.5</td>"
+            "<td class='num'>0.875</td><td class='num'></td></tr>") in rows
+    assert "<td>preference reward margin: val pairs, against the SFT model</td><td class='num'>-</td>" in rows
+    assert "preference" not in "\n".join(_headline(["plain"], {"plain": {"preference.method": "none"}}))

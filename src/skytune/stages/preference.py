@@ -81,9 +81,10 @@ def main(params: Params) -> None:
     # Every param the stage declares, read whatever the method: dvc.yaml re-runs the stage when any of them changes.
     settings = {"preference": to_dict(params.preference), "seed": params.base.seed,
                 "train": {key: getattr(params.train, key) for key in TRAIN_KEYS}}
-    if params.preference.method == "none":
-        with atomic_dir(params.paths.preference_adapter_dir) as out:
-            write_json(out / METHOD_FILE, {"method": "none"})
+    if params.preference.method == "none":  # every output says so (DVC wants each one there)
+        for directory in (params.paths.preference_adapter_dir, params.paths.preference_dvclive_dir):
+            with atomic_dir(directory) as out:
+                write_json(out / METHOD_FILE, {"method": "none"})
         write_json(params.paths.preference_metrics, {"method": "none"})
         return
     with checkpoints.PreemptionNotice() as notice:

@@ -215,6 +215,17 @@ class MergeDataParams:
     mixture: dict[str, MixParams]
 
 
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+def _batch_problems(total_batch_size: Any, batch_size: Any) -> list[str]:
+    """A total batch that the per-step batch does not divide (gradient accumulation would not hold it exactly)."""
+    if all(isinstance(v, int) and v > 0 for v in (total_batch_size, batch_size)) and total_batch_size % batch_size:
+        return [f"total_batch_size ({total_batch_size}) must be a multiple of batch_size ({batch_size}): gradient "
+                "accumulation = total / (batch_size x processes)"]
+    return []
+
+
 @dataclass(frozen=True)
 class TrainParams:
     method: Literal["qlora", "lora", "full"]
@@ -230,7 +241,7 @@ class TrainParams:
     loss: Loss
     batching: Literal["padding_free", "packing", "padded"]
     learning_rate: float = _range(gt=0.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    lr_scheduler: Scheduler
     warmup_ratio: float = _range(ge=0.0, lt=1.0)
     weight_decay: float = _range(ge=0.0)
     epochs: float = _range(gt=0.0)
@@ -246,11 +257,7 @@ class TrainParams:
     distributed: Literal["ddp", "fsdp_qlora"]
 
     def _problems(self) -> list[str]:
-        problems = []
-        sizes = (self.total_batch_size, self.batch_size)
-        if all(isinstance(v, int) and v > 0 for v in sizes) and self.total_batch_size % self.batch_size:
-            problems.append(f"total_batch_size ({self.total_batch_size}) must be a multiple of batch_size "
-                            f"({self.batch_size}): gradient accumulation = total / (batch_size x processes)")
+        problems = _batch_problems(self.total_batch_size, self.batch_size)
         if self.use_dora and self.method == "full":
             problems.append("use_dora is a LoRA option; method full trains every weight")
         return problems
@@ -269,7 +276,7 @@ class PreferenceParams:
     desirable_weight: float = _range(gt=0.0)
     undesirable_weight: float = _range(gt=0.0)
     learning_rate: float = _range(gt=0.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    lr_scheduler: Scheduler
     warmup_ratio: float = _range(ge=0.0, lt=1.0)
     epochs: float = _range(gt=0.0)
     batch_size: int = _range(ge=1)
@@ -280,10 +287,7 @@ class PreferenceParams:
     save_steps: int = _range(ge=1)
 
     def _problems(self) -> list[str]:
-        sizes = (self.total_batch_size, self.batch_size)
-        if all(isinstance(v, int) and v > 0 for v in sizes) and self.total_batch_size % self.batch_size:
-            return [f"total_batch_size ({self.total_batch_size}) must be a multiple of batch_size ({self.batch_size})"]
-        return []
+        return _batch_problems(self.total_batch_size, self.batch_size)
 
 
 @dataclass(frozen=True)
