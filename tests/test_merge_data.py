@@ -52,8 +52,8 @@ def test_mixture_fraction_rows_and_upsampling(split_workspace: Path) -> None:
     ids = Counter(r["id"] for r in train if r["source"] == "identity")
     assert set(ids.values()) == {2}  # every identity record exactly twice
     assert metrics["train"]["sources"]["sharegpt_math"]["rows"] == 10
-    assert len(read_jsonl(root / "data/val.jsonl")) == sum(
-        len(read_jsonl(p)) for p in sorted((root / "data/split/val").glob("*.jsonl")))  # val untouched
+    assert len(read_jsonl(root / "data/val.jsonl")) == sum(  # val untouched (preference pairs go apart)
+        "messages" in r for p in sorted((root / "data/split/val").glob("*.jsonl")) for r in read_jsonl(p))
     again, _ = run_merge(root, **{"merge_data.mixture": mixture})
     assert again == train  # seeded: the same selection and order
     other, _ = run_merge(root, **{"merge_data.mixture": mixture, "base.seed": 7})

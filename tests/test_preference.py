@@ -155,7 +155,7 @@ def test_no_pairs_is_one_clear_error(pipeline: PipelineRun, tmp_path: Path) -> N
 
 def start(root: Path) -> subprocess.Popen:
     log = (root / "preference.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "skytune.core.processes", "skytune.stages.preference"], cwd=root,
+    return subprocess.Popen([sys.executable, "-m", "skytune.stages.preference"], cwd=root,
                             env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
 
 

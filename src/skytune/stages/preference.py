@@ -1,7 +1,8 @@
 """preference: preference training (DPO, KTO, ORPO, SimPO) after SFT, continuing from its adapter.
 
-    python -m skytune.core.processes skytune.stages.preference
-        (normally: dvc exp run -S preference.method=dpo, or -S preference.beta=0.2: this stage and the ones after it)
+    python -m skytune.stages.preference
+        (normally: dvc exp run -S preference.method=dpo, or -S preference.beta=0.2: this stage and the ones after it;
+        one process: on a multi-node job it runs on the head node, whose first GPU it uses)
 
 With `preference.method: none` it writes only `preference.json` saying so into `paths.preference_adapter_dir`, and
 the stages after it take train's adapter (`packaging.tuned_adapter`): their outputs are what they would be without
