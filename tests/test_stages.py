@@ -47,11 +47,12 @@ def test_to_chat_writes_valid_canonical_records(pipeline: PipelineRun) -> None:
     raw = pipeline.root / "data" / "raw"
     assert metrics["records"] == {"alpaca_tasks": len((raw / "alpaca_tasks.jsonl").read_text().splitlines()),
                                   "identity": load_params(pipeline.root / "params.yaml").identity.num_samples,
-                                  "sharegpt_math": len((raw / "sharegpt_math.jsonl").read_text().splitlines())}
+                                  "sharegpt_math": len((raw / "sharegpt_math.jsonl").read_text().splitlines()),
+                                  "one_sentence": len((raw / "one_sentence_pairs.jsonl").read_text().splitlines())}
     for name in metrics["records"]:
         for record in read_jsonl(p("chat_dir") / f"{name}.jsonl"):
             assert record["source"] == name
-            validate(record["messages"])
+            validate(record["messages"] if "messages" in record else record["prompt"] + record["chosen"])
     multi = [r for r in read_jsonl(p("chat_dir") / "sharegpt_math.jsonl") if len(r["messages"]) > 3]
     assert multi and any(r["messages"][0]["role"] == "system" for r in multi)
 
@@ -73,7 +74,8 @@ def test_split_is_disjoint_and_keeps_identity_in_train(pipeline: PipelineRun) ->
 def test_merge_data_holds_every_split_record_once(pipeline: PipelineRun) -> None:
     p = _paths(pipeline)
     train = read_jsonl(p("train_file"))
-    split_train = {f.stem: [r["id"] for r in read_jsonl(f)] for f in sorted((p("split_dir") / "train").glob("*.jsonl"))}
+    split_train = {f.stem: [r["id"] for r in read_jsonl(f) if "messages" in r]  # (preference pairs go apart)
+                   for f in sorted((p("split_dir") / "train").glob("*.jsonl"))}
     mixture = load_params(pipeline.root / "params.yaml").merge_data.mixture
     assert mixture["sharegpt_math"].rows == 40 and mixture["identity"].fraction == 1.0  # the shipped mixture
     for source, ids in split_train.items():  # the mixture's rows, once each; every row of the sources it names whole
