@@ -106,11 +106,11 @@ def real_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def build_family(name: str, out: Path, seed: int = 0) -> Path:
+def build_family(name: str, out: Path, seed: int = 0, head_dim: int | None = None) -> Path:
     """Save family `name`'s real tokenizer (with its chat template) and a tiny random model of its vocabulary into
-    `out`; return `out`."""
+    `out`; return `out`. `head_dim`: see `tiny_archs.save_tiny`."""
     from tiny_archs import save_tiny
 
     # Tied embeddings as in the real SmolLM2 checkpoint.
     return save_tiny(FAMILIES[name].model, real_tokenizer(name), out, seed=seed, max_positions=1024,
-                     tie_embeddings=name == "smollm2")
+                     tie_embeddings=name == "smollm2", head_dim=head_dim)

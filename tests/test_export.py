@@ -224,7 +224,10 @@ def test_vllm_adapter_rules() -> None:
     assert any("init_lora_weights = 'pissa'" in p for p in problems({**ok, "init_lora_weights": "pissa"}))
     assert problems(ok, [*lora, "base_model.model.model.embed_tokens.lora_embedding_A"]) == []
     assert any("not LoRA A/B" in p for p in problems(ok, [*lora, "base_model.model.model.embed_tokens.weight"]))
-    assert any("pad_token: add" in p for p in problems(ok, size=101))
+    assert any("model.pad_token add" in p for p in problems(ok, size=101))
+    rows = ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    [trained_rows] = problems({**ok, "trainable_token_indices": {"embed_tokens": [100, 101]}}, [*lora, *rows])
+    assert "trainable_token_indices: the rows of 2 token(s)" in trained_rows
     assert len(problems({**ok, "r": 32, "use_dora": True, "modules_to_save": ["embed_tokens"]})) == 3
 
 

@@ -184,8 +184,9 @@ def test_template_strategies(tmp_path: Path) -> None:
     assert chat_template.resolve_template(qwen, "chatml")[0] == chat_template.CHATML_TEMPLATE
     mistral_dir = build_tiny("mistral", tmp_path / "mistral")
     mistral = AutoTokenizer.from_pretrained(mistral_dir)
-    with pytest.raises(SkytuneError, match=r"chatml needs the tokens \['<\|im_start\|>', '<\|im_end\|>'\]"):
-        chat_template.resolve_template(mistral, "chatml")
+    chatml, _ = chat_template.resolve_template(mistral, "chatml")  # a base without ChatML's tokens: they are added
+    assert chat_template.missing_tokens(mistral, chatml) == ["<|im_start|>", "<|im_end|>"]
+    assert chat_template.missing_tokens(qwen, chatml) == []
     zephyr, _ = chat_template.resolve_template(mistral, str(REPO / "templates/zephyr.jinja"))
     base = BaseModel("local", "m", str(mistral_dir), None, zephyr, "auto")
     tokenizer = load_tokenizer(base)

@@ -195,9 +195,10 @@ def build_tiny(family: str, out: Path, *, pad: bool = False, seed: int = 0) -> P
 
 
 def save_tiny(model_class_name: str, tokenizer: Any, out: Path, *, seed: int, max_positions: int,
-              tie_embeddings: bool = False) -> Path:
+              tie_embeddings: bool = False, head_dim: int | None = None) -> Path:
     """Save a random 2-layer model of `model_class_name` (a transformers class) covering `tokenizer`'s vocabulary,
-    and the tokenizer, into `out`; return `out`."""
+    and the tokenizer, into `out`; return `out`. `head_dim`: the attention heads' size, 16 unless given (vLLM's CPU
+    attention wants 32 or more)."""
     import torch
     import transformers
 
@@ -215,6 +216,7 @@ def save_tiny(model_class_name: str, tokenizer: Any, out: Path, *, seed: int, ma
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_embeddings,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,4 +1,5 @@
-"""Packaging of outputs: the file manifest and the model card of an exported model."""
+"""Packaging of outputs: a training stage's adapter directory, the file manifest and the model card of an exported
+model."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from skytune.core.atomic import file_sha256
+from skytune.core.atomic import atomic_dir, file_sha256, write_json
 from skytune.core.errors import SkytuneError
 
 TRAINING_PARAMS = "training_params.json"  # beside every adapter: the resolved hyperparameters it was trained with
@@ -41,6 +42,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPORTED_ADAPTER = "adapter"  # the adapter's directory under paths.export_dir (export.formats: adapter)
 # What vLLM loads from an adapter (vllm/lora/utils.py parse_fine_tuned_lora_name); anything else it refuses.
 LORA_TENSOR = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+TRAINED_ROWS = ".trainable_tokens_delta"  # PEFT's tensors of the rows `trainable_token_indices` trains
 PLAIN_LORA_INIT = (True, False, "gaussian")  # PiSSA, OLoRA, CorDA, LoftQ inits change the base weights too
 
 
@@ -57,6 +59,25 @@ def stable_adapter_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def write_trained(directory: str | Path, model: Any, tokenizer: Any, training: dict[str, Any],
+                  **save_kwargs: Any) -> None:
+    """Write a training stage's output `directory` at once: the adapter (a PEFT model) or the whole model (a full
+    fine-tune), the tokenizer with its chat template, and `training` as `training_params.json`.
+
+    An adapter is saved without whole embedding matrices: PEFT adds them when the vocabulary grew, but every grown
+    row is a token trained beside the adapter and saved with it (`training.new_tokens`), every other row the base's.
+    Its `adapter_config.json` is written in a stable order (`stable_adapter_config`)."""
+    with atomic_dir(directory) as out:
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(out, save_embedding_layers=False, **save_kwargs)
+            config_file = out / ADAPTER_CONFIG
+            write_json(config_file, stable_adapter_config(json.loads(config_file.read_text(encoding="utf-8"))))
+        else:
+            model.save_pretrained(out, **save_kwargs)
+        tokenizer.save_pretrained(out)
+        (out / TRAINING_PARAMS).write_text(json.dumps(training, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def vllm_adapter_problems(config: dict[str, Any], tensor_names: list[str], *, max_lora_rank: int,
                           base_vocab_size: int, tokenizer_size: int) -> list[str]:
     """Why vLLM would refuse this PEFT LoRA adapter (empty: it loads). The rules of vLLM's `PEFTHelper` and LoRA
@@ -69,7 +90,13 @@ def vllm_adapter_problems(config: dict[str, Any], tensor_names: list[str], *, ma
     if saved:
         problems.append(f"modules_to_save = {sorted(saved)}: the adapter carries whole copies of these modules, "
                         "which vLLM refuses (vllm#9280); export the merged model instead, or train without them")
-    others = [n for n in tensor_names if not any(tag in n for tag in LORA_TENSOR)]
+    rows = config.get("trainable_token_indices")
+    if rows:
+        count = len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
+        problems.append(f"trainable_token_indices: the rows of {count} token(s) the base lacked (a chat template's "
+                        "tokens, an added pad) trained beside LoRA, which vLLM's LoRA loader does not load: serve the "
+                        "merged model (export.formats: merged)")
+    others = [n for n in tensor_names if not any(tag in n for tag in (*LORA_TENSOR, TRAINED_ROWS))]
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         problems.append(f"{len(others)} tensor(s) that are not LoRA A/B matrices ({shown}): vLLM loads only "
@@ -94,7 +121,8 @@ def vllm_adapter_problems(config: dict[str, Any], tensor_names: list[str], *, ma
                         "trained biases")
     if tokenizer_size > base_vocab_size:
         problems.append(f"the tokenizer has {tokenizer_size} tokens and the base model {base_vocab_size} "
-                        "embedding rows (model.pad_token: add): the adapter alone cannot serve the new tokens")
+                        "embedding rows (tokens were added: model.pad_token add, or a chat template's tokens the base "
+                        "lacked): the adapter alone cannot serve the new tokens")
     return problems
 
 

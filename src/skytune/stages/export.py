@@ -10,7 +10,9 @@ Writes `paths.export_dir`:
   base and the adapter (`make merged`), so the workspace holds one copy of it and an experiment stays small;
 - `adapter/`: the LoRA adapter alone, checked against vLLM's rules first (LoRA tensors only, no
   `modules_to_save`, no DoRA, rank at most `export.max_lora_rank`): a failing check stops the stage and names
-  every problem; the tokenizer, chat template and generation config go with it;
+  every problem; the tokenizer, chat template and generation config go with it. Skipped, with the reason
+  reported, when the model has tokens the base lacks (ChatML added to a base, `model.pad_token: add`): their
+  trained rows are no LoRA tensor vLLM loads, and the merged model serves them;
 - `gguf/`: llama.cpp's `convert_hf_to_gguf.py` run on the merged model (with $LLAMA_CPP_PYTHON), where the
   converter is found ($LLAMA_CPP_DIR or PATH; `make gguf-tools` builds both); when it is not found, or refuses
   the model (it knows only the tokenizers of known model families), the format is skipped and the reason is
@@ -41,6 +43,7 @@ from skytune.core.models.base import BaseModel, adapter_base, location
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import load_full_precision, load_saved_tokenizer
 from skytune.core.params import Params
+from skytune.core.training import new_tokens
 from skytune.core.vllm_server import Vllm
 from skytune.stages import run_stage
 
@@ -101,6 +104,13 @@ def _export_adapter(params: Params, base: BaseModel, out: Path) -> dict[str, Any
         if source.is_file():
             shutil.copy2(source, out / name)
     return {"adapter_rank": config["r"], "adapter_tensors": len(names)}
+
+
+def _added_tokens(params: Params, base: BaseModel) -> list[str]:
+    """The tokens the trained model has beyond the base's vocabulary (`training.new_tokens`)."""
+    tokenizer = load_saved_tokenizer(packaging.tuned_adapter(params.paths.adapter_dir,
+                                                             params.paths.preference_adapter_dir))
+    return tokenizer.convert_ids_to_tokens(new_tokens.new_token_ids(base, tokenizer))
 
 
 def _export_gguf(merged_dir: str, outtype: str, target: Path) -> str | None:
@@ -200,7 +210,14 @@ def _export_formats(params: Params, base: BaseModel, out: Path, metrics: dict[st
             ("Text Generation Inference", f"text-generation-launcher --model-id {merged}"),
             ("transformers serve (no vLLM needed)", f"transformers serve {merged}"),
         ]
-    if "adapter" in ex.formats:
+    added = _added_tokens(params, base)
+    if "adapter" in ex.formats and added:
+        metrics["skipped"]["adapter"] = (
+            f"the adapter trains the rows of {len(added)} token(s) the base lacks ({', '.join(added)}) beside LoRA: "
+            "vLLM loads LoRA matrices alone and refuses any other tensor, and the base it would load has no such "
+            "tokens. Serve the merged model")
+        log.warning("adapter skipped: %s", metrics["skipped"]["adapter"])
+    elif "adapter" in ex.formats:
         metrics.update(_export_adapter(params, base, out / packaging.EXPORTED_ADAPTER))
         serving.append((f"vLLM, the base model with this LoRA adapter (clients ask for model \"{ex.adapter_name}\")",
                         vllm_server.adapter_command(base.name if base.kind == "hub" else location(base),

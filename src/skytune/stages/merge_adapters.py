@@ -117,7 +117,7 @@ def _merge(params: Params, base: BaseModel, adapter_dir: Path, tokenizer: Any, b
     log.info("merged onto %s weights; max |logit difference| base+adapter vs merged: %.3g over %d records",
              metrics["merged_onto"], metrics["max_abs_logit_diff"], len(batch["input_ids"]))
     if qlora:
-        metrics.update(_quantized_drift(base, adapter_dir, batch, after, trained, dtype))
+        metrics.update(_quantized_drift(base, adapter_dir, tokenizer, batch, after, trained, dtype))
     return merged
 
 
@@ -133,7 +133,7 @@ def _set_generation_tokens(merged: Any, tokenizer: Any) -> None:
     merged.config.pad_token_id = tokenizer.pad_token_id
 
 
-def _quantized_drift(base: BaseModel, adapter_dir: Path, batch: Any, merged_logits: torch.Tensor,
+def _quantized_drift(base: BaseModel, adapter_dir: Path, tokenizer: Any, batch: Any, merged_logits: torch.Tensor,
                      trained: dict[str, Any], dtype: torch.dtype) -> dict[str, float | str]:
     """How the merged model's logits differ from those of the model as it trained (4-bit base + adapter)."""
     from peft import PeftModel
@@ -141,6 +141,7 @@ def _quantized_drift(base: BaseModel, adapter_dir: Path, batch: Any, merged_logi
     model, ran = _load_four_bit(base, trained, dtype)
     if ran not in ("nf4", "fp4"):
         return {"vs_4bit": f"not measured: 4-bit does not run here ({ran})"}
+    fit_embeddings(model, tokenizer)
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     worst, average, top1 = _compare(_logits(model, batch), merged_logits, batch["attention_mask"].bool().cpu())

@@ -140,8 +140,8 @@ def _train(params: Params, settings: dict[str, Any], notice: checkpoints.Preempt
     live.end()
     _write_adapter(params, base, trainer, tokenizer, quantization)
     metrics = {"method": p.method, "beta": p.beta, "train_pairs": len(train.pairs),
-               "train_undesirable": len(train.undesirable), "train_rows": trainer.train_dataset.num_rows, "skipped": {k: dict(v.skipped) for k, v in
-                                                                         (("train", train), ("val", val))},
+               "train_undesirable": len(train.undesirable), "train_rows": trainer.train_dataset.num_rows,
+               "skipped": {k: dict(v.skipped) for k, v in (("train", train), ("val", val))},
                **{k: round(v, 6) for k, v in preference.scores(val.pairs, state["before"], after, p.beta).items()},
                "steps": trainer.state.global_step, "resumed_from_step": start_step, "train_seconds": round(seconds, 2),
                "gate": {"train": train.gate, "val": val.gate}}
@@ -153,16 +153,10 @@ def _train(params: Params, settings: dict[str, Any], notice: checkpoints.Preempt
 
 def _write_adapter(params: Params, base: BaseModel, trainer: Any, tokenizer: Any, quantization: str) -> None:
     """The trained adapter alone (not TRL's frozen `ref` copy), its tokenizer and `training_params.json`."""
-    with atomic_dir(params.paths.preference_adapter_dir) as out:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.save_pretrained(out, selected_adapters=["default"])
-        config_file = out / packaging.ADAPTER_CONFIG
-        write_json(config_file, packaging.stable_adapter_config(json.loads(config_file.read_text(encoding="utf-8"))))
-        tokenizer.save_pretrained(out)
-        (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
-            "base_model": asdict(base), "train": to_dict(params.train), "preference": to_dict(params.preference),
-            "seed": params.base.seed, "quantization": quantization,
-        }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    packaging.write_trained(params.paths.preference_adapter_dir, trainer.accelerator.unwrap_model(trainer.model),
+                            tokenizer, {"base_model": asdict(base), "train": to_dict(params.train),
+                                        "preference": to_dict(params.preference), "seed": params.base.seed,
+                                        "quantization": quantization}, selected_adapters=["default"])
 
 
 if __name__ == "__main__":

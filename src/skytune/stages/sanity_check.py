@@ -163,8 +163,14 @@ def main(params: Params) -> None:
     sources = {"base": (location(base), base.revision, load_tokenizer(base)),
                "tuned": (paths.merged_dir, None, load_saved_tokenizer(paths.merged_dir))}
     metrics: dict[str, Any] = {"engine": engine, "prompts": len(rows)}
+    engines = {"base": engine, "tuned": engine}
+    if engine == "vllm" and base.added_tokens:
+        # The prompts hold tokens the base's own checkpoint has no rows for, which vLLM refuses: transformers
+        # answers for the base, its embeddings grown as training grew them.
+        engines["base"] = metrics["base_engine"] = "transformers"
+        log.info("base answered by transformers: its vocabulary lacks %s", base.added_tokens)
     for name, (source, revision, tokenizer) in sources.items():
-        answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engine, vllm, params)
+        answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engines[name], vllm, params)
         metrics |= _score(name, rows, answers)
         metrics[f"val_perplexity_{name}"] = round(ppl, 4) if tokens else None
         metrics["val_perplexity_tokens"] = tokens

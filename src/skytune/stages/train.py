@@ -34,7 +34,6 @@ import torch
 
 from skytune.core import cloud_node, job_ledger, packaging
 from skytune.core.atomic import (
-    atomic_dir,
     atomic_file,
     file_sha256,
     read_jsonl,
@@ -44,7 +43,7 @@ from skytune.core.chat import tokenization
 from skytune.core.models.base import BaseModel, load_tokenizer
 from skytune.core.models.devices import compute_dtype, fsdp_enabled
 from skytune.core.params import Params, to_dict
-from skytune.core.training import checkpoints
+from skytune.core.training import checkpoints, new_tokens
 from skytune.core.training.callbacks import (
     STATE_FILE,
     Checkpointing,
@@ -120,8 +119,12 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
                  Checkpointing(Path(paths.dvclive_dir),
                                lambda: {**state, "node_seconds": earlier + time.time() - started},
                                checkpoints.keep_count(p.save_total_limit))]
+    added = new_tokens.new_token_ids(base, tokenizer)
+    if added:
+        log.info("training the rows of %d token(s) the base lacked: %s", len(added),
+                 tokenizer.convert_ids_to_tokens(added))
     trainer = build_trainer(model, tokenizer, train, val, p, output_dir=run_dir, seed=params.base.seed, dtype=dtype,
-                            world_size=world_size, callbacks=callbacks)
+                            world_size=world_size, callbacks=callbacks, added=added)
     if "val_loss_before" not in state:
         state["val_loss_before"] = trainer.evaluate()["eval_loss"]
         if world_size > 1 and not fsdp_enabled():  # (FSDP wraps the model for evaluation already)
@@ -138,30 +141,21 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
     live.end()
     _write_outputs(params, base, trainer, tokenizer, quantization, weights)
     _write_metrics(params, trainer, train, gate_metrics, state["val_loss_before"], after, quantization,
-                   seconds, start_step, world_size, cloud_node.describe(earlier + time.time() - started))
+                   seconds, start_step, world_size, cloud_node.describe(earlier + time.time() - started),
+                   tokenizer.convert_ids_to_tokens(added))
     checkpoints.finished(run_dir)
 
 
 def _write_outputs(params: Params, base: BaseModel, trainer: Any, tokenizer: Any, quantization: str,
                    weights: dict[str, Any]) -> None:
-    with atomic_dir(params.paths.adapter_dir) as out:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out, state_dict=weights)
-        config_file = out / packaging.ADAPTER_CONFIG
-        if config_file.is_file():  # (method: full writes none)
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            write_json(config_file, packaging.stable_adapter_config(config))
-        tokenizer.save_pretrained(out)
-        (out / packaging.TRAINING_PARAMS).write_text(json.dumps({
-            "base_model": asdict(base),
-            "train": to_dict(params.train),
-            "seed": params.base.seed,
-            "quantization": quantization,
-        }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    packaging.write_trained(params.paths.adapter_dir, trainer.accelerator.unwrap_model(trainer.model), tokenizer,
+                            {"base_model": asdict(base), "train": to_dict(params.train), "seed": params.base.seed,
+                             "quantization": quantization}, state_dict=weights)
 
 
 def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict[str, Any], before: float,
                    after: float, quantization: str, seconds: float, start_step: int, world_size: int,
-                   cloud: dict[str, Any] | None) -> None:
+                   cloud: dict[str, Any] | None, added_tokens: list[str]) -> None:
     state = trainer.state
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     tokens_per_epoch = sum(len(r.input_ids) for r in train)
@@ -191,6 +185,7 @@ def _write_metrics(params: Params, trainer: Any, train: list, gate_metrics: dict
         "tokens_per_second": round(tokens_per_second, 1),
         "tokens_per_epoch": tokens_per_epoch,
         "trainable_parameters": trainable,
+        "added_tokens": added_tokens,  # trained as new rows (training.new_tokens)
         "gate": gate_metrics,
     }
     if torch.cuda.is_available():

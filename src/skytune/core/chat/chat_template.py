@@ -9,6 +9,7 @@ model output, and rendered by the serving engine: one template from data to serv
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +151,31 @@ def adds_bos_by_default(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+_SPECIAL_LITERAL = re.compile(r"<\|[A-Za-z0-9_.:-]+\|>")  # <|im_start|>, <|eot_id|>, <|end|>: special-token shaped
+
+
+def missing_tokens(tokenizer: Any, template: str) -> list[str]:
+    """The special-token-shaped literals (`<|...|>`) the template writes that the tokenizer's vocabulary lacks, in the
+    order the template first writes them: ChatML's `<|im_start|>` and `<|im_end|>` on a Llama 2 / Mistral base. As
+    plain text they would split into pieces, and the end of a turn would be no token a model could stop on."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in dict.fromkeys(_SPECIAL_LITERAL.findall(template)) if t not in vocab]
+
+
+def add_tokens(tokenizer: Any, tokens: list[str]) -> None:
+    """Add `tokens` (`missing_tokens`) to the tokenizer as special tokens, never split and never normalised; the
+    model's embedding and output rows for them are grown (`models.loading.fit_embeddings`) and trained beside LoRA
+    (`training.new_tokens`)."""
+    if tokens:
+        tokenizer.add_tokens(tokens, special_tokens=True)
+
+
 def resolve_template(tokenizer: Any, strategy: str) -> tuple[str, list[str]]:
     """The chat template `model.chat_template` asks for, made fit to train on; and notes on what was changed.
 
-    - `keep` takes the tokenizer's own, `chatml` the ChatML template (the tokenizer must have `<|im_start|>` and
-      `<|im_end|>`), anything else is a jinja file's path.
+    - `keep` takes the tokenizer's own, `chatml` the ChatML template, anything else is a jinja file's path. Special
+      tokens the template writes and the vocabulary lacks (`missing_tokens`: ChatML on a base model without
+      `<|im_start|>`) are for the caller to add and train.
     - A template without `{% generation %}` markers gets TRL's training variant where TRL knows the template (Llama 3,
       Qwen, Gemma, ...); the training masks never depend on markers anyway (`tokenization` derives them from the
       rendered spans), the markers are for those who train on the saved template with TRL.
@@ -176,11 +197,6 @@ def resolve_template(tokenizer: Any, strategy: str) -> tuple[str, list[str]]:
         if isinstance(template, dict):
             template = template["default"]
     elif strategy == "chatml":
-        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-        if missing:
-            raise SkytuneError(f"model.chat_template: chatml needs the tokens {missing}, which this tokenizer lacks "
-                             "(untrained new tokens would never be emitted). Use keep, or a jinja template written "
-                             "with the tokenizer's own special tokens")
         template = CHATML_TEMPLATE
     else:
         template = Path(strategy).read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ class BaseModel:
     `ref` is what `from_pretrained` takes (for a GGUF base, the file as params.yaml names it: `location()` gives the
     converted checkpoint); `revision` a commit hash or None; `chat_template` the exact template text every later
     stage uses (resolved once, at ingest, from `model.chat_template`); `pad_token` the pad strategy; `gguf` what
-    `gguf.describe` recorded of a GGUF base (sha256, quantization, converter versions).
+    `gguf.describe` recorded of a GGUF base (sha256, quantization, converter versions); `added_tokens` the special
+    tokens that template writes and the base's vocabulary lacks, added to the tokenizer by every stage and trained
+    as new rows (`training.new_tokens`).
     """
 
     kind: str  # "builtin" | "hub" | "local" | "gguf"
@@ -47,6 +49,7 @@ class BaseModel:
     chat_template: str
     pad_token: str
     gguf: dict[str, Any] | None = None
+    added_tokens: list[str] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
         write_json(directory / MANIFEST, asdict(self))
@@ -82,9 +85,13 @@ def describe_base(kind: str, name: str, ref: str, revision: str | None, *, templ
     base = BaseModel(kind, name, ref, revision, "", pad_token, source)
     tokenizer = AutoTokenizer.from_pretrained(location(base), revision=revision)
     text, notes = chat_template.resolve_template(tokenizer, template)
+    added = chat_template.missing_tokens(tokenizer, text)
+    if added:
+        notes.append(f"the base's vocabulary lacks {added}: they are added, and their embedding and output rows "
+                     "trained beside the adapter")
     for note in notes:
         log.info("chat template (%s): %s", template, note)
-    base = BaseModel(kind, name, ref, revision, text, pad_token, source)
+    base = BaseModel(kind, name, ref, revision, text, pad_token, source, added)
     load_tokenizer(base)  # fails now, at ingest, on a template that cannot end a turn or a pad strategy with no token
     return base
 
@@ -118,11 +125,17 @@ def adapter_base_location(named: str, manifest: BaseModel | None) -> str:
 
 
 def load_tokenizer(base: BaseModel) -> Any:
-    """The base model's tokenizer as every stage must see it: the manifest's chat template and a pad token
-    distinct from EOS/end-of-turn."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(location(base), revision=base.revision)
+    """The base model's tokenizer as every stage must see it: the template's tokens it lacked added, the manifest's
+    chat template, and a pad token distinct from EOS/end-of-turn."""
+    tokenizer = load_base_tokenizer(base)
+    chat_template.add_tokens(tokenizer, base.added_tokens)
     tokenizer.chat_template = base.chat_template
     chat_template.ensure_pad_token(tokenizer, base.pad_token)
     return tokenizer
+
+
+def load_base_tokenizer(base: BaseModel) -> Any:
+    """The base's tokenizer as it ships, nothing added (`load_tokenizer` is what stages use)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(location(base), revision=base.revision)

@@ -27,6 +27,7 @@ import torch
 
 from skytune.core.chat import tokenization
 from skytune.core.params import PreferenceParams
+from skytune.core.training import new_tokens
 from skytune.core.training.sft import grad_accum, keep_adapter_fp32
 
 IGNORE = tokenization.IGNORE
@@ -263,4 +264,6 @@ def build_trainer(method: str, model: Any, tokenizer: Any, train: Encoded, val: 
                                      eval_dataset=_dataset(method, val) if evaluate else None,
                                      processing_class=tokenizer, callbacks=callbacks)
     keep_adapter_fp32(trainer.model)
+    new_tokens.expose_head_bias(trainer.model)
+    new_tokens.copy_reference_rows(trainer.model)
     return trainer

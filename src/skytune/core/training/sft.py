@@ -19,7 +19,7 @@ from skytune.core.models.base import BaseModel
 from skytune.core.models.devices import fsdp_enabled
 from skytune.core.models.loading import fit_embeddings, load_for_training
 from skytune.core.params import TrainParams
-from skytune.core.training import lora_dropout
+from skytune.core.training import lora_dropout, new_tokens
 from skytune.core.training.head_loss import trained_positions_loss
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ def grad_accum(total_batch_size: int, batch_size: int, world_size: int) -> int:
     return total_batch_size // per_step
 
 
-def lora_config(p: TrainParams) -> Any:
-    """The PEFT LoRA config of `p`, or None for `method: full`."""
+def lora_config(p: TrainParams, token_rows: dict[str, list[int]] | None = None) -> Any:
+    """The PEFT LoRA config of `p`, or None for `method: full`; `token_rows`: embedding rows trained beside it
+    (`new_tokens.trainable_token_indices`)."""
     from peft import LoraConfig
 
     if p.method == "full":
@@ -62,6 +63,7 @@ def lora_config(p: TrainParams) -> Any:
         target_modules=p.target_modules if isinstance(p.target_modules, str) else list(p.target_modules),
         use_rslora=p.use_rslora,
         use_dora=p.use_dora,
+        trainable_token_indices=token_rows,
         task_type="CAUSAL_LM",
     )
 
@@ -160,8 +162,9 @@ def keep_adapter_fp32(model: Any) -> None:
 
 def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[Encoded], p: TrainParams, *,
                   output_dir: Path, seed: int, dtype: torch.dtype, world_size: int = 1, save: bool = True,
-                  callbacks: list[Any] | None = None) -> Any:
-    """An SFTTrainer on pre-tokenized sequences with the batching, method and knobs of `p`."""
+                  callbacks: list[Any] | None = None, added: list[int] | None = None) -> Any:
+    """An SFTTrainer on pre-tokenized sequences with the batching, method and knobs of `p`; `added`: ids the
+    base never trained (`new_tokens.new_token_ids`), whose rows train beside the adapter."""
     if p.batching != "padded" and attention.use_varlen_sdpa(model):
         log.info("padding-free batches: attention runs per sequence (%s)", attention.NAME)
     trainer = _trainer_class()(
@@ -170,9 +173,10 @@ def build_trainer(model: Any, tokenizer: Any, train: list[Encoded], val: list[En
         train_dataset=dataset(train),
         eval_dataset=dataset(val),
         processing_class=tokenizer,
-        peft_config=lora_config(p),
+        peft_config=lora_config(p, new_tokens.trainable_token_indices(model, added or [])),
         callbacks=callbacks or [],
     )
+    new_tokens.expose_head_bias(trainer.model)
     if p.method != "full" and not fsdp_enabled():
         # (Under FSDP the adapter stays in the storage dtype: one flat parameter cannot mix dtypes.)
         keep_adapter_fp32(trainer.model)
