@@ -38,6 +38,7 @@ from skytune.stages import (
     train,
 )
 
+pytestmark = pytest.mark.slow  # every stage, twice vLLM's server: about 3 minutes
 CHATML = ["<|im_start|>", "<|im_end|>"]
 QUESTIONS = ["Hello! How are you?", "What is 2 + 2?", "Name a colour.", "Say something kind.", "Where is Paris?",
              "Count to three.", "What is your favourite word?", "Tell me a fact."]

@@ -12,7 +12,8 @@ transformers' batched generate), fed the same token ids either way. Writes:
 - `paths.sanity_results` (CSV): each prompt with the expected, base and tuned answers, exact matches, lengths,
   and whether each answer stopped by itself;
 - `paths.sanity_report` (markdown): the metrics and the answers side by side;
-- `paths.sanity_metrics` (a DVC metric): the engine; val perplexity (over the tokens training scored, on the first
+- `paths.sanity_metrics` (a DVC metric): the engine (and `base_engine: transformers` where vLLM cannot take the
+  base's prompts: a template's tokens the base lacks, `BaseModel.added_tokens`); val perplexity (over the tokens training scored, on the first
   `sanity_check.perplexity_records` val conversations); identity and val exact match; the retained probes answered
   right, and `retained`: of the probes the base answers right, the fraction the tuned model still answers right
   (forgetting), on the probes' held-out half (`retained_dev` on the dev half, which a recipe may be tuned on;
