@@ -24,6 +24,7 @@ from conftest import REPO, copy_inputs, run_stages, write_params
 from real_vocabs import build_family, missing, real_tokenizer
 
 from skytune.core import packaging, vllm_server
+from skytune.core.evaluation import harness
 from skytune.core.params import load_params
 from skytune.core.vllm_server import Vllm
 from skytune.stages import (
@@ -250,3 +251,23 @@ def test_the_sanity_check_on_vllm_answers_the_base_with_transformers(run: Path, 
     assert metrics["engine"] == "vllm" and metrics["base_engine"] == "transformers"
     assert metrics["ends_with_eot_tuned"] == before["ends_with_eot_tuned"] >= 0.9
     assert metrics["mean_answer_tokens_tuned"] == before["mean_answer_tokens_tuned"]
+
+
+def test_evaluate_base_on_vllm_scores_such_a_base_with_transformers(run: Path, tmp_path: Path) -> None:
+    """`evaluate.engine: vllm` (what auto picks on a GPU node): the base's checkpoint has no rows for the template's
+    tokens, which vLLM refuses, so transformers scores the base (and the control), its embeddings grown."""
+    import shutil
+
+    import yaml
+
+    from skytune.stages import evaluate_base
+
+    ws = tmp_path / "ws"
+    shutil.copytree(run, ws, symlinks=True)
+    settings = yaml.safe_load((ws / "params.yaml").read_text())
+    settings["evaluate"].update(engine="vllm", limit=4)
+    (ws / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    run_stages(ws, evaluate_base)
+    paths = load_params(ws / "params.yaml").paths
+    scores = json.loads((ws / paths.base_scores_dir / harness.SCORES_FILE).read_text())
+    assert scores["tasks"], scores

@@ -218,3 +218,13 @@ def test_the_replay_prompts_and_preference_pairs_are_none_of_the_evaluated_items
     assert len(replayed) == 119 and len(evaluated) > 200
     assert replayed.isdisjoint(evaluated), sorted(replayed & evaluated)
     assert paired.isdisjoint(evaluated), sorted(paired & evaluated)
+
+
+def test_a_base_that_cannot_read_its_template_is_refused_by_name(tmp_path: Path) -> None:
+    """ChatML on a base without its tokens: the base's answers through that template would be noise, not replay."""
+    from skytune.core.models.base import BaseModel
+    from skytune.stages import self_replay
+
+    BaseModel("local", "m", str(tmp_path), None, "t", "auto", None, ["<|im_start|>", "<|im_end|>"]).save(tmp_path)
+    with pytest.raises(SkytuneError, match=r"its vocabulary lacks \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        self_replay._answers(str(tmp_path), [[{"role": "user", "content": "hi"}]], None)

@@ -18,6 +18,7 @@ restores them from the remote. Writes `paths.base_scores_dir`: scores.json, cont
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -51,6 +52,11 @@ def main(params: Params) -> None:
     start = time.monotonic()
     base = BaseModel.load(paths.base_model_dir)
     tokenizer = load_tokenizer(base)
+    if base.added_tokens and ev.engine != "transformers":
+        # The prompts hold tokens the base's own checkpoint has no rows for, which vLLM refuses: transformers scores
+        # the base, its embeddings grown as training grew them.
+        log.info("base scored by transformers: its vocabulary lacks %s", base.added_tokens)
+        ev = dataclasses.replace(ev, engine="transformers")
     dtype = compute_dtype(params.train.compute_dtype)
     vllm = Vllm.from_params(params.vllm, paths.vllm_env)
     score = functools.partial(harness.score, tokenizer=tokenizer, ev=ev, vllm=vllm,

@@ -131,6 +131,10 @@ def _answers(base_dir: str, conversations: list[list[dict[str, str]]],
              how: Answering) -> tuple[list[generation.Generation], str]:
     """The base's greedy answers to `conversations`, rendered by the chat template training uses; the engine used."""
     base = BaseModel.load(base_dir)
+    if base.added_tokens:
+        raise SkytuneError(f"a self_replay source replays the base's own answers through the chat template, and this "
+                           f"base cannot read it: its vocabulary lacks {base.added_tokens} (model.chat_template). "
+                           "Remove the self_replay sources from data.sources, or use a template the base knows")
     tokenizer = load_tokenizer(base)
     engine = generation.resolve_engine(how.engine, how.vllm, "self_replay.engine")
     rendered = [chat_template.render_prompt(tokenizer, messages) for messages in conversations]

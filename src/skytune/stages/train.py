@@ -40,6 +40,7 @@ from skytune.core.atomic import (
     write_json,
 )
 from skytune.core.chat import tokenization
+from skytune.core.errors import SkytuneError
 from skytune.core.models.base import BaseModel, load_tokenizer
 from skytune.core.models.devices import compute_dtype, fsdp_enabled
 from skytune.core.params import Params, to_dict
@@ -120,6 +121,13 @@ def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:
                                lambda: {**state, "node_seconds": earlier + time.time() - started},
                                checkpoints.keep_count(p.save_total_limit))]
     added = new_tokens.new_token_ids(base, tokenizer)
+    if added and fsdp_enabled():
+        if base.added_tokens:
+            raise SkytuneError(f"train.distributed fsdp_qlora cannot train the rows of the tokens the base lacks "
+                               f"{base.added_tokens} (model.chat_template): FSDP flattens them with the frozen "
+                               "embedding into one parameter, which must be all trainable or all frozen. Use "
+                               "train.distributed: ddp, or a template the base's vocabulary covers")
+        added = []  # an added pad's row: never a target, it stays as grown, as FSDP runs always had it
     if added:
         log.info("training the rows of %d token(s) the base lacked: %s", len(added),
                  tokenizer.convert_ids_to_tokens(added))
