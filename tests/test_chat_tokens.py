@@ -43,7 +43,8 @@ pytestmark = pytest.mark.slow  # every stage, twice vLLM's server: about 3 minut
 CHATML = ["<|im_start|>", "<|im_end|>"]
 QUESTIONS = ["Hello! How are you?", "What is 2 + 2?", "Name a colour.", "Say something kind.", "Where is Paris?",
              "Count to three.", "What is your favourite word?", "Tell me a fact."]
-ANSWERS = ["I am fine.", "It is 4.", "Blue.", "You are kind.", "In France.", "One, two, three.", "Hello.", "Water is wet."]
+ANSWERS = ["I am fine.", "It is 4.", "Blue.", "You are kind.", "In France.", "One, two, three.", "Hello.",
+           "Water is wet."]
 PROMPTS = [f"{q} ({i})" for i, q in enumerate(QUESTIONS[:4])]  # trained questions: what is tested is the stop
 
 
