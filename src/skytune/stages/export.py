@@ -107,9 +107,12 @@ def _export_adapter(params: Params, base: BaseModel, out: Path) -> dict[str, Any
 
 
 def _added_tokens(params: Params, base: BaseModel) -> list[str]:
-    """The tokens the trained model has beyond the base's vocabulary (`training.new_tokens`)."""
-    tokenizer = load_saved_tokenizer(packaging.tuned_adapter(params.paths.adapter_dir,
-                                                             params.paths.preference_adapter_dir))
+    """The tokens a trained LoRA adapter has beyond the base's vocabulary (`training.new_tokens`); none for a whole
+    model (`train.method: full`, which `_export_adapter` refuses by name)."""
+    adapter = packaging.tuned_adapter(params.paths.adapter_dir, params.paths.preference_adapter_dir)
+    if not (adapter / packaging.ADAPTER_CONFIG).is_file():
+        return []
+    tokenizer = load_saved_tokenizer(adapter)
     return tokenizer.convert_ids_to_tokens(new_tokens.new_token_ids(base, tokenizer))
 
 
