@@ -213,8 +213,8 @@ def _export_formats(params: Params, base: BaseModel, out: Path, metrics: dict[st
             ("Text Generation Inference", f"text-generation-launcher --model-id {merged}"),
             ("transformers serve (no vLLM needed)", f"transformers serve {merged}"),
         ]
-    added = _added_tokens(params, base)
-    if "adapter" in ex.formats and added:
+    added = _added_tokens(params, base) if "adapter" in ex.formats else []
+    if added:
         metrics["skipped"]["adapter"] = (
             f"the adapter trains the rows of {len(added)} token(s) the base lacks ({', '.join(added)}) beside LoRA: "
             "vLLM loads LoRA matrices alone and refuses any other tensor, and the base it would load has no such "
