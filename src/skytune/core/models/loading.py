@@ -32,8 +32,9 @@ def load_saved_tokenizer(directory: str | Path) -> Any:
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> bool:
-    """Grow the model's embeddings when the tokenizer has more tokens than rows (`model.pad_token: add` on a model
-    without spare rows); new rows are the mean of the old ones. Returns whether they grew."""
+    """Grow the model's embeddings when the tokenizer has more tokens than rows (`model.pad_token: add`, a chat
+    template's tokens the base lacks); new rows are drawn around the old ones' mean, with their covariance
+    (transformers' `mean_resizing`). Returns whether they grew."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) <= rows:
         return False

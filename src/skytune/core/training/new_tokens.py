@@ -1,7 +1,7 @@
 """Tokens a run adds to the base's vocabulary, trained as rows beside the adapter.
 
 ChatML on a base without `<|im_start|>`/`<|im_end|>` (`BaseModel.added_tokens`), or `model.pad_token: add`, gives
-the tokenizer ids the base never trained. Their embedding and output rows are grown as the mean of the others
+the tokenizer ids the base never trained. Their embedding and output rows are grown around the others' mean
 (`models.loading.fit_embeddings`): a model would never emit them, and could not learn to stop. Under LoRA and QLoRA
 those rows, input and output, are trained through PEFT's `trainable_token_indices` (the field's answer: TRL's
 `setup_chat_format` and axolotl's `tokens:` add the tokens and train their rows). The adapter saves those rows alone,
