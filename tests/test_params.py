@@ -45,10 +45,20 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     text = "\n".join(problems)
     assert "train.lora_r: expected int, got str 'sixteen'" in text
     assert "train.learning_rate: -1.0 is out of range, must be > 0.0" in text
-    assert "train.method: 'qlroa' is not one of ['qlora', 'lora', 'full']; did you mean 'qlora'?" in text
+    assert "train.method: 'qlroa' is not one of ['qlora', 'lora', 'full', 'none']; did you mean 'qlora'?" in text
     assert "split.val_fraction: 1.5 is out of range, must be < 1.0" in text
     assert "missing key 'sanity_check.batch_size'" in text
     assert "trian: unknown key; did you mean 'train'?" in text
+
+
+def test_nothing_to_train_is_refused_at_the_line_of_train_method(tmp_path: Path) -> None:
+    path = write_params(tmp_path, lambda d: d["train"].update(method="none"))  # preference.method stays none
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.strip() == "method: none")
+    assert err.value.problems == [f"{path}:{line} train.method: none, and preference.method is none too: nothing "
+                                  "would be trained. Set preference.method (dpo, kto, orpo or simpo: preference "
+                                  "training from the base), or a train.method"]
 
 
 def test_bool_is_not_an_int_and_int_is_a_float(tmp_path: Path) -> None:

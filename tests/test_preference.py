@@ -5,6 +5,7 @@ the embedded default's preference pairs (data/raw/one_sentence_pairs.jsonl)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,6 +144,52 @@ def test_the_reference_free_methods_train_through_trl_experimental(pipeline: Pip
     assert any((trained[k] - sft[k]).abs().max() > 0 for k in sft)
 
 
+def test_train_method_none_trains_the_preference_adapter_from_the_base(pipeline: PipelineRun, tmp_path: Path) -> None:
+    """train.method: none: train only says so; DPO starts from the base itself with a new adapter (the val pairs'
+    log-probabilities before training are the base's, computed here with plain transformers, one sequence at a
+    time), and the stages after take its adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from skytune.core.models.base import BaseModel, load_tokenizer, location
+    from skytune.stages import merge_adapters, preference, train
+
+    root = workspace(pipeline, tmp_path)
+    write_params(root, lambda params: (params["preference"].update(method="dpo", adapter="lora"),
+                                       params["train"].update(method="none")))
+    run_stages(root, train)
+    assert json.loads((root / "metrics/train.json").read_text()) == {"method": "none"}
+    assert not (root / "models/adapter" / packaging.ADAPTER_CONFIG).exists()  # SFT's adapter is gone
+    run_stages(root, preference, merge_adapters)
+    m, out = metrics(root), root / "models/preference"
+    with contextlib.chdir(root):  # (the tiny profile's base lives in the workspace)
+        base = BaseModel.load("models/base")
+        tokenizer = load_tokenizer(base)
+        model = AutoModelForCausalLM.from_pretrained(location(base), dtype=torch.float32).eval()
+    val = pref.encode(tokenizer, read_jsonl(root / "data/preference/val.jsonl"), max_length=512, where="test").pairs
+
+    def logp(prompt: list[int], answer: list[int]) -> float:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        return float(logits.gather(-1, torch.tensor(answer)[:, None]).sum())
+
+    margin = sum(logp(p.prompt_ids, p.chosen_ids) - logp(p.prompt_ids, p.rejected_ids) for p in val) / len(val)
+    assert len(val) == m["val_pairs"] >= 4 and m["val_logp_margin_before"] == pytest.approx(margin, abs=1e-3)
+    assert m["steps"] > 0 and m["val_logp_margin_after"] > m["val_logp_margin_before"]
+    config = json.loads((out / packaging.ADAPTER_CONFIG).read_text())
+    assert config["r"] == load_params_at(root)["train"]["lora_r"] and config["peft_type"] == "LORA"
+    assert any(float(t.abs().max()) > 0 for k, t in tensors(out).items() if "lora_B" in k)  # B starts at zero
+    trained = json.loads((out / packaging.TRAINING_PARAMS).read_text())
+    assert packaging.recipe(trained) == "DPO from the base on a new lora adapter, beta 0.1"
+    assert json.loads((root / "metrics/merge_adapters.json").read_text())["max_abs_logit_diff"] < 1e-3
+
+
+def load_params_at(root: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
 def test_no_pairs_is_one_clear_error(pipeline: PipelineRun, tmp_path: Path) -> None:
     from skytune.core.errors import SkytuneError
     from skytune.stages import preference
@@ -181,6 +228,13 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(pipeline:
     assert abs(resumed["val_reward_margin"] - baseline["val_reward_margin"]) < 1e-4
 
 
+def test_the_model_card_says_what_trained_the_model() -> None:
+    sft = {"train": {"method": "qlora", "loss": "assistant_only"}}
+    assert packaging.recipe(sft) == "SFT, method qlora, loss assistant_only"
+    dpo = {"method": "dpo", "beta": 0.1, "adapter": "qlora"}
+    assert packaging.recipe({**sft, "preference": dpo}) == "SFT, method qlora, loss assistant_only; then DPO, beta 0.1"
+
+
 def test_the_report_shows_the_val_pairs_before_and_after_only_where_preference_training_ran() -> None:
     from skytune.face.report import _headline
 
@@ -189,5 +243,6 @@ def test_the_report_shows_the_val_pairs_before_and_after_only_where_preference_t
     rows = "\n".join(_headline(["dpo", "plain"], {"dpo": ran, "plain": {"preference.method": "none"}}))
     assert ("<tr><td>preference accuracy: val pairs, chosen above rejected (per token)</td><td class='num'>0.5</td>"
             "<td class='num'>0.875</td><td class='num'></td></tr>") in rows
-    assert "<td>preference reward margin: val pairs, against the SFT model</td><td class='num'>-</td>" in rows
+    assert ("<td>preference reward margin: val pairs, against the model it started from</td><td class='num'>-</td>"
+            in rows)
     assert "preference" not in "\n".join(_headline(["plain"], {"plain": {"preference.method": "none"}}))

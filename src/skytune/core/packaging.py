@@ -20,6 +20,17 @@ def tuned_adapter(adapter_dir: str, preference_adapter_dir: str) -> Path:
     return preference if (preference / TRAINING_PARAMS).is_file() else Path(adapter_dir)
 
 
+def recipe(training: dict[str, Any]) -> str:
+    """What trained the model, in words, from a training stage's `training_params.json`: SFT, SFT then a preference
+    method, or a preference method from the base (`train.method: none`)."""
+    train, preference = training.get("train", {}), training.get("preference")
+    steps = [] if train.get("method") == "none" else [f"SFT, method {train.get('method')}, loss {train.get('loss')}"]
+    if preference:
+        start = "" if steps else f" from the base on a new {preference.get('adapter')} adapter"
+        steps.append(f"{str(preference.get('method')).upper()}{start}, beta {preference.get('beta')}")
+    return "; then ".join(steps)
+
+
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """`{relative path: {"sha256", "bytes"}}` for every file under `directory`, sorted."""
     return {
@@ -138,7 +149,6 @@ def model_card(
     """A README.md for the exported model: provenance, hyperparameters, metrics and how to serve each format
     (`serving`: (what, shell command) pairs)."""
     revision = base.get("revision") or "(built locally; no hub revision)"
-    train = training.get("train", {})
     # The template itself is in chat_template.jinja beside this card.
     shown = {**training, "base_model": {k: v for k, v in base.items() if k != "chat_template"}}
     lines = [
@@ -148,7 +158,7 @@ def model_card(
         "---",
         f"# {name}",
         "",
-        f"Fine-tuned with the skytune DVC pipeline (SFT, method {train.get('method')}, loss {train.get('loss')}), "
+        f"Fine-tuned with the skytune DVC pipeline ({recipe(training)}), "
         f"merged in {metrics.get('merge_adapters', {}).get('merge_dtype', 'the compute dtype')} onto the base's "
         f"{metrics.get('merge_adapters', {}).get('merged_onto', 'original')} weights (the merge itself never runs on 4-bit weights).",
         "",

@@ -107,7 +107,7 @@ HEADLINE = (
     ("val loss", "train.val_loss_before", "train.val_loss_after"),
     ("preference accuracy: val pairs, chosen above rejected (per token)", "preference.val_preference_accuracy_before",
      "preference.val_preference_accuracy_after"),
-    ("preference reward margin: val pairs, against the SFT model", None, "preference.val_reward_margin"),
+    ("preference reward margin: val pairs, against the model it started from", None, "preference.val_reward_margin"),
     ("general text perplexity (forgetting)", "evaluate.general_text.perplexity.base",
      "evaluate.general_text.perplexity.tuned"),
     ("forgetting flagged (regressions)", None, "evaluate.regressions"),

@@ -6,10 +6,11 @@ training method.
 Scores the base on `evaluate.tasks` with lm-eval (`core.evaluation.harness`; the per-item scores kept for paired
 tests), then writes the general text: its greedy answers to the first `evaluate.general_text.prompts` of
 `paths.general_prompts`, and its perplexity on them (`core.evaluation.general_text`), text by text. Then the same for
-the control: the base as the tuned model is merged onto it, with no adapter. After QLoRA (`train.method: qlora`,
-`merge_adapters.onto: dequantized`) that is the base quantized as training quantizes it and dequantized, scored
-like the base (its perplexity on the base's own texts); otherwise it is the base itself, not scored twice. The
-evaluate stage splits each change into quantization (control - base) and training (tuned - control).
+the control: the base as the tuned model is merged onto it, with no adapter. After QLoRA (`train.method: qlora`, or
+`preference.adapter: qlora` with `train.method: none`; and `merge_adapters.onto: dequantized`) that is the base
+quantized as training quantizes it and dequantized, scored like the base (its perplexity on the base's own texts);
+otherwise it is the base itself, not scored twice. The evaluate stage splits each change into quantization
+(control - base) and training (tuned - control).
 
 It depends only on the base, the tasks, the evaluate settings, the quantization settings and the lm-eval pin, so an
 experiment that changes training otherwise never runs it again: DVC skips it, and its outputs are cached, so a clone
@@ -36,7 +37,7 @@ from skytune.core.models.loading import (
     load_dequantized,
     load_full_precision,
 )
-from skytune.core.params import Params
+from skytune.core.params import Params, adapter_method
 from skytune.core.vllm_server import Vllm
 from skytune.stages import run_stage
 
@@ -52,11 +53,8 @@ def main(params: Params) -> None:
     start = time.monotonic()
     base = BaseModel.load(paths.base_model_dir)
     tokenizer = load_tokenizer(base)
-    if base.added_tokens and ev.engine != "transformers":
-        # The prompts hold tokens the base's own checkpoint has no rows for, which vLLM refuses: transformers scores
-        # the base, its embeddings grown as training grew them.
-        log.info("base scored by transformers: its vocabulary lacks %s", base.added_tokens)
-        ev = dataclasses.replace(ev, engine="transformers")
+    if (engine := generation.engine_for_base(ev.engine, base.added_tokens)) != ev.engine:
+        ev = dataclasses.replace(ev, engine=engine)
     dtype = compute_dtype(params.train.compute_dtype)
     vllm = Vllm.from_params(params.vllm, paths.vllm_env)
     score = functools.partial(harness.score, tokenizer=tokenizer, ev=ev, vllm=vllm,
@@ -96,7 +94,7 @@ def _control(params: Params, base: BaseModel, tokenizer: Any, texts: list[dict[s
     """The control's scores (`model`: what it is), or `{"model": "base"}` where the tuned model is merged onto the
     base's own weights (LoRA, full fine-tuning, `merge_adapters.onto: original`, or 4-bit not running here)."""
     train = params.train
-    if train.method != "qlora" or params.merge_adapters.onto != "dequantized":
+    if adapter_method(train, params.preference) != "qlora" or params.merge_adapters.onto != "dequantized":
         return {"model": harness.BASE_IS_CONTROL}
     start = time.monotonic()
     model, what = load_dequantized(base, quant_type=train.quant_type, double_quant=train.double_quant,

@@ -13,6 +13,9 @@ this stage. Otherwise:
    (`core.training.preference.encode`); skipped pairs are counted by reason.
 2. Loads the base as train did (4-bit with `train.method: qlora`) with the SFT adapter, trainable, and trains it with
    TRL's trainer for the method. DPO and KTO compare with the SFT adapter itself, frozen (TRL's `ref` copy).
+   With `train.method: none` (no SFT) it starts from the base instead: a new adapter of `preference.adapter` (qlora
+   or lora) shaped by train's lora_* keys, the rows of tokens the base lacked trained beside it as train would, and
+   the base's own tokenizer; DPO and KTO then compare with the base.
 3. Checkpoints, resume and SIGTERM -> 75 as in train, under a fingerprint of this stage's inputs (the SFT adapter
    among them).
 4. Writes the adapter (with the tokenizer and `training_params.json`), DVCLive logs and `paths.preference_metrics`:
@@ -32,11 +35,11 @@ from typing import Any
 from skytune.core import cloud_node, job_ledger, packaging
 from skytune.core.atomic import atomic_dir, file_sha256, read_jsonl, write_json
 from skytune.core.errors import SkytuneError
-from skytune.core.models.base import BaseModel
+from skytune.core.models.base import BaseModel, load_tokenizer
 from skytune.core.models.devices import compute_dtype
 from skytune.core.models.loading import load_saved_tokenizer
-from skytune.core.params import Params, to_dict
-from skytune.core.training import checkpoints, preference
+from skytune.core.params import Params, adapter_method, to_dict
+from skytune.core.training import checkpoints, new_tokens, preference
 from skytune.core.training.callbacks import (
     STATE_FILE,
     Checkpointing,
@@ -44,14 +47,16 @@ from skytune.core.training.callbacks import (
     train_resumably,
 )
 from skytune.core.training.live import LiveLog, start_live
-from skytune.core.training.sft import load_model
+from skytune.core.training.sft import load_model, lora_config
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
 
 METHOD_FILE = "preference.json"  # what paths.preference_adapter_dir holds when no preference training ran
-# The train settings this stage reads: the base loaded as train loaded it, checkpoints kept as train keeps them.
-TRAIN_KEYS = ("method", "quant_type", "double_quant", "compute_dtype", "gradient_checkpointing", "save_total_limit")
+# The train settings this stage reads: the base loaded as train loaded it, checkpoints kept as train keeps them, and
+# with method none, the new adapter's shape.
+TRAIN_KEYS = ("method", "quant_type", "double_quant", "compute_dtype", "gradient_checkpointing", "save_total_limit",
+              "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora")
 
 
 def _encode(params: Params, tokenizer: Any) -> tuple[preference.Encoded, preference.Encoded]:
@@ -70,10 +75,10 @@ def _encode(params: Params, tokenizer: Any) -> tuple[preference.Encoded, prefere
 
 
 def _fingerprint(params: Params, settings: dict[str, Any], base: BaseModel, adapter: Path) -> str:
-    """Everything that determines the trained weights: this stage's settings, the base, the SFT adapter, the data,
-    this package's code and the training libraries' versions."""
-    files = [adapter / packaging.ADAPTER_WEIGHTS] + [Path(params.paths.preference_dir) / f"{part}.jsonl"
-                                                      for part in ("train", "val")]
+    """Everything that determines the trained weights: this stage's settings, the base, the SFT adapter (none with
+    `train.method: none`), the data, this package's code and the training libraries' versions."""
+    sft = [adapter / packaging.ADAPTER_WEIGHTS] if params.train.method != "none" else []
+    files = sft + [Path(params.paths.preference_dir) / f"{part}.jsonl" for part in ("train", "val")]
     return checkpoints.fingerprint({**settings, "base": asdict(base), "data": [file_sha256(f) for f in files],
                                     "code": checkpoints.code_digest(), "versions": checkpoints.library_versions()})
 
@@ -93,11 +98,22 @@ def main(params: Params) -> None:
 
 
 def _load(params: Params, base: BaseModel, adapter: Path, tokenizer: Any) -> tuple[Any, str]:
-    """The base as train loaded it, with the SFT adapter on it, trainable."""
-    from peft import PeftModel
+    """The base as train loaded it, with the SFT adapter on it, trainable; with `train.method: none`, the base as
+    `preference.adapter` loads it, with a new adapter (and the rows of the tokens it lacked) to train."""
+    from peft import PeftModel, get_peft_model
 
-    model, quantization = load_model(params.train, base, tokenizer, compute_dtype(params.train.compute_dtype))
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), quantization
+    method = adapter_method(params.train, params.preference)
+    model, quantization = load_model(params.train, base, tokenizer, compute_dtype(params.train.compute_dtype),
+                                     method=method)
+    if params.train.method != "none":
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), quantization
+    rows = new_tokens.trainable_token_indices(model, new_tokens.new_token_ids(base, tokenizer))
+    return get_peft_model(model, lora_config(params.train, rows, method=method)), quantization
+
+
+def _tokenizer(params: Params, base: BaseModel, adapter: Path) -> Any:
+    """The tokenizer SFT saved with its adapter, or with `train.method: none` the base's as every stage sees it."""
+    return load_tokenizer(base) if params.train.method == "none" else load_saved_tokenizer(adapter)
 
 
 def _train(params: Params, settings: dict[str, Any], notice: checkpoints.PreemptionNotice) -> None:
@@ -107,10 +123,10 @@ def _train(params: Params, settings: dict[str, Any], notice: checkpoints.Preempt
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     set_seed(params.base.seed)
     base, adapter = BaseModel.load(paths.base_model_dir), Path(paths.adapter_dir)
-    if not (adapter / packaging.ADAPTER_CONFIG).is_file():
+    if params.train.method != "none" and not (adapter / packaging.ADAPTER_CONFIG).is_file():
         raise SkytuneError(f"preference.method {p.method} continues from a LoRA adapter, and {adapter} holds a whole "
                            "model (train.method: full): use train.method qlora or lora, or preference.method none")
-    tokenizer = load_saved_tokenizer(adapter)
+    tokenizer = _tokenizer(params, base, adapter)
     train, val = _encode(params, tokenizer)
     run_dir = checkpoints.root(paths.checkpoint_dir) / _fingerprint(params, settings, base, adapter)
     resume = checkpoints.newest_complete(run_dir)
@@ -119,7 +135,7 @@ def _train(params: Params, settings: dict[str, Any], notice: checkpoints.Preempt
     if notice.received:
         checkpoints.exit_preempted()
     model, quantization = _load(params, base, adapter, tokenizer)
-    if "before" not in state:  # the SFT model's log-probabilities of the val answers (DPO's reference)
+    if "before" not in state:  # the SFT model's (or the base's) log-probabilities of the val answers: DPO's reference
         state["before"] = preference.answer_logps(model, val.pairs, tokenizer.pad_token_id)
     log.info("preference training (%s, beta %g) on %d train pairs, %d undesirable rows; %s", p.method, p.beta,
              len(train.pairs), len(train.undesirable), f"resuming from {resume}" if resume else f"checkpoints in {run_dir}")

@@ -13,12 +13,12 @@ transformers' batched generate), fed the same token ids either way. Writes:
   and whether each answer stopped by itself;
 - `paths.sanity_report` (markdown): the metrics and the answers side by side;
 - `paths.sanity_metrics` (a DVC metric): the engine (and `base_engine: transformers` where vLLM cannot take the
-  base's prompts: a template's tokens the base lacks, `BaseModel.added_tokens`); val perplexity (over the tokens training scored, on the first
-  `sanity_check.perplexity_records` val conversations); identity and val exact match; the retained probes answered
-  right, and `retained`: of the probes the base answers right, the fraction the tuned model still answers right
-  (forgetting), on the probes' held-out half (`retained_dev` on the dev half, which a recipe may be tuned on;
-  `core.evaluation.holdout`); mean answer length; the fraction of answers that end with the end-of-turn token (it catches a model
-  that never stops) - base vs tuned;
+  base's prompts: a template's tokens the base lacks, `generation.engine_for_base`); val perplexity (over the
+  tokens training scored, on the first `sanity_check.perplexity_records` val conversations); identity and val exact
+  match; the retained probes answered right, and `retained`: of the probes the base answers right, the fraction the
+  tuned model still answers right (forgetting), on the probes' held-out half (`retained_dev` on the dev half, which
+  a recipe may be tuned on; `core.evaluation.holdout`); mean answer length; the fraction of answers that end with
+  the end-of-turn token (it catches a model that never stops) - base vs tuned;
 - `paths.sanity_plot` (a DVC plot): answer length per prompt, base vs tuned.
 """
 
@@ -164,12 +164,9 @@ def main(params: Params) -> None:
     sources = {"base": (location(base), base.revision, load_tokenizer(base)),
                "tuned": (paths.merged_dir, None, load_saved_tokenizer(paths.merged_dir))}
     metrics: dict[str, Any] = {"engine": engine, "prompts": len(rows)}
-    engines = {"base": engine, "tuned": engine}
-    if engine == "vllm" and base.added_tokens:
-        # The prompts hold tokens the base's own checkpoint has no rows for, which vLLM refuses: transformers
-        # answers for the base, its embeddings grown as training grew them.
-        engines["base"] = metrics["base_engine"] = "transformers"
-        log.info("base answered by transformers: its vocabulary lacks %s", base.added_tokens)
+    engines = {"base": generation.engine_for_base(engine, base.added_tokens), "tuned": engine}
+    if engines["base"] != engine:
+        metrics["base_engine"] = engines["base"]
     for name, (source, revision, tokenizer) in sources.items():
         answers, ppl, tokens = _evaluate(source, revision, tokenizer, rows, val, engines[name], vllm, params)
         metrics |= _score(name, rows, answers)

@@ -18,6 +18,8 @@
 4. Writes `paths.adapter_dir` (the adapter, or the whole model with `method: full`, plus the tokenizer with its chat
    template and `training_params.json`), `paths.dvclive_dir` and `paths.train_metrics`, then removes the run's
    checkpoints: a forced re-run (`dvc exp run -f`) trains again.
+
+With `method: none` it trains nothing: each output says so, and the preference stage trains from the base.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from skytune.core import cloud_node, job_ledger, packaging
 from skytune.core.atomic import (
+    atomic_dir,
     atomic_file,
     file_sha256,
     read_jsonl,
@@ -57,6 +60,8 @@ from skytune.core.training.sft import build_trainer, final_eval_loss, load_model
 from skytune.stages import run_stage
 
 log = logging.getLogger(__name__)
+
+NO_SFT_FILE = "train.json"  # what paths.adapter_dir holds with method none
 
 
 def _tokenize(params: Params, tokenizer: Any, rank: int) -> tuple[list, list, dict[str, Any]]:
@@ -84,8 +89,25 @@ def _fingerprint(params: Params, base: BaseModel) -> str:
 
 
 def main(params: Params) -> None:
+    if params.train.method == "none":
+        if int(os.environ.get("RANK", "0")) == 0:  # (one process writes what every process would)
+            _skip(params)
+        return
     with checkpoints.PreemptionNotice() as notice:
         _train(params, notice)
+
+
+def _skip(params: Params) -> None:
+    """`method: none`: no SFT (the preference stage trains from the base). Every output says so, DVC wanting each one
+    there; the adapter directory holds no adapter, so the stages after train never take it."""
+    paths = params.paths
+    for directory in (paths.adapter_dir, paths.dvclive_dir):
+        with atomic_dir(directory) as out:
+            write_json(out / NO_SFT_FILE, {"method": "none"})
+    with atomic_file(paths.train_samples) as fh:
+        fh.write("train.method is none: no supervised fine-tuning, so no sequences were trained\n")
+    write_json(paths.train_metrics, {"method": "none"})
+    log.info("train.method none: no supervised fine-tuning (the preference stage trains from the base)")
 
 
 def _train(params: Params, notice: checkpoints.PreemptionNotice) -> None:

@@ -49,6 +49,16 @@ def resolve_engine(requested: str, vllm: Vllm, key: str = "sanity_check.engine")
     return requested
 
 
+def engine_for_base(engine: str, added_tokens: list[str]) -> str:
+    """The engine that answers for a base: `engine`, except where the base lacks the template's tokens
+    (`BaseModel.added_tokens`). Its prompts then hold ids the base's own checkpoint has no rows for, which vLLM
+    refuses: transformers answers, the embeddings grown as training grew them."""
+    if engine == "transformers" or not added_tokens:
+        return engine
+    log.info("the base is answered by transformers, not %s: its vocabulary lacks %s", engine, added_tokens)
+    return "transformers"
+
+
 def stop_token_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in stop_tokens})
 

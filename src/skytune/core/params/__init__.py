@@ -11,8 +11,9 @@ from skytune.core.params.schema import (
     PreferenceParams,
     SourceParams,
     TrainParams,
+    adapter_method,
 )
 from skytune.core.params.tracking import TrackedParams, to_dict
 
 __all__ = ["PARAMS_FILE", "MixParams", "Params", "ParamsError", "PreferenceParams", "SourceParams", "TrackedParams",
-           "TrainParams", "load_params", "to_dict"]
+           "TrainParams", "adapter_method", "load_params", "to_dict"]

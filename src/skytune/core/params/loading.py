@@ -132,9 +132,26 @@ def _build_dataclass(tp: Any, node: yaml.Node, key: str, path: Path, problems: l
         return None
     obj = tp(**values)
     check = getattr(obj, "_problems", None)
-    if check is not None:
-        problems.extend(f"{_where(path, node, key)}: {p}" for p in check())
+    for problem in check() if check is not None else []:
+        if isinstance(problem, tuple):  # (the key below this one it is about, the problem): said at that key's line
+            below, problem = problem
+            full = f"{key}.{below}" if key else below
+            problems.append(f"{_where(path, _node_at(node, below) or node, full)}: {problem}")
+        else:
+            problems.append(f"{_where(path, node, key)}: {problem}")
     return obj
+
+
+def _node_at(node: yaml.Node, dotted: str) -> yaml.Node | None:
+    """The value node of the mapping key `dotted` ("train.method") under `node`, or None."""
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = next((value for k, value in node.value if k.value == part), None)
+        if found is None:
+            return None
+        node = found
+    return node
 
 
 

@@ -3,7 +3,8 @@
 `loading.load_params()` checks params.yaml against these frozen dataclasses. Defaults are not written here:
 params.yaml is the single source of truth, so every key must be present there. The one exception is the optional
 keys of a list item (a data source), which default to None.
-A dataclass may define `_problems()` for checks across its keys (say, exactly one of `path` and `hub`).
+A dataclass may define `_problems()` for checks across its keys (say, exactly one of `path` and `hub`): each a
+message, or a (key below it, message) pair said at that key's line.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def _batch_problems(total_batch_size: Any, batch_size: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class TrainParams:
-    method: Literal["qlora", "lora", "full"]
+    method: Literal["qlora", "lora", "full", "none"]
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]
@@ -268,9 +269,11 @@ PreferenceMethod = Literal["none", "dpo", "kto", "orpo", "simpo"]
 
 @dataclass(frozen=True)
 class PreferenceParams:
-    """Preference training after SFT, continuing from its adapter, through TRL's trainers."""
+    """Preference training after SFT, continuing from its adapter, through TRL's trainers; or, with
+    `train.method: none`, from the base, on a new `adapter` shaped by train's lora_* keys."""
 
     method: PreferenceMethod
+    adapter: Literal["qlora", "lora"]
     beta: float = _range(gt=0.0)
     simpo_gamma: float = _range(ge=0.0)
     desirable_weight: float = _range(gt=0.0)
@@ -406,3 +409,18 @@ class Params:
     evaluate: EvaluateParams
     export: ExportParams
     vllm: VllmParams
+
+    def _problems(self) -> list[tuple[str, str]]:
+        # (A section that failed its own checks is None here.)
+        if getattr(self.train, "method", None) == "none" and getattr(self.preference, "method", None) == "none":
+            return [("train.method", "none, and preference.method is none too: nothing would be trained. Set "
+                     "preference.method (dpo, kto, orpo or simpo: preference training from the base), or a "
+                     "train.method")]
+        return []
+
+
+def adapter_method(train: TrainParams, preference: PreferenceParams) -> str:
+    """How the tuned model's weights were adapted: `train.method`, or with `train.method: none` (no SFT), the adapter
+    the preference stage trains from the base (`preference.adapter`). Both keys are read, whichever applies."""
+    method, fresh = train.method, preference.adapter
+    return fresh if method == "none" else method

@@ -34,7 +34,6 @@ def trainable_token_indices(model: Any, ids: list[int]) -> dict[str, list[int]] 
     return targets
 
 
-
 def expose_head_bias(model: Any) -> int:
     """Give each of PEFT's `TrainableTokensWrapper`s its layer's `bias`. The wrapper answers `.weight` (its trained
     rows merged in) but not `.bias`, which TRL's fused LM head reads from the output head (`add_fused_lm_head`, in

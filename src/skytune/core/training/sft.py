@@ -25,13 +25,15 @@ from skytune.core.training.head_loss import trained_positions_loss
 log = logging.getLogger(__name__)
 
 
-def load_model(p: TrainParams, base: BaseModel, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, str]:
+def load_model(p: TrainParams, base: BaseModel, tokenizer: Any, dtype: torch.dtype,
+               method: str | None = None) -> tuple[Any, str]:
     """The base as `p` trains it (4-bit with `method: qlora`, ready for k-bit training), its embeddings grown to the
-    tokenizer; and the quantization that ran."""
+    tokenizer; and the quantization that ran. `method`: in place of `p.method` (`params.adapter_method`)."""
     from peft import prepare_model_for_kbit_training
 
     model, quantization = load_for_training(
-        base, four_bit=p.method == "qlora", quant_type=p.quant_type, double_quant=p.double_quant, dtype=dtype)
+        base, four_bit=(method or p.method) == "qlora", quant_type=p.quant_type, double_quant=p.double_quant,
+        dtype=dtype)
     fit_embeddings(model, tokenizer)
     if quantization in ("nf4", "fp4") and not fsdp_enabled():  # FSDP+QLoRA keeps the storage dtype
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
@@ -49,12 +51,12 @@ def grad_accum(total_batch_size: int, batch_size: int, world_size: int) -> int:
     return total_batch_size // per_step
 
 
-def lora_config(p: TrainParams, token_rows: dict[str, list[int]] | None = None) -> Any:
+def lora_config(p: TrainParams, token_rows: dict[str, list[int]] | None = None, method: str | None = None) -> Any:
     """The PEFT LoRA config of `p`, or None for `method: full`; `token_rows`: embedding rows trained beside it
-    (`new_tokens.trainable_token_indices`)."""
+    (`new_tokens.trainable_token_indices`); `method`: in place of `p.method` (`params.adapter_method`)."""
     from peft import LoraConfig
 
-    if p.method == "full":
+    if (method or p.method) == "full":
         return None
     return LoraConfig(
         r=p.lora_r,
