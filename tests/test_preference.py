@@ -1,7 +1,8 @@
 """The preference stage: DPO, KTO, ORPO and SimPO after SFT through TRL's own trainers, on pairs tokenized with SFT's
 loss masks; the later stages take its adapter when it ran, and are as they were when it did not; it resumes after
-SIGKILL where an uninterrupted run ends. Runs on the tiny profile's workspace (conftest.pipeline), whose data holds
-the embedded default's preference pairs (data/raw/one_sentence_pairs.jsonl)."""
+SIGKILL, exits 75 on SIGTERM after a checkpoint, and ends where an uninterrupted run ends. With train.method: none it
+trains from the base. Runs on the tiny profile's workspace (conftest.pipeline), whose data holds the embedded
+default's preference pairs (data/raw/one_sentence_pairs.jsonl)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -206,23 +208,44 @@ def start(root: Path) -> subprocess.Popen:
                             env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(pipeline: PipelineRun, tmp_path: Path) -> None:
+def complete_steps(root: Path) -> list[int]:
+    """The steps of the complete checkpoints (`checkpoint-<step>` holding the marker), in order."""
+    return sorted(int(m.parent.name.rpartition("-")[2])
+                  for m in root.glob(f"models/checkpoints/*/*/{checkpoints.MARKER}"))
+
+
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, after: int) -> int:
+    deadline = time.monotonic() + TIMEOUT
+    while not (steps := [s for s in complete_steps(root) if s > after]):
+        assert proc.poll() is None and time.monotonic() < deadline, (root / "preference.log").read_text()[-3000:]
+        time.sleep(0.02)
+    return steps[0]
+
+
+def test_killed_and_preempted_runs_resume_and_end_where_an_uninterrupted_one_does(pipeline: PipelineRun,
+                                                                                  tmp_path: Path) -> None:
     settings = {"method": "dpo", "save_steps": 3, "eval_steps": 6}
     uninterrupted = workspace(pipeline, tmp_path / "uninterrupted", **settings)
     assert start(uninterrupted).wait(TIMEOUT) == 0, (uninterrupted / "preference.log").read_text()[-3000:]
     root = workspace(pipeline, tmp_path / "killed", **settings)
+    # 1. SIGKILL (no warning at all) after the first checkpoint.
     proc = start(root)
-    deadline = time.monotonic() + TIMEOUT
-    while not list(root.glob(f"models/checkpoints/*/*/{checkpoints.MARKER}")):
-        assert proc.poll() is None and time.monotonic() < deadline, (root / "preference.log").read_text()[-3000:]
-        time.sleep(0.02)
-    proc.kill()  # SIGKILL: no warning at all
+    first = wait_for_checkpoint(root, proc, after=0)
+    proc.kill()
     proc.wait(TIMEOUT)
     assert not (root / "models/preference").exists()
+    # 2. Restart: it resumes; SIGTERM (a spot preemption notice) after its next checkpoint: a checkpoint, then 75.
+    proc = start(root)
+    second = wait_for_checkpoint(root, proc, after=first)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == checkpoints.PREEMPTED_EXIT_CODE, (root / "preference.log").read_text()[-3000:]
+    stopped_at = complete_steps(root)[-1]
+    assert stopped_at >= second and not (root / "models/preference").exists()
+    # 3. Restart: it resumes from the SIGTERM checkpoint and ends where the uninterrupted run ended.
     assert start(root).wait(TIMEOUT) == 0, (root / "preference.log").read_text()[-3000:]
-    assert "resuming from" in (root / "preference.log").read_text()
+    assert (root / "preference.log").read_text().count("resuming from") == 2
     resumed, baseline = metrics(root), metrics(uninterrupted)
-    assert resumed["resumed_from_step"] > 0 and resumed["steps"] == baseline["steps"]
+    assert resumed["resumed_from_step"] == stopped_at > 0 and resumed["steps"] == baseline["steps"]
     ours, theirs = tensors(root / "models/preference"), tensors(uninterrupted / "models/preference")
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-4
     assert abs(resumed["val_reward_margin"] - baseline["val_reward_margin"]) < 1e-4
