@@ -7,8 +7,11 @@
 # The prompts are read where CI has them (../shared/data/ifeval/input_data.jsonl, or IFEVAL_DATA), through a task
 # YAML that includes lm-eval's own ifeval.yaml and points its dataset at that file (see evaluate/tasks/README.md):
 # nothing is copied into the project. The whole default pipeline runs once in the clone (`dvc exp run`) with
-# evaluate.tasks naming ifeval_local beside the default's two tasks; the table comes from bench/readme_tables.py.
-# About 1.5 h on 2 cores, almost all of it the three models' IFEval generations.
+# evaluate.tasks naming ifeval_local beside the default's two tasks, and evaluate.engine vllm: vLLM's CPU build
+# (paths.vllm_env, make vllm-env), lm-eval's local-completions against its server. The table comes from
+# bench/readme_tables.py. On 2 cores, lm-eval's transformers engine needed ~3 h per model (batches of 32 decoded to
+# 1280 tokens; 33 of 579 requests in 26 min, 2026-12-07); vLLM's CPU server about 35 min per model, almost all of the
+# run: base, control and tuned.
 set -euo pipefail
 repo=$(git rev-parse --show-toplevel)
 dir=${1:-/tmp/skytune-ifeval}
@@ -24,7 +27,9 @@ printf 'include: %s\ntask: ifeval_local\ndataset_path: json\ndataset_kwargs:\n  
 git add evaluate/tasks/ifeval_local
 git -c user.name=bench -c user.email=bench@localhost commit -qm "IFEval's prompts from $data"
 start=$(date +%s)
-dvc exp run -n ifeval-full -S 'evaluate.tasks=[skytune_knowledge,skytune_choice,ifeval_local]' > log_ifeval.txt 2>&1 \
+ln -s "$repo/.venv-vllm" .venv-vllm  # (paths.vllm_env, relative to the clone)
+dvc exp run -n ifeval-full -S 'evaluate.tasks=[skytune_knowledge,skytune_choice,ifeval_local]' \
+    -S evaluate.engine=vllm > log_ifeval.txt 2>&1 \
     || { tail -30 log_ifeval.txt; exit 1; }
 echo "dvc exp run: $(( $(date +%s) - start )) s"
 python "$repo/bench/readme_tables.py" "$dir"

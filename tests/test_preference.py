@@ -233,6 +233,7 @@ def test_killed_and_preempted_runs_resume_and_end_where_an_uninterrupted_one_doe
     first = wait_for_checkpoint(root, proc, after=0)
     proc.kill()
     proc.wait(TIMEOUT)
+    first = complete_steps(root)[-1]  # (a newer one may have completed before the kill landed)
     assert not (root / "models/preference").exists()
     # 2. Restart: it resumes; SIGTERM (a spot preemption notice) after its next checkpoint: a checkpoint, then 75.
     proc = start(root)
@@ -251,11 +252,25 @@ def test_killed_and_preempted_runs_resume_and_end_where_an_uninterrupted_one_doe
     assert abs(resumed["val_reward_margin"] - baseline["val_reward_margin"]) < 1e-4
 
 
-def test_the_model_card_says_what_trained_the_model() -> None:
-    sft = {"train": {"method": "qlora", "loss": "assistant_only"}}
+def test_the_model_card_says_what_trained_the_model_and_on_which_data() -> None:
+    from types import SimpleNamespace
+
+    from skytune.stages.export import _trained_on
+
+    sft = {"train": {"method": "qlora", "loss": "assistant_only"}, "quantization": "nf4"}
+    dpo = {**sft, "preference": {"method": "dpo", "beta": 0.1, "adapter": "qlora"}}
+    from_base = {"train": {"method": "none"}, "preference": {"method": "kto", "beta": 0.1, "adapter": "qlora"},
+                 "quantization": "none"}  # (4-bit could not run: the adapter as it ran is LoRA)
     assert packaging.recipe(sft) == "SFT, method qlora, loss assistant_only"
-    dpo = {"method": "dpo", "beta": 0.1, "adapter": "qlora"}
-    assert packaging.recipe({**sft, "preference": dpo}) == "SFT, method qlora, loss assistant_only; then DPO, beta 0.1"
+    assert packaging.recipe(dpo) == "SFT, method qlora, loss assistant_only; then DPO, beta 0.1"
+    assert packaging.recipe(from_base) == "KTO from the base on a new lora adapter, beta 0.1"
+    assert packaging.tags(sft) == ["skytune", "qlora", "sft"] and packaging.tags(dpo)[-1] == "dpo"
+    assert packaging.tags(from_base) == ["skytune", "lora", "kto"]
+    assert packaging.tags({"train": {"method": "full"}, "quantization": "none"}) == ["skytune", "sft"]
+    paths = SimpleNamespace(train_file="t.jsonl", val_file="v.jsonl", preference_dir="p")
+    assert [str(f) for f in _trained_on(paths, sft)] == ["t.jsonl", "v.jsonl"]
+    assert [str(f) for f in _trained_on(paths, dpo)] == ["t.jsonl", "v.jsonl", "p/train.jsonl", "p/val.jsonl"]
+    assert [str(f) for f in _trained_on(paths, from_base)] == ["p/train.jsonl", "p/val.jsonl"]
 
 
 def test_the_report_shows_the_val_pairs_before_and_after_only_where_preference_training_ran() -> None:

@@ -25,10 +25,21 @@ def recipe(training: dict[str, Any]) -> str:
     method, or a preference method from the base (`train.method: none`)."""
     train, preference = training.get("train", {}), training.get("preference")
     steps = [] if train.get("method") == "none" else [f"SFT, method {train.get('method')}, loss {train.get('loss')}"]
-    if preference:
-        start = "" if steps else f" from the base on a new {preference.get('adapter')} adapter"
+    if preference:  # (from the base: the adapter as it ran, QLoRA where 4-bit ran)
+        adapter = "qlora" if training.get("quantization") in ("nf4", "fp4") else "lora"
+        start = "" if steps else f" from the base on a new {adapter} adapter"
         steps.append(f"{str(preference.get('method')).upper()}{start}, beta {preference.get('beta')}")
     return "; then ".join(steps)
+
+
+def tags(training: dict[str, Any]) -> list[str]:
+    """The model card's tags: skytune, the adapter as it ran (qlora, lora, or none for a whole model), sft where SFT
+    ran, and the preference method where one did."""
+    train, preference = training.get("train", {}), training.get("preference")
+    quantized = training.get("quantization") in ("nf4", "fp4")
+    adapter = ["qlora" if quantized else "lora"] if train.get("method") != "full" or preference else []
+    return ["skytune", *adapter, *(["sft"] if train.get("method") != "none" else []),
+            *([str(preference.get("method"))] if preference else [])]
 
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
@@ -37,6 +48,11 @@ def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
         str(path.relative_to(directory)): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for path in sorted(directory.rglob("*")) if path.is_file()
     }
+
+
+def preference_files(preference_dir: str) -> list[Path]:
+    """The preference stage's data as merge_data writes it: the train pairs, then the val pairs."""
+    return [Path(preference_dir) / f"{part}.jsonl" for part in ("train", "val")]
 
 
 def data_hash(files: list[Path]) -> str:
@@ -154,7 +170,7 @@ def model_card(
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [skytune, qlora, sft]",
+        f"tags: [{', '.join(tags(training))}]",
         "---",
         f"# {name}",
         "",

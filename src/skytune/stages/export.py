@@ -181,10 +181,12 @@ def main(params: Params) -> None:
         card = packaging.model_card(
             name=export_dir.name,
             base=training["base_model"],
-            data_sha256=packaging.data_hash([Path(paths.train_file), Path(paths.val_file)]),
+            data_sha256=packaging.data_hash(_trained_on(paths, training)),
             training=training,
-            metrics={"train": _json(paths.train_metrics), "merge_adapters": _json(paths.merge_metrics),
-                     "sanity_check": _json(paths.sanity_metrics), "export": metrics},
+            metrics={"train": _json(paths.train_metrics),
+                     **({"preference": _json(paths.preference_metrics)} if "preference" in training else {}),
+                     "merge_adapters": _json(paths.merge_metrics), "sanity_check": _json(paths.sanity_metrics),
+                     "export": metrics},
             serving=serving,
         )
         (out / "README.md").write_text(card, encoding="utf-8")
@@ -194,6 +196,13 @@ def main(params: Params) -> None:
         write_json(out / MANIFEST, dict(sorted(manifest.items())))
     write_json(paths.export_metrics, metrics)
     log.info("exported %s to %s; skipped: %s", ", ".join(metrics["formats"]), export_dir, metrics["skipped"] or "none")
+
+
+def _trained_on(paths: Any, training: dict[str, Any]) -> list[Path]:
+    """The data files that trained the exported model: SFT's (unless `train.method: none`), then the preference
+    pairs where the preference stage trained it."""
+    sft = [] if training["train"]["method"] == "none" else [Path(paths.train_file), Path(paths.val_file)]
+    return sft + (packaging.preference_files(paths.preference_dir) if "preference" in training else [])
 
 
 def _export_formats(params: Params, base: BaseModel, out: Path, metrics: dict[str, Any]) -> list[tuple[str, str]]:

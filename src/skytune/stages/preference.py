@@ -1,4 +1,4 @@
-"""preference: preference training (DPO, KTO, ORPO, SimPO) after SFT, continuing from its adapter.
+"""preference: preference training (DPO, KTO, ORPO, SimPO) after SFT, continuing from its adapter (or from the base).
 
     python -m skytune.stages.preference
         (normally: dvc exp run -S preference.method=dpo, or -S preference.beta=0.2: this stage and the ones after it;
@@ -9,15 +9,15 @@ the stages after it take train's adapter (`packaging.tuned_adapter`): their outp
 this stage. Otherwise:
 
 1. Tokenizes the pairs of `paths.preference_dir` (train.jsonl, val.jsonl) through the chat template SFT saved with
-   its adapter, each answer masked as SFT's loss would train it, through the tokenization gate
-   (`core.training.preference.encode`); skipped pairs are counted by reason.
+   its adapter (the base's, with `train.method: none`), each answer masked as SFT's loss would train it, through
+   the tokenization gate (`core.training.preference.encode`); skipped pairs are counted by reason.
 2. Loads the base as train did (4-bit with `train.method: qlora`) with the SFT adapter, trainable, and trains it with
    TRL's trainer for the method. DPO and KTO compare with the SFT adapter itself, frozen (TRL's `ref` copy).
    With `train.method: none` (no SFT) it starts from the base instead: a new adapter of `preference.adapter` (qlora
    or lora) shaped by train's lora_* keys, the rows of tokens the base lacked trained beside it as train would, and
    the base's own tokenizer; DPO and KTO then compare with the base.
-3. Checkpoints, resume and SIGTERM -> 75 as in train, under a fingerprint of this stage's inputs (the SFT adapter
-   among them).
+3. Checkpoints, resume and SIGTERM -> 75 as in train, under a fingerprint of this stage's inputs (the SFT adapter,
+   where there is one, among them).
 4. Writes the adapter (with the tokenizer and `training_params.json`), DVCLive logs and `paths.preference_metrics`:
    the val pairs' preference accuracy and log-probability margin before and after, and the implicit reward margin.
 """
@@ -78,7 +78,7 @@ def _fingerprint(params: Params, settings: dict[str, Any], base: BaseModel, adap
     """Everything that determines the trained weights: this stage's settings, the base, the SFT adapter (none with
     `train.method: none`), the data, this package's code and the training libraries' versions."""
     sft = [adapter / packaging.ADAPTER_WEIGHTS] if params.train.method != "none" else []
-    files = sft + [Path(params.paths.preference_dir) / f"{part}.jsonl" for part in ("train", "val")]
+    files = sft + packaging.preference_files(params.paths.preference_dir)
     return checkpoints.fingerprint({**settings, "base": asdict(base), "data": [file_sha256(f) for f in files],
                                     "code": checkpoints.code_digest(), "versions": checkpoints.library_versions()})
 
@@ -155,7 +155,9 @@ def _train(params: Params, settings: dict[str, Any], notice: checkpoints.Preempt
         return
     live.end()
     _write_adapter(params, base, trainer, tokenizer, quantization)
-    metrics = {"method": p.method, "beta": p.beta, "train_pairs": len(train.pairs),
+    metrics = {"method": p.method, "beta": p.beta, "from": "base" if params.train.method == "none" else "sft",
+               "quantization": quantization, "device": str(next(trainer.model.parameters()).device.type),
+               "train_pairs": len(train.pairs),
                "train_undesirable": len(train.undesirable), "train_rows": trainer.train_dataset.num_rows,
                "skipped": {k: dict(v.skipped) for k, v in (("train", train), ("val", val))},
                **{k: round(v, 6) for k, v in preference.scores(val.pairs, state["before"], after, p.beta).items()},

@@ -411,7 +411,7 @@ class Params:
     vllm: VllmParams
 
     def _problems(self) -> list[tuple[str, str]]:
-        # (A section that failed its own checks is None here.)
+        # (A section with a key missing is None here.)
         if getattr(self.train, "method", None) == "none" and getattr(self.preference, "method", None) == "none":
             return [("train.method", "none, and preference.method is none too: nothing would be trained. Set "
                      "preference.method (dpo, kto, orpo or simpo: preference training from the base), or a "

@@ -1,12 +1,12 @@
-"""Preference training after SFT (DPO, KTO, ORPO, SimPO) through TRL's own trainers, on sequences tokenized here.
+"""Preference training (DPO, KTO, ORPO, SimPO) through TRL's own trainers, on sequences tokenized here.
 
 Every answer is rendered after its prompt through the chat template training uses, and its tokens are those the SFT
 loss would train as the conversation's last assistant turn (`tokenization.Encoder`, `completion_only`: the answer and
 its end-of-turn token); the gate checks every rendered sequence before the model is loaded. TRL gets token ids only
 and batches and scores them, so what is compared is what SFT would have trained:
 
-- DPO (`trl.DPOTrainer`): `prompt_ids` / `chosen_ids` / `rejected_ids`; the reference is the SFT adapter, frozen
-  (TRL copies a pretrained adapter to a `ref` adapter);
+- DPO (`trl.DPOTrainer`): `prompt_ids` / `chosen_ids` / `rejected_ids`; the reference is the adapter as it starts (SFT's,
+  or a new one, which is the base), frozen: TRL copies a pretrained adapter to a `ref` adapter;
 - KTO (`trl.KTOTrainer`): `prompt_ids` / `completion_ids` / `label`: each pair as a desirable and an undesirable
   answer, plus the rows labelled undesirable;
 - ORPO and SimPO (`trl.experimental`'s ORPOTrainer, and CPOTrainer with `loss_type: simpo`): reference-free, fed
@@ -148,7 +148,7 @@ def scores(pairs: list[Pair], before: list[tuple[float, float]], after: list[tup
     - `preference_accuracy`: the share of pairs whose chosen answer has the higher log-probability per token (per
       token, so that the shorter answer does not win by its length alone: SimPO's measure);
     - `logp_margin`: the mean of chosen minus rejected log-probability (summed over the answer, as DPO sums);
-    and after, DPO's implicit reward against the model before (the SFT adapter): beta x ((chosen - its before) -
+    and after, DPO's implicit reward against the model before (SFT's, or the base): beta x ((chosen - its before) -
     (rejected - its before)), its mean (`reward_margin`) and the share above 0 (`reward_accuracy`)."""
     n = max(len(pairs), 1)
     sizes = [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
@@ -256,7 +256,7 @@ def _config(method: str, p: PreferenceParams, *, output_dir: Path, seed: int, dt
 def build_trainer(method: str, model: Any, tokenizer: Any, train: Encoded, val: Encoded, p: PreferenceParams, *,
                   output_dir: Path, seed: int, dtype: torch.dtype, world_size: int, gradient_checkpointing: bool,
                   callbacks: list[Any]) -> Any:
-    """TRL's trainer of `method` on the encoded pairs; `model` carries the trainable SFT adapter."""
+    """TRL's trainer of `method` on the encoded pairs; `model` carries the trainable adapter (SFT's, or a new one)."""
     evaluate = bool(val.completions() if method == "kto" else val.pairs)
     config = _config(method, p, output_dir=output_dir, seed=seed, dtype=dtype, world_size=world_size,
                      gradient_checkpointing=gradient_checkpointing, evaluate=evaluate)
