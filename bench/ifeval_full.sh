@@ -27,7 +27,7 @@ printf 'include: %s\ntask: ifeval_local\ndataset_path: json\ndataset_kwargs:\n  
 git add evaluate/tasks/ifeval_local
 git -c user.name=bench -c user.email=bench@localhost commit -qm "IFEval's prompts from $data"
 start=$(date +%s)
-ln -s "$repo/.venv-vllm" .venv-vllm  # (paths.vllm_env, relative to the clone)
+ln -s "$repo/.venv-vllm" .venv-vllm && echo .venv-vllm >> .git/info/exclude  # paths.vllm_env, in the clone
 dvc exp run -n ifeval-full -S 'evaluate.tasks=[skytune_knowledge,skytune_choice,ifeval_local]' \
     -S evaluate.engine=vllm > log_ifeval.txt 2>&1 \
     || { tail -30 log_ifeval.txt; exit 1; }
